@@ -1,0 +1,1 @@
+"""Flax NNX Mistral / Qwen2 / Qwen3 / Llama decoders built on `pallas_kernels`."""

@@ -1,0 +1,18 @@
+"""The sliding-window attention op: kernels, reference, XLA path and dispatch.
+
+Depends on jax only. `sliding_window_attention` is the op; `reference_attention`
+its dense oracle; `mask.visible` the one window predicate they all share.
+"""
+
+from pallas_kernels.api import IMPLS, reference_attention, sliding_window_attention
+from pallas_kernels.mask import Band, kv_block_range, q_block_range, visible
+
+__all__ = [
+    "Band",
+    "IMPLS",
+    "kv_block_range",
+    "q_block_range",
+    "reference_attention",
+    "sliding_window_attention",
+    "visible",
+]

@@ -1,0 +1,163 @@
+"""`sliding_window_attention`: validation, the feature table, and `impl=` dispatch."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+
+from pallas_kernels.validation import AttentionProblem, check_attention_args
+
+# Features a call may need. `required_features` derives them from the problem;
+# an impl that lacks one raises NotImplementedError: it never falls back to a
+# path that would ignore the window, the segments or the softcap.
+CAUSAL = "causal"                      # causal=True, window=None
+CAUSAL_WINDOW = "causal_window"        # causal=True, window=W
+BIDIRECTIONAL = "bidirectional"        # causal=False, window=None
+LOCAL_WINDOW = "local_window"          # causal=False, window=(left, right)
+SEGMENT_IDS = "segment_ids"
+SOFTCAP = "softcap"
+GQA = "gqa"                            # num_q_heads > num_kv_heads
+UNEQUAL_LENGTHS = "q_len != kv_len"    # bottom-right aligned
+RETURN_LSE = "return_lse"
+FLOAT32 = "float32"
+BFLOAT16 = "bfloat16"
+FLOAT16 = "float16"
+
+ALL_FEATURES = frozenset({
+    CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL, LOCAL_WINDOW, SEGMENT_IDS, SOFTCAP,
+    GQA, UNEQUAL_LENGTHS, RETURN_LSE, FLOAT32, BFLOAT16, FLOAT16})
+
+# impl -> (module path, supported features). The one table of who does what;
+# README shows it, tests enforce it.
+IMPLS = {
+    "reference": ("pallas_kernels.reference", ALL_FEATURES),
+    "xla": ("pallas_kernels.xla_blockwise", ALL_FEATURES),
+    "pallas": ("pallas_kernels.flash_attention", ALL_FEATURES),
+    "cudnn": ("pallas_kernels.cudnn",
+              frozenset({CAUSAL, CAUSAL_WINDOW, GQA, BFLOAT16, FLOAT16})),
+}
+
+
+def required_features(problem: AttentionProblem, return_lse: bool) -> frozenset:
+  """The features of `IMPLS` that this call needs.
+
+  Classified by the band, not by the `causal` flag: `causal=False,
+  window=(W - 1, 0)` is the same mask as `causal=True, window=W`.
+  """
+  band = problem.band
+  if band.right == 0:
+    need = {CAUSAL if band.left is None else CAUSAL_WINDOW}
+  else:
+    need = {BIDIRECTIONAL if band.left is None else LOCAL_WINDOW}
+  if problem.has_segments:
+    need.add(SEGMENT_IDS)
+  if problem.softcap is not None:
+    need.add(SOFTCAP)
+  if problem.group_size > 1:
+    need.add(GQA)
+  if problem.q_len != problem.kv_len:
+    need.add(UNEQUAL_LENGTHS)
+  if return_lse:
+    need.add(RETURN_LSE)
+  need.add(problem.dtype.name)
+  return frozenset(need)
+
+
+def default_impl() -> str:
+  """`impl="auto"`: Pallas kernels on GPU, the blockwise XLA path elsewhere."""
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def check_impl(impl: str, problem: AttentionProblem, return_lse: bool) -> str:
+  """Resolves "auto" and raises if `impl` cannot honour this call exactly."""
+  if impl == "auto":
+    impl = default_impl()
+  if impl not in IMPLS:
+    raise ValueError(
+        f"impl={impl!r}: expected one of {sorted(['auto', *IMPLS])}")
+  missing = required_features(problem, return_lse) - IMPLS[impl][1]
+  if missing:
+    raise NotImplementedError(
+        f"impl={impl!r} does not support {', '.join(sorted(missing))}; "
+        "use impl='pallas', 'xla' or 'reference', which support every "
+        "feature (see the feature table in README)")
+  return impl
+
+
+def sliding_window_attention(q, k, v, *, window=None, causal=True,
+                             segment_ids=None, softcap=None, scale=None,
+                             impl="auto", block_sizes=None, return_lse=False,
+                             interpret=None):
+  """Sliding-window (local) attention, exact: the window is never dropped.
+
+  Shapes (B batch, T query length, S key length, N query heads, K kv heads,
+  H head dim):
+    q: [B, T, N, H]; k, v: [B, S, K, H], N % K == 0 (GQA/MQA without
+    repeating K/V). One dtype for all three: float32, bfloat16 or float16.
+    Returns out [B, T, N, H] in q.dtype, and with `return_lse=True` also
+    lse [B, N, T] float32, the natural-log logsumexp of each row's scores.
+
+  Positions are bottom-right aligned: query t sits at position t + S - T, key
+  s at position s (with T == S both start at 0).
+
+  Window. With causal=True (default):
+    window=None: full causal, key j visible to query i iff j <= i.
+    window=W (int >= 1): key j visible iff i - W < j <= i, i.e. W keys
+      including itself. Hugging Face `sliding_window=W`; FlashAttention
+      `window_size=(W - 1, 0)`.
+  With causal=False:
+    window=None: every key is visible.
+    window=(left, right) (ints >= 0): visible iff i - left <= j <= i + right.
+  An int window with causal=False, or a tuple with causal=True, is an error.
+
+  Example, T = S = 6, causal=True, window=3 (row i = query, column j = key):
+
+      1 0 0 0 0 0
+      1 1 0 0 0 0
+      1 1 1 0 0 0
+      0 1 1 1 0 0
+      0 0 1 1 1 0
+      0 0 0 1 1 1
+
+  segment_ids: int32 [B, T] (requires T == S): a query sees only keys with
+    its own id, on top of the window (packed sequences).
+  softcap: c > 0 replaces each scaled score s by c * tanh(s / c).
+  scale: multiplies q·k before the softcap; default 1 / sqrt(H).
+
+  A query row that sees no key (e.g. segments with T > S offsets) returns
+  out = 0, lse = -inf and zero gradients, never NaN.
+
+  impl: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla", "reference"
+    (dense masked, O(T·S)), or "cudnn" (GPU only; causal windows, no
+    segments/softcap/lse). A feature an impl lacks raises NotImplementedError.
+  block_sizes: the impl's own block-size dataclass, or None for its default.
+  interpret: pallas only; None runs the kernels in interpret mode when no GPU
+    is present.
+  """
+  problem = check_attention_args(
+      q, k, v, window=window, causal=causal, segment_ids=segment_ids,
+      softcap=softcap, scale=scale)
+  impl = check_impl(impl, problem, return_lse)
+  if interpret is not None and impl != "pallas":
+    raise ValueError(f"interpret={interpret!r}: only impl='pallas' takes it")
+  module = importlib.import_module(IMPLS[impl][0])
+  kwargs = {} if interpret is None else {"interpret": interpret}
+  out, lse = module.attention(q, k, v, segment_ids, problem,
+                              block_sizes=block_sizes, **kwargs)
+  return (out, lse) if return_lse else out
+
+
+def reference_attention(q, k, v, *, window=None, causal=True, segment_ids=None,
+                        softcap=None, scale=None, impl="reference",
+                        block_sizes=None, return_lse=False):
+  """The dense masked oracle: `sliding_window_attention(..., impl="reference")`.
+
+  Same arguments and results; fp32 math at HIGHEST precision, O(T·S) memory.
+  """
+  if impl != "reference":
+    raise ValueError(f"impl={impl!r}: reference_attention is impl='reference'")
+  return sliding_window_attention(
+      q, k, v, window=window, causal=causal, segment_ids=segment_ids,
+      softcap=softcap, scale=scale, impl="reference", block_sizes=block_sizes,
+      return_lse=return_lse)

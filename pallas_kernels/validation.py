@@ -1,0 +1,150 @@
+"""Input checks shared by every implementation of the op.
+
+Everything here runs on shapes and Python values only, before any tracing
+work, and raises `ValueError` / `TypeError` naming the argument and the form
+it should take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels.mask import Band
+
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionProblem:
+  """Validated static description of one call: shapes, band and options."""
+
+  batch: int
+  q_len: int
+  kv_len: int
+  num_q_heads: int
+  num_kv_heads: int
+  head_dim: int
+  dtype: jnp.dtype
+  band: Band
+  has_segments: bool
+  softcap: float | None
+  scale: float
+
+  @property
+  def group_size(self) -> int:
+    """Query heads per KV head (1: MHA, N: MQA)."""
+    return self.num_q_heads // self.num_kv_heads
+
+
+def _check_int(name, value, minimum):
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise TypeError(f"{name}={value!r}: expected an int >= {minimum}")
+  if value < minimum:
+    raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+
+
+def check_window(window, causal) -> Band:
+  """Validates the (window, causal) pair and returns its `Band`.
+
+  causal=True takes `window=None` (full causal) or an int W >= 1 (W keys,
+  itself included). causal=False takes `window=None` (full bidirectional) or
+  a tuple `(left, right)` of ints >= 0. The other combinations are refused
+  rather than guessed: an int window is causal-only, a tuple bidirectional-only.
+  """
+  if not isinstance(causal, bool):
+    raise TypeError(f"causal={causal!r}: expected True or False")
+  if window is None:
+    return Band.from_window(None, causal)
+  if causal:
+    if isinstance(window, (tuple, list)):
+      raise ValueError(
+          f"window={window!r} with causal=True: a causal window is one int W "
+          "(key j visible to query i iff i - W < j <= i); a (left, right) "
+          "tuple needs causal=False")
+    _check_int("window", window, 1)
+  else:
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+      raise ValueError(
+          f"window={window!r} with causal=False: expected a tuple "
+          "(left, right) of ints >= 0 (key j visible to query i iff "
+          "i - left <= j <= i + right), or None")
+    _check_int("window[0] (left)", window[0], 0)
+    _check_int("window[1] (right)", window[1], 0)
+    window = (int(window[0]), int(window[1]))
+  return Band.from_window(window, causal)
+
+
+def check_attention_args(q, k, v, *, window, causal, segment_ids, softcap,
+                         scale) -> AttentionProblem:
+  """Validates the op's arguments; returns the static problem description.
+
+  q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0; same float dtype.
+  segment_ids: int32 [B, T] (requires T == S) or None.
+  """
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    if x.ndim != 4:
+      raise ValueError(
+          f"{name}.shape={tuple(x.shape)}: expected 4 dims "
+          "[batch, seq, heads, head_dim]")
+    if not any(x.dtype == d for d in FLOAT_DTYPES):
+      raise TypeError(
+          f"{name}.dtype={x.dtype}: expected float32, bfloat16 or float16")
+  batch, q_len, num_q_heads, head_dim = q.shape
+  if k.shape != v.shape:
+    raise ValueError(
+        f"k.shape={tuple(k.shape)} and v.shape={tuple(v.shape)}: expected "
+        "equal shapes [batch, kv_len, num_kv_heads, head_dim]")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise TypeError(
+        f"q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}: expected "
+        "one dtype for all three")
+  kb, kv_len, num_kv_heads, kh = k.shape
+  if kb != batch:
+    raise ValueError(f"k.shape[0]={kb}: expected batch {batch} as in q.shape[0]")
+  if kh != head_dim:
+    raise ValueError(
+        f"k.shape[3]={kh}: expected head_dim {head_dim} as in q.shape[3]")
+  if min(q_len, kv_len, num_q_heads, num_kv_heads, head_dim) < 1:
+    raise ValueError(
+        f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}: expected "
+        "non-empty seq, heads and head_dim")
+  if num_q_heads % num_kv_heads:
+    raise ValueError(
+        f"num_q_heads={num_q_heads}, num_kv_heads={num_kv_heads}: expected "
+        "num_q_heads to be a multiple of num_kv_heads (GQA/MQA)")
+  band = check_window(window, causal)
+  if segment_ids is not None:
+    if not hasattr(segment_ids, "shape"):
+      raise TypeError(
+          f"segment_ids: expected an int32 array [batch, seq], got "
+          f"{type(segment_ids).__name__}")
+    if tuple(segment_ids.shape) != (batch, q_len):
+      raise ValueError(
+          f"segment_ids.shape={tuple(segment_ids.shape)}: expected "
+          f"[batch, seq] = {(batch, q_len)}")
+    if q_len != kv_len:
+      raise ValueError(
+          f"segment_ids with q_len={q_len} != kv_len={kv_len}: segment ids "
+          "are for packed sequences where queries and keys are the same rows")
+    if segment_ids.dtype != jnp.int32:
+      raise TypeError(
+          f"segment_ids.dtype={segment_ids.dtype}: expected int32")
+  if softcap is not None:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+      raise TypeError(f"softcap={softcap!r}: expected a float > 0 or None")
+    if not softcap > 0:
+      raise ValueError(f"softcap={softcap!r}: expected a float > 0 or None")
+    softcap = float(softcap)
+  if scale is None:
+    scale = head_dim ** -0.5
+  elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    raise TypeError(f"scale={scale!r}: expected a float or None")
+  return AttentionProblem(
+      batch=batch, q_len=q_len, kv_len=kv_len, num_q_heads=num_q_heads,
+      num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=jnp.dtype(q.dtype),
+      band=band, has_segments=segment_ids is not None, softcap=softcap,
+      scale=float(scale))

@@ -1,0 +1,102 @@
+"""Shared pieces of the attention test grid: inputs, tolerances, comparisons.
+
+Every implementation's tests compare against `reference_attention`, which
+runs in fp32 at HIGHEST precision. Tolerances live here and nowhere else.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import reference_attention, sliding_window_attention
+
+# Why these numbers:
+# - float32: kernels and the blockwise path accumulate in fp32 like the
+#   reference, but sum in a different order (online softmax over blocks) and
+#   the CPU matmul may use a different blocking: errors seen are ~1e-6; 2e-5
+#   leaves headroom for longer rows and gradients summed over GQA groups.
+# - bfloat16 / float16: inputs are rounded to 8 (resp. 11) mantissa bits and
+#   probabilities are cast to the input dtype before the P·V matmul, as flash
+#   kernels do; outputs are O(1), so an absolute 2e-2 (bf16: 2^-8 ≈ 4e-3
+#   per element, summed over rows) and 5e-3 (fp16) bound them with margin.
+#   Gradients accumulate more of these roundings: twice the forward tolerance.
+# - LSE is computed in fp32 in every impl, from dtype-rounded scores.
+TOLERANCES = {
+    jnp.float32: dict(out=2e-5, lse=2e-5, grad=5e-5),
+    jnp.bfloat16: dict(out=2e-2, lse=2e-2, grad=4e-2),
+    jnp.float16: dict(out=5e-3, lse=5e-3, grad=1e-2),
+}
+
+
+def tolerance(dtype, what):
+  return TOLERANCES[jnp.dtype(dtype).type][what]
+
+
+def make_inputs(seed, *, batch=1, q_len=16, kv_len=None, num_q_heads=2,
+                num_kv_heads=1, head_dim=32, dtype=jnp.float32,
+                num_segments=None):
+  """Random q [B, T, N, H], k/v [B, S, K, H] and optional segment ids [B, T].
+
+  Segments are contiguous runs of random lengths (packed documents).
+  """
+  kv_len = q_len if kv_len is None else kv_len
+  kq, kk, kv, ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(kq, (batch, q_len, num_q_heads, head_dim), dtype)
+  k = jax.random.normal(kk, (batch, kv_len, num_kv_heads, head_dim), dtype)
+  v = jax.random.normal(kv, (batch, kv_len, num_kv_heads, head_dim), dtype)
+  segment_ids = None
+  if num_segments:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch):
+      cuts = np.sort(rng.choice(np.arange(1, q_len), num_segments - 1,
+                                replace=False))
+      rows.append(np.searchsorted(cuts, np.arange(q_len), side="right"))
+    segment_ids = jnp.asarray(np.stack(rows), jnp.int32)
+  return q, k, v, segment_ids
+
+
+def assert_matches_reference(q, k, v, *, impl, check_grads=True, **kwargs):
+  """Forward, LSE and dq/dk/dv of `impl` against the fp32 reference.
+
+  Gradients go through `jax.vjp` with a random cotangent on both outputs.
+  Returns the largest absolute errors seen, per quantity.
+  """
+  dtype = q.dtype
+  fn = lambda q, k, v: sliding_window_attention(
+      q, k, v, impl=impl, return_lse=True, **kwargs)
+  ref = lambda q, k, v: reference_attention(
+      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+      return_lse=True, **kwargs)
+  (out, lse), vjp = jax.vjp(fn, q, k, v)
+  (out_ref, lse_ref), vjp_ref = jax.vjp(ref, q, k, v)
+  chex.assert_shape(out, q.shape)
+  chex.assert_type(out, dtype)
+  chex.assert_shape(lse, (q.shape[0], q.shape[2], q.shape[1]))
+  chex.assert_type(lse, jnp.float32)
+  errors = {}
+  chex.assert_trees_all_close(out.astype(jnp.float32), out_ref,
+                              atol=tolerance(dtype, "out"), rtol=0)
+  errors["out"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - out_ref)))
+  # -inf rows (nothing visible) must agree exactly; finite rows closely.
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
+  finite = jnp.isfinite(lse_ref)
+  chex.assert_trees_all_close(jnp.where(finite, lse, 0.0),
+                              jnp.where(finite, lse_ref, 0.0),
+                              atol=tolerance(dtype, "lse"), rtol=0)
+  errors["lse"] = float(jnp.max(jnp.abs(jnp.where(finite, lse - lse_ref, 0.0))))
+  if check_grads:
+    kd, kl = jax.random.split(jax.random.key(123))
+    d_out = jax.random.normal(kd, out.shape, jnp.float32)
+    d_lse = jax.random.normal(kl, lse.shape, jnp.float32)
+    grads = vjp((d_out.astype(dtype), d_lse))
+    grads_ref = vjp_ref((d_out, d_lse))
+    for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+      g = g.astype(jnp.float32)
+      assert np.all(np.isfinite(g)), f"{name} has non-finite values"
+      chex.assert_trees_all_close(g, g_ref.astype(jnp.float32),
+                                  atol=tolerance(dtype, "grad"), rtol=0,
+                                  custom_message=name)
+      errors[name] = float(jnp.max(jnp.abs(g - g_ref)))
+  return errors
