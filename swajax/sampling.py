@@ -1,0 +1,73 @@
+"""Next-token sampling for generation: greedy, temperature, top-k, top-p.
+
+The options are static Python numbers (one compiled program per setting);
+logits and the rng are traced, so `sample_next_token` runs inside `jax.jit`
+and `lax.scan` decode loops.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_options(temperature, top_k, top_p):
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    raise TypeError(f"temperature={temperature!r}: expected a float >= 0")
+  if not temperature >= 0:  # also refuses NaN
+    raise ValueError(
+        f"temperature={temperature!r}: expected a float >= 0 (0 = greedy)")
+  if top_k is not None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+      raise TypeError(f"top_k={top_k!r}: expected an int >= 1 or None")
+    if top_k < 1:
+      raise ValueError(f"top_k={top_k!r}: expected an int >= 1 or None")
+  if top_p is not None:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+      raise TypeError(f"top_p={top_p!r}: expected a float in (0, 1] or None")
+    if not 0 < top_p <= 1:
+      raise ValueError(f"top_p={top_p!r}: expected a float in (0, 1] or None")
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p):
+  """Validates generation options; raises ValueError/TypeError naming the bad one.
+
+  max_new_tokens: int >= 0. temperature: float >= 0 (0 = greedy).
+  top_k: int >= 1 or None. top_p: float in (0, 1] or None.
+  """
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    raise TypeError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 0")
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 0")
+  _check_options(temperature, top_k, top_p)
+
+
+def sample_next_token(logits, rng, *, temperature=0.0, top_k=None, top_p=None):
+  """Draws one token per row of `logits` [B, V]; returns int32 [B].
+
+  temperature == 0: greedy, the argmax (the rng is unused).
+  Otherwise, in order: divide the logits by `temperature`; keep the `top_k`
+  largest (None: all; ties with the k-th are kept too); keep the nucleus, the
+  smallest set of most probable tokens whose probability (after top-k) sums
+  to >= `top_p` (None or 1: all; the most probable token is always kept);
+  sample from the softmax of what is kept.
+  """
+  _check_options(temperature, top_k, top_p)
+  if logits.ndim != 2:
+    raise ValueError(
+        f"logits.shape={tuple(logits.shape)}: expected [batch, vocab]")
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  vocab = logits.shape[-1]
+  if top_k is not None and top_k < vocab:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  if top_p is not None and top_p < 1:
+    ranked = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V), descending
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
+    cutoff = jnp.take_along_axis(ranked, num_kept - 1, axis=-1)  # (B, 1)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
