@@ -1,0 +1,400 @@
+"""Training data: tokenizers, documents, sequence packing and the embedded corpus.
+
+A *document* is one token sequence (a file, a JSONL record) with a per-token
+flag saying whether that token is a training target. `pack_sequences` lays
+documents end to end into fixed-length rows; attention stays inside each
+document piece (segment ids) and no loss crosses a document boundary.
+
+The embedded default corpus is the Python standard library's own `.py`
+sources (found via `sysconfig`), so `swajax train` needs no download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+# Row fields produced by `pack_sequences`, all [R, T].
+ROW_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+PADDING_SEGMENT = 0  # segment id of padding; document pieces are 1, 2, ...
+# Stdlib files above this size are skipped (generated tables such as
+# pydoc_data/topics.py would otherwise dominate the corpus).
+MAX_CORPUS_FILE_BYTES = 128 * 1024
+_NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
+
+
+class DataError(ValueError):
+  """Unreadable or malformed training data (the CLI prints it as one line)."""
+
+
+# ----------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """UTF-8 bytes are ids 0..255; the specials follow: pad 256, bos 257, eos 258."""
+
+  pad_id: int = 256
+  bos_id: int = 257
+  eos_id: int = 258
+
+  @property
+  def vocab_size(self) -> int:
+    return max(self.pad_id, self.bos_id, self.eos_id) + 1
+
+  def encode(self, text: str) -> np.ndarray:
+    """int32 [L] byte values of the UTF-8 encoding."""
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Bytes back to text; special ids are dropped, broken UTF-8 replaced."""
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode(
+        "utf-8", errors="replace")
+
+
+# Special-token spellings tried when tokenizer_config.json does not name them.
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` tokenizer read from a local tokenizer.json.
+
+  bos/eos/pad come from a sibling tokenizer_config.json when present, else
+  from common spellings. bos_id may be None (no bos is prepended); without a
+  pad token, eos doubles as pad (padding never carries loss either way).
+  """
+
+  def __init__(self, path: str | Path):
+    from tokenizers import Tokenizer  # lazy: only this class needs it
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    try:
+      self._tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises its own Exception types
+      raise DataError(f"tokenizer={str(path)!r}: cannot read {file} ({e})") from e
+    named = _configured_specials(file.parent / "tokenizer_config.json")
+    self.bos_id = self._find(named.get("bos_token"), _BOS_NAMES)
+    self.eos_id = self._find(named.get("eos_token"), _EOS_NAMES)
+    if self.eos_id is None:
+      raise DataError(f"tokenizer={str(path)!r}: no end-of-sequence token found "
+                      f"(tried {', '.join(_EOS_NAMES)})")
+    pad = self._find(named.get("pad_token"), _PAD_NAMES)
+    self.pad_id = self.eos_id if pad is None else pad
+
+  def _find(self, configured, names) -> int | None:
+    for name in ((configured,) if configured else ()) + names:
+      token_id = self._tok.token_to_id(name)
+      if token_id is not None:
+        return token_id
+    return None
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _configured_specials(config_file: Path) -> dict:
+  """{"bos_token": str, ...} from tokenizer_config.json, {} if absent."""
+  if not config_file.is_file():
+    return {}
+  config = json.loads(config_file.read_text())
+  out = {}
+  for key in ("bos_token", "eos_token", "pad_token"):
+    value = config.get(key)
+    if isinstance(value, dict):  # {"content": "<s>", ...}
+      value = value.get("content")
+    if isinstance(value, str):
+      out[key] = value
+  return out
+
+
+def load_tokenizer(path: str | Path | None):
+  """None -> ByteTokenizer(); a tokenizer.json (or its folder) -> HFTokenizer."""
+  if path is None:
+    return ByteTokenizer()
+  if not Path(path).exists():
+    raise DataError(f"tokenizer={str(path)!r}: no such file or directory")
+  return HFTokenizer(path)
+
+
+# ----------------------------------------------------------------------------
+# Documents
+# ----------------------------------------------------------------------------
+
+class Document(NamedTuple):
+  """tokens: int32 [L]; trained: bool [L], True where the token is a target."""
+
+  tokens: np.ndarray
+  trained: np.ndarray
+
+
+def encode_text(tokenizer, text: str) -> Document:
+  """[bos] text [eos], every token after bos trained."""
+  return encode_example(tokenizer, "", text)
+
+
+def encode_example(tokenizer, prompt: str, completion: str, *,
+                   train_prompt: bool = False) -> Document:
+  """[bos] prompt completion [eos]; the prompt is trained only if asked."""
+  head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  prompt_ids = tokenizer.encode(prompt) if prompt else []
+  tokens = np.concatenate([
+      np.asarray(head, np.int32), np.asarray(prompt_ids, np.int32),
+      np.asarray(tokenizer.encode(completion), np.int32),
+      np.asarray([tokenizer.eos_id], np.int32)])
+  first_trained = len(head) if train_prompt else len(head) + len(prompt_ids)
+  return Document(tokens, np.arange(len(tokens)) >= first_trained)
+
+
+def _as_document(doc) -> Document:
+  if isinstance(doc, Document):
+    return doc
+  tokens = np.asarray(doc, np.int32).reshape(-1)
+  return Document(tokens, np.ones(tokens.shape, bool))
+
+
+# ----------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------
+
+def pack_sequences(docs: Iterable, seq_len: int, *, pad_id: int,
+                   split_documents: bool = True) -> dict[str, np.ndarray]:
+  """Packs documents end to end into rows of `seq_len` tokens.
+
+  docs: `Document`s, or plain token-id sequences (every token trained).
+  Returns a dict of numpy arrays [R, T] (T = seq_len):
+    input_ids   int32   the tokens, `pad_id` on padding.
+    targets     int32   the next token of the same document (`pad_id` where
+                        there is none).
+    segment_ids int32   0 on padding; the document pieces of a row are
+                        numbered 1, 2, ... in order. Attention stays inside
+                        a piece.
+    positions   int32   offset inside the piece: 0, 1, ... restarting at
+                        every piece.
+    loss_mask   float32 1 where `targets` is a trained token of the same
+                        document: never on padding, never across a document
+                        boundary (the first token of a document is never a
+                        target), never on untrained (prompt) tokens.
+  A document that does not fit in the rest of a row continues in the next
+  row as a new piece (positions restart; the piece's last input still
+  predicts the document's next token). With split_documents=False a document
+  that fits in one row is never split: it starts a new row instead (prompt
+  and completion stay together); longer ones are still split.
+
+  Example, seq_len=4, docs [a b c] and [d e]:
+    input_ids   a b c d | e _ _ _      (_ = pad)
+    targets     b c _ e | _ _ _ _
+    segment_ids 1 1 1 2 | 1 0 0 0
+    positions   0 1 2 0 | 0 0 0 0
+    loss_mask   1 1 0 1 | 0 0 0 0
+  """
+  if not isinstance(seq_len, int) or seq_len < 1:
+    raise ValueError(f"seq_len={seq_len!r}: expected an int >= 1")
+  rows: list[tuple[np.ndarray, ...]] = []
+  row = _empty_row(seq_len, pad_id)
+  fill = segment = 0
+  for doc in map(_as_document, docs):
+    n_tokens = len(doc.tokens)
+    if not split_documents and fill and n_tokens > seq_len - fill:
+      rows.append(row)
+      row, fill, segment = _empty_row(seq_len, pad_id), 0, 0
+    start = 0
+    while start < n_tokens:
+      n = min(seq_len - fill, n_tokens - start)
+      segment += 1
+      piece = slice(fill, fill + n)
+      ids, targets, segment_ids, positions, loss_mask = row
+      ids[piece] = doc.tokens[start:start + n]
+      # Targets: the following n tokens of the document, the last may not exist.
+      n_targets = min(n, n_tokens - start - 1)
+      targets[fill:fill + n_targets] = doc.tokens[start + 1:start + 1 + n_targets]
+      loss_mask[fill:fill + n_targets] = doc.trained[start + 1:start + 1 + n_targets]
+      segment_ids[piece] = segment
+      positions[piece] = np.arange(n)
+      fill += n
+      start += n
+      if fill == seq_len:
+        rows.append(row)
+        row, fill, segment = _empty_row(seq_len, pad_id), 0, 0
+  if fill:
+    rows.append(row)
+  if not rows:
+    raise DataError("pack_sequences: no tokens to pack (empty document list)")
+  return {name: np.stack([r[i] for r in rows]) for i, name in enumerate(ROW_FIELDS)}
+
+
+def _empty_row(seq_len: int, pad_id: int) -> tuple[np.ndarray, ...]:
+  return (np.full(seq_len, pad_id, np.int32), np.full(seq_len, pad_id, np.int32),
+          np.full(seq_len, PADDING_SEGMENT, np.int32), np.zeros(seq_len, np.int32),
+          np.zeros(seq_len, np.float32))
+
+
+class PackedRows:
+  """Packed rows served in a reshuffled order each epoch, addressable by position.
+
+  `take(position, count)` returns rows `position .. position + count - 1` of
+  the endless stream epoch 0, epoch 1, ...; epoch e is the rows permuted by
+  numpy's generator seeded with (seed, e). The stream position (rows used)
+  is all a checkpoint needs to resume the data order exactly.
+  """
+
+  def __init__(self, rows: dict[str, np.ndarray], *, seed: int, shuffle: bool = True):
+    self.rows = rows
+    self.num_rows = len(rows["input_ids"])
+    self.seed = seed
+    self.shuffle = shuffle
+    self._orders: dict[int, np.ndarray] = {}
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.rows["loss_mask"].sum())
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      self._orders = {epoch: (
+          np.random.default_rng((self.seed, epoch)).permutation(self.num_rows)
+          if self.shuffle else np.arange(self.num_rows))}
+    return self._orders[epoch]
+
+  def take(self, position: int, count: int) -> dict[str, np.ndarray]:
+    index = np.empty(count, np.int64)
+    for k in range(count):
+      epoch, offset = divmod(position + k, self.num_rows)
+      index[k] = self._order(epoch)[offset]
+    return {name: value[index] for name, value in self.rows.items()}
+
+
+# ----------------------------------------------------------------------------
+# Sources: the embedded corpus and user files
+# ----------------------------------------------------------------------------
+
+def is_validation(key: str, val_percent: float) -> bool:
+  """The one train/validation split rule: a stable hash of the key (a path)."""
+  return zlib.crc32(key.encode("utf-8")) % 10_000 < val_percent * 100
+
+
+def stdlib_sources() -> list[tuple[str, Path]]:
+  """(relative path, path) of the stdlib's .py files, in a stable hashed order.
+
+  The order depends only on the relative paths, not on the filesystem, so a
+  size cap picks the same files on every machine with the same Python.
+  """
+  root = Path(sysconfig.get_paths()["stdlib"])
+  files = []
+  for folder, subfolders, names in os.walk(root):
+    subfolders[:] = sorted(d for d in subfolders if d not in _NOT_STDLIB)
+    for name in names:
+      if name.endswith(".py"):
+        path = Path(folder, name)
+        files.append((path.relative_to(root).as_posix(), path))
+  files.sort(key=lambda item: (zlib.crc32(item[0].encode()), item[0]))
+  return files
+
+
+def stdlib_corpus(split: str, *, max_bytes: int, val_percent: float) -> Iterator[str]:
+  """Source texts of the stdlib corpus split ("train" | "validation"), lazily.
+
+  Files are read one at a time, in `stdlib_sources` order, as long as they
+  fit in `max_bytes` (file sizes in bytes) in total.
+  """
+  if split not in ("train", "validation"):
+    raise ValueError(f"split={split!r}: expected 'train' or 'validation'")
+  want_val = split == "validation"
+  total = 0
+  for rel, path in stdlib_sources():
+    if is_validation(rel, val_percent) != want_val:
+      continue
+    try:
+      size = path.stat().st_size
+      if size > MAX_CORPUS_FILE_BYTES or total + size > max_bytes:
+        continue  # too big for the corpus, or for what is left of the cap
+      text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+      continue  # an unreadable stdlib file just leaves the corpus
+    total += size
+    yield f"# {rel}\n{text}"
+
+
+def read_documents(path: str | Path, tokenizer, *, train_prompt: bool = False
+                   ) -> list[tuple[str, Document]]:
+  """(key, Document) pairs from a user path; keys feed `is_validation`.
+
+  A folder: every file under it (sorted) is one text document. A .jsonl
+  file: one record per line, {"text": ...} or {"prompt": ..., "completion":
+  ...} (the prompt is trained only with train_prompt=True). Any other file:
+  one text document.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise DataError(f"data={str(path)!r}: no such file or directory")
+  if path.is_dir():
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return [(p.relative_to(path).as_posix(), encode_text(tokenizer, _read_text(p)))
+            for p in files]
+  if path.suffix == ".jsonl":
+    return [(f"{path.name}:{n}", doc)
+            for n, doc in _jsonl_documents(path, tokenizer, train_prompt)]
+  return [(path.name, encode_text(tokenizer, _read_text(path)))]
+
+
+def _read_text(path: Path) -> str:
+  try:
+    return path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f"data={str(path)!r}: cannot read as UTF-8 text ({e})") from e
+
+
+def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
+                     ) -> Iterator[tuple[int, Document]]:
+  for n, line in enumerate(_read_text(path).splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"data={str(path)!r}: line {n} is not JSON ({e.msg})") from e
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+      yield n, encode_text(tokenizer, record["text"])
+    elif (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+          and isinstance(record.get("completion"), str)):
+      yield n, encode_example(tokenizer, record["prompt"], record["completion"],
+                              train_prompt=train_prompt)
+    else:
+      raise DataError(f"data={str(path)!r}: line {n}: expected an object with "
+                      "'text', or 'prompt' and 'completion' strings")
+
+
+def split_documents(keyed: Sequence[tuple[str, Document]], val_percent: float
+                    ) -> tuple[list[Document], list[Document]]:
+  """(train, validation) documents by `is_validation` on their keys.
+
+  If the rule picks no validation document, the last document is held out
+  instead; a single document cannot be split and is an error.
+  """
+  train = [doc for key, doc in keyed if not is_validation(key, val_percent)]
+  val = [doc for key, doc in keyed if is_validation(key, val_percent)]
+  if not val:
+    if len(train) < 2:
+      raise DataError(f"data: {len(keyed)} document(s) cannot be split into train "
+                      "and validation; give more documents or --val-data")
+    val = [train.pop()]
+  if not train:
+    raise DataError("data: every document fell into validation; lower --val-percent")
+  return train, val

@@ -1,0 +1,113 @@
+"""Device mesh, parameter and batch shardings, and multi-process start-up.
+
+The mesh has two axes: "data" (batch only) and "fsdp" (batch, and the
+parameters' "fsdp"-annotated dimension: the models mark every weight with
+`nnx.with_partitioning`). Parameters and optimizer state are sharded over
+"fsdp", replicated over "data"; a batch is split over both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A ("data", "fsdp") mesh over all (or the given) devices: data = n / fsdp.
+
+  Axis types are Auto: shardings propagate through jit (the models are
+  written without explicit-sharding annotations on their activations).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  if not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
+    raise ValueError(f"fsdp={fsdp!r}: expected a divisor of the device count {n}")
+  grid = np.asarray(devices, dtype=object).reshape(n // fsdp, fsdp)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+  """`spec` with each mesh axis dropped where it does not divide its dimension.
+
+  E.g. a 259-row embedding cannot be split 4 ways: that dimension stays
+  replicated, which is a layout choice, not a change of the math.
+  """
+  dims = []
+  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    dims.append(axes if size % ways == 0 else None)
+  return P(*dims)
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh):
+  """NamedShardings for an nnx.State from its partitioning annotations.
+
+  Leaves without annotations are replicated. The result has the structure of
+  `state` (nnx.Variable nodes with NamedSharding values).
+  """
+  specs = nnx.get_partition_spec(state)
+  return jax.tree.map(
+      lambda x, spec: NamedSharding(mesh, fit_spec(spec or P(), x.shape, mesh)),
+      state, specs)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_dim: int = 0
+                   ) -> NamedSharding:
+  """Splits dimension `batch_dim` of an ndim-array over ("data", "fsdp")."""
+  dims = [None] * ndim
+  dims[batch_dim] = BATCH_AXES
+  return NamedSharding(mesh, P(*dims))
+
+
+def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global jax.Array from a host array that every process holds in full.
+
+  Each process fills only its own devices' shards (works with one process
+  or many joined by jax.distributed).
+  """
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None,
+                                 *, timeout_s: int = 300) -> bool:
+  """Joins a multi-process JAX job when asked to; returns whether it did.
+
+  Arguments default to the environment: JAX_COORDINATOR_ADDRESS
+  ("host:port"), JAX_NUM_PROCESSES, JAX_PROCESS_ID. With no coordinator (or
+  one process) nothing happens: single-process training. Must run before
+  any other JAX call touches the devices. CPU processes exchange collectives
+  through gloo (`jax_cpu_collectives_implementation`).
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = num_processes or _env_int("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  if coordinator_address is None or (num_processes or 1) == 1:
+    return False
+  if num_processes is None or process_id is None:
+    raise ValueError(
+        f"coordinator_address={coordinator_address!r}: also needs num_processes "
+        f"and process_id (got {num_processes!r}, {process_id!r})")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             initialization_timeout=timeout_s)
+  return True
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{name}={value!r}: expected an integer") from None
