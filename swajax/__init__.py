@@ -4,9 +4,17 @@ Users import from here; `pallas_kernels` (the op) and `models` (Flax NNX
 modules) sit below and never import this package.
 """
 
+from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
+                    qwen3_tiny)
 from pallas_kernels import reference_attention, sliding_window_attention
 
 __all__ = [
+    "CausalLM",
+    "ModelConfig",
+    "llama_tiny",
+    "mistral_tiny",
+    "qwen2_tiny",
+    "qwen3_tiny",
     "reference_attention",
     "sliding_window_attention",
 ]

@@ -1,0 +1,119 @@
+"""`DecoderLayer` and `CausalLM`: embedding, pre-norm decoder layers, LM head.
+
+Dimension letters: B batch, T sequence, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import Attention
+from models.config import ModelConfig
+from models.layers import MLP, RMSNorm, param_init
+
+# remat= -> jax checkpoint policy for each decoder layer ("none": no remat).
+REMAT_POLICIES = {
+    "full": None,  # save only the layer's inputs, recompute everything
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nnx.Module):
+  """x + attn(input_norm(x)), then x + mlp(post_attn_norm(x)); [B, T, D]."""
+
+  def __init__(self, config: ModelConfig, *, window: int | None, dtype,
+               param_dtype, attn_impl: str, rngs: nnx.Rngs):
+    norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs)
+    self.input_norm = RMSNorm(config.hidden_size, **norm)
+    self.attn = Attention(config, window=window, dtype=dtype,
+                          param_dtype=param_dtype, attn_impl=attn_impl, rngs=rngs)
+    self.post_attn_norm = RMSNorm(config.hidden_size, **norm)
+    self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, positions, segment_ids=None):
+    x = x + self.attn(self.input_norm(x), positions, segment_ids)
+    return x + self.mlp(self.post_attn_norm(x))
+
+
+def _call_layer(layer, x, positions, segment_ids):
+  return layer(x, positions, segment_ids)
+
+
+class CausalLM(nnx.Module):
+  """A Mistral / Qwen2 / Qwen3 / Llama decoder with its LM head.
+
+  `model(input_ids [B, T] int32, *, positions=None, segment_ids=None)`
+  -> logits [B, T, V] float32. positions [B, T] int32 default to arange(T);
+  with segment_ids [B, T] int32 a token attends only within its segment
+  (packed documents: pass positions restarting at 0 for each document).
+
+  dtype: compute dtype (activations, matmuls); param_dtype: stored weights.
+  Norms, RoPE angles and softmax run in fp32; logits are fp32.
+  attn_impl: passed to `sliding_window_attention` ("auto", "pallas", "xla",
+  "reference"). remat: "none", "full" or "dots_saveable", per decoder layer.
+  """
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, attn_impl: str = "auto",
+               remat: str = "none", rngs: nnx.Rngs):
+    if remat != "none" and remat not in REMAT_POLICIES:
+      raise ValueError(
+          f"remat={remat!r}: expected one of {['none', *REMAT_POLICIES]}")
+    self.config = config
+    self.dtype = dtype
+    self.remat = remat
+    self.embed = nnx.Embed(
+        config.vocab_size, config.hidden_size, dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=param_init(config, (None, "fsdp")), rngs=rngs)
+    self.layers = nnx.List([
+        DecoderLayer(config, window=w, dtype=dtype, param_dtype=param_dtype,
+                     attn_impl=attn_impl, rngs=rngs)
+        for w in config.layer_windows])
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = nnx.Einsum(
+          "BTD,DV->BTV", (config.hidden_size, config.vocab_size),
+          kernel_init=param_init(config, ("fsdp", None)), dtype=dtype,
+          param_dtype=param_dtype, preferred_element_type=jnp.float32,
+          rngs=rngs)
+
+  def __call__(self, input_ids, *, positions=None, segment_ids=None):
+    batch, seq = _check_tokens(input_ids, positions, segment_ids)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    call = _call_layer
+    if self.remat != "none":
+      call = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
+    x = self.embed(input_ids)  # (B, T, D)
+    for layer in self.layers:
+      x = call(layer, x, positions, segment_ids)
+    x = self.norm(x)
+    if self.config.tie_word_embeddings:
+      return jnp.einsum("BTD,VD->BTV", x,  # (B, T, V)
+                        self.embed.embedding[...].astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return self.lm_head(x).astype(jnp.float32)  # (B, T, V)
+
+
+def _check_tokens(input_ids, positions, segment_ids):
+  """Checks input_ids [B, T] int and the optional [B, T] int32 companions."""
+  if getattr(input_ids, "ndim", None) != 2 or not jnp.issubdtype(
+      input_ids.dtype, jnp.integer):
+    raise ValueError(
+        f"input_ids: expected an int array [batch, seq], got "
+        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+        f"{getattr(input_ids, 'shape', '')}")
+  for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+    if x is None:
+      continue
+    if tuple(getattr(x, "shape", ())) != tuple(input_ids.shape) or (
+        x.dtype != jnp.int32):
+      raise ValueError(
+          f"{name}: expected int32 {tuple(input_ids.shape)} like input_ids, got "
+          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+  return input_ids.shape
