@@ -396,14 +396,14 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the "
                      f"device count {mesh.size} (mesh {dict(mesh.shape)})")
   lead = jax.process_index() == 0
-  if lead:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
   with jax.set_mesh(mesh):
     model, graphdef, rest, tx, state = init_model(config, mesh)
     if model.config.vocab_size < tokenizer.vocab_size:
       raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
                        f"{model.config.vocab_size}: pick a matching tokenizer or model")
+    if lead:
+      run_dir.mkdir(parents=True, exist_ok=True)
+      (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
     position, resumed_from = 0, None
     if resume:

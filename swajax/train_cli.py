@@ -1,0 +1,228 @@
+"""`swajax train`: train (or fine-tune, or resume) a model from the command line.
+
+With no arguments it trains `models.mistral_tiny` (a small sliding-window
+Mistral) on the embedded Python-stdlib corpus, in a few minutes on a CPU.
+Settings come from TrainConfig's defaults, then `--config FILE` (TOML or
+YAML, keys = TrainConfig fields), then flags: every field is a flag
+(`seq_len` -> `--seq-len`). Bad settings or unreadable data print one line
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+from swajax.train import TrainConfig
+
+SAMPLE_PROMPT = "def "
+
+
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as one line and exit status 2."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(
+      prog="swajax train", description=__doc__.split("\n\n")[1],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                      help="TOML (.toml) or YAML (.yaml/.yml) file of TrainConfig fields")
+  parser.add_argument("--resume", type=Path, default=argparse.SUPPRESS, metavar="RUN_DIR",
+                      help="continue the run in RUN_DIR from its latest checkpoint "
+                      "(its config.json, then --config and flags)")
+  parser.add_argument("--sample-tokens", type=int, default=200,
+                      help="length of the sample generated at the end (0: none)")
+  group = parser.add_argument_group("multi-process (jax.distributed; default: env "
+                                    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+  group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT")
+  group.add_argument("--num-processes", type=int, default=None)
+  group.add_argument("--process-id", type=int, default=None)
+  fields = parser.add_argument_group("TrainConfig fields (override --config)")
+  hints = typing.get_type_hints(TrainConfig)
+  defaults = TrainConfig()
+  for field in dataclasses.fields(TrainConfig):
+    flag = "--" + field.name.replace("_", "-")
+    shown = f"default: {getattr(defaults, field.name)!r}"
+    hint = hints[field.name]
+    if hint is bool:
+      fields.add_argument(flag, action=argparse.BooleanOptionalAction,
+                          default=argparse.SUPPRESS, help=shown)
+    elif field.name == "model_overrides":
+      fields.add_argument(flag, nargs="+", metavar="KEY=VALUE", type=_override,
+                          default=argparse.SUPPRESS,
+                          help="ModelConfig fields, e.g. num_layers=2 'layer_windows=(64,64)'")
+    else:
+      kind = next(t for t in (typing.get_args(hint) or (hint,)) if t is not type(None))
+      fields.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                          metavar=field.name.upper(), help=shown)
+  return parser
+
+
+def _override(text: str) -> tuple[str, object]:
+  """"key=value" -> (key, value), the value a Python literal or else a string."""
+  import ast
+
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def read_config_file(path: Path) -> dict:
+  """The mapping in a TOML or YAML file."""
+  if path.suffix == ".toml":
+    import tomllib
+
+    try:
+      return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+      raise ValueError(f"config={str(path)!r}: not valid TOML ({e})") from e
+  if path.suffix in (".yaml", ".yml"):
+    import yaml
+
+    try:
+      values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+      raise ValueError(f"config={str(path)!r}: not valid YAML "
+                       f"({str(e).splitlines()[0]})") from e
+    if not isinstance(values, dict):
+      raise ValueError(f"config={str(path)!r}: expected a mapping of TrainConfig fields")
+    return values
+  raise ValueError(f"config={str(path)!r}: expected a .toml, .yaml or .yml file")
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+  """Defaults < RUN_DIR/config.json (--resume) < --config file < flags."""
+  values: dict = {}
+  if "resume" in args:
+    saved = args.resume / "config.json"
+    if not saved.is_file():
+      raise ValueError(f"resume={str(args.resume)!r}: no config.json (not a run folder)")
+    values.update(json.loads(saved.read_text()))
+    values["out"] = str(args.resume)
+  if "config" in args:
+    values.update(read_config_file(args.config))
+  names = {f.name for f in dataclasses.fields(TrainConfig)}
+  values.update({k: v for k, v in vars(args).items() if k in names})
+  config = TrainConfig.from_dict(values)
+  if config.out is None:
+    from swajax.train import default_run_dir
+
+    config = dataclasses.replace(config, out=str(default_run_dir()))
+  return config
+
+
+class ProgressBar:
+  """One self-rewriting line: step, loss, tokens/s, ETA; eval results on their own line."""
+
+  def __init__(self, total_steps: int, run_dir: str, stream=sys.stderr):
+    self.total = total_steps
+    self.run_dir = run_dir
+    self.stream = stream
+    self.start = None
+
+  def __call__(self, record: dict) -> None:
+    now = time.perf_counter()
+    if self.start is None:  # the first step includes compilation: time from its end
+      self.start, self.first = now, record["step"]
+      self.stream.write(f"run folder {self.run_dir}\n")
+    done = record["step"] - self.first
+    eta = (now - self.start) / done * (self.total - record["step"]) if done else None
+    line = (f"step {record['step']}/{self.total} | loss {record['loss']:.3f} | "
+            f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | ETA {_duration(eta)}")
+    self.stream.write("\r" + line.ljust(70))
+    if "val_loss" in record:
+      self.stream.write(f"\n  validation: loss {record['val_loss']:.3f}, "
+                        f"perplexity {record['val_ppl']:.2f}\n")
+    self.stream.flush()
+
+
+def _duration(seconds: float | None) -> str:
+  if seconds is None:
+    return "?"
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  return f"{minutes}m{seconds:02d}s"
+
+
+def main(argv: list[str]) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    config = resolve_config(args)
+    from swajax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                 args.process_id)
+    from swajax.train import train
+
+    started = time.perf_counter()
+    result = train(config, resume="resume" in args,
+                   on_step=ProgressBar(config.steps, config.out))
+  except (ValueError, OSError) as e:
+    if os.environ.get("SWAJAX_TRACEBACK"):
+      raise
+    print(f"swajax train: error: {e}", file=sys.stderr)
+    return 2
+  report(result, config, time.perf_counter() - started, args.sample_tokens)
+  return 0
+
+
+def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> None:
+  """Prints the run summary, exports the model for HF and writes a sample."""
+  import jax
+
+  if jax.process_index() != 0:
+    return
+  run_dir = result.run_dir
+  final = result.evals[-1] if result.evals else None
+  lines = [f"trained {config.steps} steps in {_duration(seconds)} "
+           f"({result.tokens_per_s / 1e3:.1f}k tokens/s)"]
+  if final is not None:
+    lines.append(f"validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.3f})")
+  lines.append(f"run folder {run_dir}: checkpoints/, metrics.jsonl, loss.png, config.json")
+  hf_dir = _export(result.model, run_dir / "hf", lines)
+  if sample_tokens > 0:
+    _sample(result, run_dir / "sample.txt", sample_tokens, lines)
+  if hf_dir is not None:
+    lines.append(f"generate: swajax generate {hf_dir} --prompt {SAMPLE_PROMPT!r}")
+  print("\n".join(lines))
+
+
+def _export(model, directory: Path, lines: list[str]) -> Path | None:
+  from swajax.checkpoint import export_hf
+
+  try:
+    export_hf(model, directory)
+  except ImportError as e:
+    lines.append(f"(no HF export: swajax.hf_io is not available: {e})")
+    return None
+  lines.append(f"Hugging Face export {directory}")
+  return directory
+
+
+def _sample(result, path: Path, max_tokens: int, lines: list[str]) -> None:
+  try:
+    from swajax import generate
+  except ImportError:
+    lines.append("(no sample: swajax.generate is not available yet)")
+    return
+  tokenizer = result.tokenizer
+  prompt_ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + list(
+      tokenizer.encode(SAMPLE_PROMPT))
+  out = generate(result.model, [prompt_ids], max_new_tokens=max_tokens, temperature=0.8,
+                 seed=0, eos_id=tokenizer.eos_id)
+  text = SAMPLE_PROMPT + tokenizer.decode(out[0])
+  path.write_text(text)
+  lines.append(f"sample ({path}):\n" + "\n".join("  | " + l for l in text.splitlines()))
