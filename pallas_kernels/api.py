@@ -6,7 +6,11 @@ import importlib
 
 import jax
 
-from pallas_kernels.validation import AttentionProblem, check_attention_args
+import jax.numpy as jnp
+
+from pallas_kernels.mask import dense_mask
+from pallas_kernels.validation import (AttentionProblem, check_attention_args,
+                                       check_window)
 
 # Features a call may need. `required_features` derives them from the problem;
 # an impl that lacks one raises NotImplementedError: it never falls back to a
@@ -146,6 +150,31 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   out, lse = module.attention(q, k, v, segment_ids, problem,
                               block_sizes=block_sizes, **kwargs)
   return (out, lse) if return_lse else out
+
+
+def window_mask(q_len, kv_len=None, *, window=None, causal=True,
+                segment_ids=None):
+  """The boolean mask the op applies: [T, S], or [B, T, S] with segment_ids.
+
+  Entry [t, s] is True iff query t sees key s (same arguments and semantics as
+  `sliding_window_attention`). Dense O(T·S): for inspection and pictures.
+  """
+  kv_len = q_len if kv_len is None else kv_len
+  _check_length("q_len", q_len)
+  _check_length("kv_len", kv_len)
+  band = check_window(window, causal)
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.ndim != 2 or segment_ids.shape[1] != q_len or q_len != kv_len:
+      raise ValueError(
+          f"segment_ids.shape={tuple(segment_ids.shape)}: expected "
+          f"[batch, {q_len}] with q_len == kv_len")
+  return dense_mask(q_len, kv_len, band, segment_ids)
+
+
+def _check_length(name, value):
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}={value!r}: expected an int >= 1")
 
 
 def reference_attention(q, k, v, *, window=None, causal=True, segment_ids=None,

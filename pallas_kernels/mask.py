@@ -64,6 +64,24 @@ def visible(q_pos, k_pos, band: Band, q_segment=None, k_segment=None):
   return ok
 
 
+def positions(q_len: int, kv_len: int):
+  """Bottom-right aligned positions: (q_pos [T, 1], k_pos [1, S]) int32."""
+  q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + (kv_len - q_len)
+  return q_pos, jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+
+
+def dense_mask(q_len: int, kv_len: int, band: Band, segment_ids=None):
+  """The full boolean mask, [T, S] (or [B, T, S] with segment_ids [B, T]).
+
+  O(T·S): for the reference, tests and pictures, never for the fast paths.
+  """
+  q_pos, k_pos = positions(q_len, kv_len)
+  if segment_ids is None:
+    return visible(q_pos, k_pos, band)
+  return visible(q_pos[None], k_pos[None], band,
+                 segment_ids[:, :, None], segment_ids[:, None, :])
+
+
 def _cdiv(a, b):
   return (a + b - 1) // b
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mask import visible
+from pallas_kernels.mask import dense_mask
 from pallas_kernels.validation import AttentionProblem
 
 
@@ -30,14 +30,8 @@ def reference_forward(q, k, v, segment_ids, problem: AttentionProblem):
                  precision=jax.lax.Precision.HIGHEST) * p.scale
   if p.softcap is not None:
     s = p.softcap * jnp.tanh(s / p.softcap)
-  q_pos = jnp.arange(p.q_len)[:, None] + (p.kv_len - p.q_len)
-  k_pos = jnp.arange(p.kv_len)[None, :]
-  if segment_ids is None:
-    mask = visible(q_pos, k_pos, p.band)[None]  # (1, T, S)
-  else:
-    mask = visible(q_pos[None], k_pos[None], p.band,
-                   segment_ids[:, :, None], segment_ids[:, None, :])  # (B, T, S)
-  mask = mask[:, None, None]  # (B|1, 1, 1, T, S)
+  mask = dense_mask(p.q_len, p.kv_len, p.band, segment_ids)  # (T, S) | (B, T, S)
+  mask = mask.reshape(-1, 1, 1, p.q_len, p.kv_len)  # (B|1, 1, 1, T, S)
   s = jnp.where(mask, s, -jnp.inf)
   lse = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf on empty rows
   safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from pallas_kernels import Band, reference_attention, sliding_window_attention
+from pallas_kernels import (Band, reference_attention, sliding_window_attention,
+                            window_mask)
 from pallas_kernels.mask import block_fully_visible, kv_block_range, q_block_range, visible
 from pallas_kernels.validation import check_window
 from tests.attention_cases import make_inputs
 
 
 def dense_mask(band, q_len, kv_len, q_seg=None, k_seg=None):
+  """Mask of `visible` on plain numpy positions (an independent spelling)."""
   q_pos = np.arange(q_len)[:, None] + kv_len - q_len
   k_pos = np.arange(kv_len)[None, :]
   seg = (None, None) if q_seg is None else (np.asarray(q_seg)[:, None],
@@ -208,3 +210,16 @@ def test_validation_runs_before_tracing():
   """Errors come from Python checks, also under jit, not from a traced op."""
   with pytest.raises(ValueError, match="window=0"):
     jax.jit(lambda q, k, v: sliding_window_attention(q, k, v, window=0))(Q, K, V)
+
+
+def test_window_mask_is_the_public_picture_of_the_op():
+  seg = jnp.array([[0, 0, 0, 1, 1, 1]], jnp.int32)
+  np.testing.assert_array_equal(
+      window_mask(6, window=2, segment_ids=seg)[0],
+      dense_mask(check_window(2, True), 6, 6, seg[0], seg[0]))
+  np.testing.assert_array_equal(window_mask(2, 6, window=3),
+                                dense_mask(check_window(3, True), 2, 6))
+  with pytest.raises(ValueError, match="q_len=0"):
+    window_mask(0)
+  with pytest.raises(ValueError, match="window=0"):
+    window_mask(4, window=0)
