@@ -6,15 +6,20 @@ modules) sit below and never import this package.
 
 from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
                     qwen3_tiny)
-from pallas_kernels import reference_attention, sliding_window_attention
+from pallas_kernels.api import (reference_attention, sliding_window_attention,
+                                window_mask)
+from pallas_kernels.mask import Band, kv_block_range
 
 __all__ = [
+    "Band",
     "CausalLM",
     "ModelConfig",
+    "kv_block_range",
     "llama_tiny",
     "mistral_tiny",
     "qwen2_tiny",
     "qwen3_tiny",
     "reference_attention",
     "sliding_window_attention",
+    "window_mask",
 ]
