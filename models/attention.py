@@ -48,9 +48,14 @@ class Attention(nnx.Module):
     self.window = window
     self.attn_impl = attn_impl
 
-  def __call__(self, x, positions, segment_ids=None):
+  def __call__(self, x, positions, segment_ids=None, cache=None):
     """x [B, T, D], positions int32 [B, T], segment_ids int32 [B, T] | None
-    -> [B, T, D]."""
+    -> [B, T, D].
+
+    With `cache` (this layer's `LayerCache`), the new tokens are written to
+    it and attend to it (positions -1 mark padding): returns
+    ([B, T, D], updated cache). See `LayerCache.attend`.
+    """
     q = self.q_proj(x)  # (B, T, N, H)
     k = self.k_proj(x)  # (B, T, K, H)
     v = self.v_proj(x)  # (B, T, K, H)
@@ -58,6 +63,10 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.inv_freq)
     k = apply_rope(k, positions, self.inv_freq)
+    if cache is not None:
+      out, cache = cache.attend(q, k, v, positions, window=self.window,
+                                impl=self.attn_impl)
+      return self.o_proj(out), cache
     out = sliding_window_attention(  # (B, T, N, H)
         q, k, v, window=self.window, causal=True, segment_ids=segment_ids,
         impl=self.attn_impl)

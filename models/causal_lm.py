@@ -11,6 +11,7 @@ from flax import nnx
 
 from models.attention import Attention
 from models.config import ModelConfig
+from models.kv_cache import KVCache, init_cache
 from models.layers import MLP, RMSNorm, param_init
 
 # remat= -> jax checkpoint policy for each decoder layer ("none": no remat).
@@ -33,9 +34,14 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(config.hidden_size, **norm)
     self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids=None):
-    x = x + self.attn(self.input_norm(x), positions, segment_ids)
-    return x + self.mlp(self.post_attn_norm(x))
+  def __call__(self, x, positions, segment_ids=None, cache=None):
+    """With `cache` (a `LayerCache`) returns (x, updated cache)."""
+    h = self.attn(self.input_norm(x), positions, segment_ids, cache=cache)
+    if cache is not None:
+      h, cache = h
+    x = x + h
+    x = x + self.mlp(self.post_attn_norm(x))
+    return x if cache is None else (x, cache)
 
 
 def _call_layer(layer, x, positions, segment_ids):
@@ -54,6 +60,11 @@ class CausalLM(nnx.Module):
   Norms, RoPE angles and softmax run in fp32; logits are fp32.
   attn_impl: passed to `sliding_window_attention` ("auto", "pallas", "xla",
   "reference"). remat: "none", "full" or "dots_saveable", per decoder layer.
+
+  Generation: `model(input_ids, positions=positions, cache=cache)` with a
+  `KVCache` from `init_cache` returns (logits, updated cache); positions
+  [B, T] int32 are required (-1 marks a padding token, which is neither
+  written nor attended to), segment_ids are not taken.
   """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32,
@@ -82,22 +93,55 @@ class CausalLM(nnx.Module):
           param_dtype=param_dtype, preferred_element_type=jnp.float32,
           rngs=rngs)
 
-  def __call__(self, input_ids, *, positions=None, segment_ids=None):
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty `KVCache`: W slots per sliding layer, max_len per full layer;
+    k and v in `dtype` (default: the compute dtype)."""
+    return init_cache(self.config, batch_size, max_len,
+                      self.dtype if dtype is None else dtype)
+
+  def __call__(self, input_ids, *, positions=None, segment_ids=None,
+               cache=None):
     batch, seq = _check_tokens(input_ids, positions, segment_ids)
+    if cache is not None:
+      _check_cache(cache, positions, segment_ids, len(self.layers))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     call = _call_layer
     if self.remat != "none":
       call = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
     x = self.embed(input_ids)  # (B, T, D)
-    for layer in self.layers:
-      x = call(layer, x, positions, segment_ids)
+    if cache is None:
+      for layer in self.layers:
+        x = call(layer, x, positions, segment_ids)
+    else:
+      layer_caches = []
+      for layer, layer_cache in zip(self.layers, cache.layers):
+        x, layer_cache = layer(x, positions, cache=layer_cache)
+        layer_caches.append(layer_cache)
+      cache = KVCache(tuple(layer_caches))
     x = self.norm(x)
     if self.config.tie_word_embeddings:
-      return jnp.einsum("BTD,VD->BTV", x,  # (B, T, V)
-                        self.embed.embedding[...].astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    return self.lm_head(x).astype(jnp.float32)  # (B, T, V)
+      logits = jnp.einsum("BTD,VD->BTV", x,  # (B, T, V)
+                          self.embed.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head(x).astype(jnp.float32)  # (B, T, V)
+    return logits if cache is None else (logits, cache)
+
+
+def _check_cache(cache, positions, segment_ids, num_layers):
+  """A cached call needs explicit positions, no segments, a cache per layer."""
+  if not isinstance(cache, KVCache) or len(cache.layers) != num_layers:
+    layers = len(getattr(cache, "layers", ()))
+    raise ValueError(f"cache: expected a KVCache of {num_layers} layers "
+                     f"(model.init_cache), got a {type(cache).__name__} of "
+                     f"{layers}")
+  if positions is None:
+    raise ValueError("positions=None with a cache: expected int32 [B, T] "
+                     "absolute positions (-1 for padding)")
+  if segment_ids is not None:
+    raise ValueError("segment_ids with a cache: expected None (padding is "
+                     "marked by positions -1)")
 
 
 def _check_tokens(input_ids, positions, segment_ids):
