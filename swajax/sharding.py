@@ -8,6 +8,7 @@ parameters' "fsdp"-annotated dimension: the models mark every weight with
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -23,9 +24,14 @@ def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
   """A ("data", "fsdp") mesh over all (or the given) devices: data = n / fsdp.
 
   Axis types are Auto: shardings propagate through jit (the models are
-  written without explicit-sharding annotations on their activations).
+  written without explicit-sharding annotations on their activations). The
+  same arguments give the same Mesh object (it is a static jit argument).
   """
-  devices = jax.devices() if devices is None else list(devices)
+  return _mesh(fsdp, tuple(jax.devices() if devices is None else devices))
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(fsdp, devices: tuple) -> jax.sharding.Mesh:
   n = len(devices)
   if not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
     raise ValueError(f"fsdp={fsdp!r}: expected a divisor of the device count {n}")

@@ -11,6 +11,7 @@ default), parameters are stored in `param_dtype` (fp32).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -233,89 +234,108 @@ def model_config_for(config: TrainConfig):
   return preset(**dict(config.model_overrides))
 
 
+def compile_key(config: TrainConfig) -> TrainConfig:
+  """The config as a static jit argument: runs that differ only in their folder
+  (a resumed run, tests, benchmarks) share compilations within a process."""
+  return dataclasses.replace(config, out=None)
+
+
 def init_model(config: TrainConfig, mesh):
-  """(model, train state) with parameters and optimizer state sharded on `mesh`.
+  """(model, graphdef, rest, state): parameters and optimizer state on `mesh`.
 
-  A fresh model is initialised inside jit straight into its shardings; an HF
-  checkpoint is loaded on the host and placed shard by shard.
+  state = {"params", "opt_state", "step"}; rest = the model's non-parameter
+  state. A fresh model is initialised inside jit straight into its shardings;
+  an HF checkpoint is loaded on the host and placed shard by shard.
   """
-  import models
-
-  kwargs = dict(dtype=DTYPES[config.dtype], param_dtype=DTYPES[config.param_dtype],
-                attn_impl=config.attn_impl, remat=config.remat)
   if config.init_from_hf is not None:
     from swajax.hf_io import load_hf
 
-    model = load_hf(config.init_from_hf, **kwargs)
+    model = load_hf(config.init_from_hf, dtype=DTYPES[config.dtype],
+                    param_dtype=DTYPES[config.param_dtype], attn_impl=config.attn_impl,
+                    remat=config.remat)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    shardings = sharding_lib.state_shardings(params, mesh)
-    params = jax.tree.map(
-        lambda x, s: sharding_lib.global_array(np.asarray(x), s), params, shardings)
+    to_mesh = lambda tree, shardings: jax.tree.map(
+        lambda x, s: sharding_lib.global_array(np.asarray(x), s), tree, shardings)
+    params = to_mesh(params, sharding_lib.state_shardings(params, mesh))
+    rest = to_mesh(rest, jax.tree.map(lambda _: NamedSharding(mesh, P()), rest))
   else:
-    model_config = model_config_for(config)
-
-    def create():
-      model = models.CausalLM(model_config, rngs=nnx.Rngs(config.seed), **kwargs)
-      return nnx.split(model, nnx.Param, ...)
-
-    graphdef, abstract, rest = nnx.eval_shape(create)
-    shardings = sharding_lib.state_shardings(abstract, mesh)
-    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), rest)
-    params, rest = jax.jit(lambda: create()[1:], out_shardings=(shardings, replicated))()
-  tx = make_optimizer(config, params)
-  state = {"params": params, "opt_state": _init_opt_state(tx, params, shardings, mesh),
+    spec = (model_config_for(config), config.seed, config.dtype, config.param_dtype,
+            config.attn_impl, config.remat)
+    graphdef = nnx.eval_shape(lambda: _create(spec))[0]
+    params, rest = _fresh_params(spec=spec, mesh=mesh)
+  state = {"params": params,
+           "opt_state": _init_opt_state(params, config=compile_key(config), mesh=mesh),
            "step": jax.device_put(jnp.zeros([], jnp.int32), NamedSharding(mesh, P()))}
-  return nnx.merge(graphdef, params, rest), graphdef, rest, tx, state
+  return nnx.merge(graphdef, params, rest), graphdef, rest, state
 
 
-def _init_opt_state(tx, params, param_shardings, mesh):
-  """tx.init(params) inside jit, every params-like subtree sharded like params."""
+def _create(spec):
+  """(graphdef, params, rest) of CausalLM for spec = (ModelConfig, seed, dtype,
+  param_dtype, attn_impl, remat): hashable, a static jit argument."""
+  import models  # swajax -> models, imported when a model is first needed
+
+  model_config, seed, dtype, param_dtype, attn_impl, remat = spec
+  model = models.CausalLM(model_config, rngs=nnx.Rngs(seed), dtype=DTYPES[dtype],
+                          param_dtype=DTYPES[param_dtype], attn_impl=attn_impl,
+                          remat=remat)
+  return nnx.split(model, nnx.Param, ...)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "mesh"))
+def _fresh_params(*, spec, mesh):
+  """(params, rest) of a fresh model, params sharded per their annotations."""
+  _, params, rest = _create(spec)
+  replicated = NamedSharding(mesh, P())
+  return (jax.lax.with_sharding_constraint(
+              params, sharding_lib.state_shardings(params, mesh)),
+          jax.lax.with_sharding_constraint(rest, jax.tree.map(lambda _: replicated, rest)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _init_opt_state(params, *, config: TrainConfig, mesh):
+  """The optimizer state, every params-like subtree sharded like the params."""
+  tx = make_optimizer(config, params)
+  opt_state = tx.init(params)
   replicated = NamedSharding(mesh, P())
   shardings = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+      tx, lambda _, s: s, opt_state, sharding_lib.state_shardings(params, mesh),
       transform_non_params=lambda _: replicated)
-  return jax.jit(tx.init, out_shardings=shardings)(params)
+  return jax.lax.with_sharding_constraint(opt_state, shardings)
 
 
-def make_train_step(graphdef, tx, schedule) -> Callable:
-  """step(state, rest, batch) -> (state, metrics), jitted, state donated.
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames="state")
+def train_step(state, rest, batch, *, graphdef, config: TrainConfig):
+  """One optimizer step: (state, metrics).
 
-  batch: dict of [A, B, T] arrays; metrics: loss (mean over the step's target
-  tokens), grad_norm (before clipping), lr, tokens (target count).
+  batch: dict of [A, B, T] arrays (A micro-batches); config: `compile_key(...)`.
+  metrics: loss (mean over the step's target tokens), grad_norm (before
+  clipping), lr (of this step), tokens (target count).
   """
+  params = state["params"]
+  tx = make_optimizer(config, params)
 
-  def micro_grads(params, rest, micro):
-    def loss_fn(params):
-      return batch_loss_sums(nnx.merge(graphdef, params, rest), micro)
+  def accumulate(carry, micro):
+    loss_fn = lambda p: batch_loss_sums(nnx.merge(graphdef, p, rest), micro)
     (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, loss_sum, count
+    return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
 
-  def step(state, rest, batch):
-    params = state["params"]
-
-    def accumulate(carry, micro):
-      grads, loss_sum, count = micro_grads(params, rest, micro)
-      return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
-
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.float32),
-             jnp.zeros([], jnp.float32))
-    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, batch)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state, "step": state["step"] + 1}
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(state["step"]), "tokens": count}
-    return new_state, metrics
-
-  return jax.jit(step, donate_argnums=(0,))
+  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.float32),
+           jnp.zeros([], jnp.float32))
+  (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, batch)
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_state = {"params": optax.apply_updates(params, updates),
+               "opt_state": opt_state, "step": state["step"] + 1}
+  metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
+             "lr": make_schedule(config)(state["step"]), "tokens": count}
+  return new_state, metrics
 
 
-def make_eval_step(graphdef) -> Callable:
-  """eval_step(params, rest, batch [B, T] dict) -> (loss sum, target count)."""
-  return jax.jit(lambda params, rest, batch: batch_loss_sums(
-      nnx.merge(graphdef, params, rest), batch))
+@functools.partial(jax.jit, static_argnames="graphdef")
+def eval_step(params, rest, batch, *, graphdef):
+  """(loss sum, target count) of the model on a batch of [B, T] rows."""
+  return batch_loss_sums(nnx.merge(graphdef, params, rest), batch)
 
 
 # ----------------------------------------------------------------------------
@@ -397,7 +417,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
                      f"device count {mesh.size} (mesh {dict(mesh.shape)})")
   lead = jax.process_index() == 0
   with jax.set_mesh(mesh):
-    model, graphdef, rest, tx, state = init_model(config, mesh)
+    model, graphdef, rest, state = init_model(config, mesh)
     if model.config.vocab_size < tokenizer.vocab_size:
       raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
                        f"{model.config.vocab_size}: pick a matching tokenizer or model")
@@ -413,9 +433,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
       checkpointer.close()
       raise ValueError(f"out={str(run_dir)!r} already holds checkpoints: resume it "
                        "(--resume) or choose another --out")
-    schedule = make_schedule(config)
-    train_step = make_train_step(graphdef, tx, schedule)
-    eval_step = make_eval_step(graphdef)
+    key = compile_key(config)
     step_sharding = sharding_lib.batch_sharding(mesh, 3, batch_dim=1)
     eval_sharding = sharding_lib.batch_sharding(mesh, 2)
     metrics_file = _open_metrics(run_dir / "metrics.jsonl", resumed_from) if lead else None
@@ -429,14 +447,14 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         batch = {k: sharding_lib.global_array(
             v.reshape(config.grad_accum, config.batch_size, config.seq_len), step_sharding)
             for k, v in host.items()}
-        state, metrics = train_step(state, rest, batch)
+        state, metrics = train_step(state, rest, batch, graphdef=graphdef, config=key)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         position += rows_per_step
         elapsed = time.perf_counter() - t0
         step_times.append(elapsed)
         record["tokens_per_s"] = config.tokens_per_step / elapsed
         if step % config.eval_every == 0 or step == last:
-          val_loss = evaluate(eval_step, state["params"], rest, val_rows,
+          val_loss = evaluate(graphdef, state["params"], rest, val_rows,
                               config.batch_size, eval_sharding)
           evaluation = {"step": step, "val_loss": val_loss,
                         "val_ppl": math.exp(min(val_loss, 700.0))}
@@ -475,13 +493,13 @@ def _open_metrics(path: Path, resumed_from: int | None):
   return f
 
 
-def evaluate(eval_step, params, rest, rows: dict, batch_size: int, sharding) -> float:
+def evaluate(graphdef, params, rest, rows: dict, batch_size: int, sharding) -> float:
   """Mean target-token loss of `params` over validation rows, in batches."""
   total = count = 0.0
   for start in range(0, len(rows["input_ids"]), batch_size):
     batch = {k: sharding_lib.global_array(v[start:start + batch_size], sharding)
              for k, v in rows.items()}
-    loss_sum, n = eval_step(params, rest, batch)
+    loss_sum, n = eval_step(params, rest, batch, graphdef=graphdef)
     total, count = total + float(loss_sum), count + float(n)
   return total / max(count, 1.0)
 
