@@ -1,0 +1,383 @@
+"""Decode attention: a few new queries against a (rolling) KV cache.
+
+Generation writes each new key/value into a cache slot and attends the new
+queries to every slot. Slots carry the absolute position they hold, so one op
+serves both cache layouts:
+
+  sliding layer: a ring buffer of C >= W slots, token p written at p % C;
+    slots hold out-of-order positions once it wraps, stale ones are masked.
+  full layer: a linear buffer of max_len slots, token p written at p.
+
+File order: block sizes -> Pallas kernel -> its wrapper and the split combine
+-> the dense XLA path and the fp32 reference -> validation -> `decode_attention`.
+The Pallas kernel is forward only (generation does not need a gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.api import default_impl
+from pallas_kernels.mask import Band, visible
+from pallas_kernels.validation import AttentionProblem, check_attention_args
+
+IMPLS = ("pallas", "xla", "reference")
+
+# Triton's `dot` needs every dimension of both operands >= 16.
+_MIN_DOT_DIM = 16
+
+
+def slot_visible(q_pos, kv_pos, band: Band):
+  """Whether the cache slot holding `kv_pos` is visible to the query at `q_pos`.
+
+  A slot with a negative position is empty; otherwise the window predicate
+  `mask.visible` decides. Arguments broadcast like `visible`'s.
+  """
+  return (kv_pos >= 0) & visible(q_pos, kv_pos, band)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+  """Tiling of the Pallas decode kernel.
+
+  block_k: cache slots per inner step (a power of 2 >= 16).
+  num_splits: programs that share one (batch, kv head) along the cache
+    (flash-decoding); None picks enough to fill the GPU (`resolve_splits`).
+  num_warps, num_stages: Triton compiler parameters.
+  """
+
+  block_k: int = 64
+  num_splits: int | None = None
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    if (isinstance(self.block_k, bool) or not isinstance(self.block_k, int)
+        or self.block_k < _MIN_DOT_DIM or self.block_k & (self.block_k - 1)):
+      raise ValueError(
+          f"block_k={self.block_k!r}: expected a power of 2 >= {_MIN_DOT_DIM}")
+    for name in ("num_splits", "num_warps", "num_stages"):
+      value = getattr(self, name)
+      if value is None and name == "num_splits":
+        continue
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+
+  @classmethod
+  def default(cls, problem: AttentionProblem) -> "DecodeBlockSizes":
+    """64 slots per step, or fewer for a cache shorter than that."""
+    return cls(block_k=max(_MIN_DOT_DIM, min(64, _next_pow2(problem.kv_len))))
+
+  def resolve_splits(self, problem: AttentionProblem) -> int:
+    """The split count: as given, or ~256 programs in all, at most one per block.
+
+    Decode has only B * K (batch, kv head) pairs, too few to fill a GPU;
+    splitting the cache gives each SM work (H100/H200: 132 SMs).
+    """
+    num_blocks = _cdiv(problem.kv_len, self.block_k)
+    if self.num_splits is not None:
+      return min(self.num_splits, num_blocks)
+    pairs = problem.batch * problem.num_kv_heads
+    return max(1, min(num_blocks, _cdiv(256, pairs)))
+
+
+def _decode_kernel(q_ref, row_pos_ref, kv_pos_ref, k_ref, v_ref, o_ref, lse_ref,
+                   *, band: Band, scale: float, softcap: float | None,
+                   block_k: int, split_len: int, num_slots: int, precision):
+  """One (batch, kv head, split) program: all R rows against one cache split.
+
+  q_ref: [R, H] (rows r = t * G + g, padded); row_pos_ref: [R] int32 (-1 on
+  padding rows); kv_pos_ref: [C] int32; k_ref, v_ref: [C, H].
+  o_ref: [R, H] fp32, this split's normalised output; lse_ref: [R] fp32.
+  """
+  q = q_ref[...]
+  row_pos = row_pos_ref[...]
+  rows, head_dim = q.shape
+  split_start = pl.program_id(2) * split_len
+  dims = (((1,), (1,)), ((), ()))  # contract H of both: q · kᵀ
+
+  def body(i, carry):
+    start = split_start + i * block_k
+    in_cache = start + jnp.arange(block_k) < num_slots
+    kv_pos = plgpu.load(kv_pos_ref.at[pl.ds(start, block_k)], mask=in_cache,
+                        other=-1)
+    mask = slot_visible(row_pos[:, None], kv_pos[None, :], band)  # [R, bk]
+
+    def update(carry):
+      acc, m_prev, l_prev = carry
+      k = plgpu.load(k_ref.at[pl.ds(start, block_k), :],
+                     mask=in_cache[:, None], other=0)
+      s = lax.dot_general(q, k, dims, precision=precision,
+                          preferred_element_type=jnp.float32) * scale
+      if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+      s = jnp.where(mask, s, -jnp.inf)
+      m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows seeing nothing
+      p = jnp.exp(s - m_safe[:, None])
+      correction = jnp.exp(m_prev - m_safe)
+      v = plgpu.load(v_ref.at[pl.ds(start, block_k), :],
+                     mask=in_cache[:, None], other=0)
+      pv = jnp.dot(p.astype(v.dtype), v, precision=precision,
+                   preferred_element_type=jnp.float32)
+      return (acc * correction[:, None] + pv, m_next,
+              l_prev * correction + jnp.sum(p, axis=1))
+
+    # Skip blocks no row sees: empty slots of a partly filled linear cache.
+    return lax.cond(jnp.max(mask.astype(jnp.int32)) > 0, update,
+                    lambda carry: carry, carry)
+
+  init = (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, split_len // block_k, body, init)
+  seen = l > 0
+  o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None],
+                         0.0)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def combine_splits(out, lse):
+  """Merges per-split results: out [..., S, R, H], lse [..., S, R] fp32.
+
+  Each split's output is normalised over its own slots; weighting by
+  exp(lse_split - lse) renormalises over all. All -inf rows give 0, -inf.
+  """
+  total = jax.nn.logsumexp(lse, axis=-2)  # [..., R]
+  safe = jnp.where(jnp.isfinite(total), total, 0.0)
+  weights = jnp.exp(lse - safe[..., None, :])  # 0 for splits that saw nothing
+  return jnp.sum(weights[..., None] * out, axis=-3), total
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "block_sizes",
+                                             "interpret"))
+def _pallas_decode(q, k_cache, v_cache, q_positions, kv_positions, *,
+                   problem: AttentionProblem, block_sizes: DecodeBlockSizes,
+                   interpret: bool):
+  """Flash-decoding: grid (B, K, splits), then `combine_splits` in jnp."""
+  p = problem
+  batch, q_len, num_kv, group = p.batch, p.q_len, p.num_kv_heads, p.group_size
+  rows = q_len * group
+  padded_rows = max(_MIN_DOT_DIM, _next_pow2(rows))
+  head_dim = max(_MIN_DOT_DIM, _next_pow2(p.head_dim))
+  pad_h = ((0, 0),) * 3 + ((0, head_dim - p.head_dim),)
+  # (B, T, K, G, H) -> (B, K, T * G, H): one tile of rows per kv head.
+  q_rows = q.reshape(batch, q_len, num_kv, group, p.head_dim)
+  q_rows = q_rows.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv, rows,
+                                                   p.head_dim)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded_rows - rows),
+                            (0, head_dim - p.head_dim)))
+  row_pos = jnp.repeat(q_positions, group, axis=1)  # (B, T * G)
+  row_pos = jnp.pad(row_pos, ((0, 0), (0, padded_rows - rows)),
+                    constant_values=-1)
+  if head_dim != p.head_dim:  # a copy of the cache: keep H a power of 2 >= 16
+    k_cache, v_cache = jnp.pad(k_cache, pad_h), jnp.pad(v_cache, pad_h)
+
+  block_k = block_sizes.block_k
+  num_splits = block_sizes.resolve_splits(p)
+  split_len = _cdiv(_cdiv(p.kv_len, block_k), num_splits) * block_k
+  num_splits = _cdiv(p.kv_len, split_len)
+  precision = (lax.Precision.HIGHEST if p.dtype == jnp.float32
+               else lax.Precision.DEFAULT)  # fp32: no TF32
+  kernel = functools.partial(
+      _decode_kernel, band=p.band, scale=p.scale, softcap=p.softcap,
+      block_k=block_k, split_len=split_len, num_slots=p.kv_len,
+      precision=precision)
+  cache_spec = pl.BlockSpec((None, p.kv_len, None, head_dim),
+                            lambda b, h, s: (b, 0, h, 0))
+  out, lse = pl.pallas_call(
+      kernel,
+      grid=(batch, num_kv, num_splits),
+      in_specs=[
+          pl.BlockSpec((None, None, padded_rows, head_dim),
+                       lambda b, h, s: (b, h, 0, 0)),
+          pl.BlockSpec((None, padded_rows), lambda b, h, s: (b, 0)),
+          pl.BlockSpec((None, p.kv_len), lambda b, h, s: (b, 0)),
+          cache_spec,
+          cache_spec,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, padded_rows, head_dim),
+                       lambda b, h, s: (b, h, s, 0, 0)),
+          pl.BlockSpec((None, None, None, padded_rows),
+                       lambda b, h, s: (b, h, s, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct(
+              (batch, num_kv, num_splits, padded_rows, head_dim), jnp.float32),
+          jax.ShapeDtypeStruct((batch, num_kv, num_splits, padded_rows),
+                               jnp.float32),
+      ],
+      compiler_params=plgpu.CompilerParams(
+          num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
+      interpret=interpret,
+      name="swa_decode",
+  )(q_rows, row_pos, kv_positions, k_cache, v_cache)
+  out, lse = combine_splits(out, lse)  # (B, K, R, H), (B, K, R)
+  out = out[:, :, :rows, :p.head_dim].reshape(batch, num_kv, q_len, group,
+                                               p.head_dim)
+  out = out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, p.num_q_heads,
+                                             p.head_dim)
+  lse = lse[:, :, :rows].reshape(batch, num_kv, q_len, group)
+  lse = lse.transpose(0, 1, 3, 2).reshape(batch, p.num_q_heads, q_len)
+  return out.astype(q.dtype), lse
+
+
+def _forward_only_jvp(primals, tangents):
+  del primals, tangents
+  raise NotImplementedError(
+      "decode_attention(impl='pallas') is forward only (no gradient rule); "
+      "differentiate impl='xla' or 'reference', or train with "
+      "sliding_window_attention")
+
+
+def _dense_decode(q, k_cache, v_cache, q_positions, kv_positions,
+                  problem: AttentionProblem, *, precision, probs_dtype):
+  """Masked softmax over every slot, GQA by einsum (K/V never repeated).
+
+  Scores [B, K, G, T, C] in fp32; probabilities cast to `probs_dtype` before
+  the P·V product. Returns (out [B, T, N, H] in q.dtype, lse [B, N, T] fp32).
+  """
+  p = problem
+  q5 = q.reshape(p.batch, p.q_len, p.num_kv_heads, p.group_size, p.head_dim)
+  s = jnp.einsum("btkgh,bckh->bkgtc", q5, k_cache, precision=precision,
+                 preferred_element_type=jnp.float32) * p.scale
+  if p.softcap is not None:
+    s = p.softcap * jnp.tanh(s / p.softcap)
+  mask = slot_visible(q_positions[:, :, None], kv_positions[:, None, :],
+                      p.band)[:, None, None]  # (B, 1, 1, T, C)
+  s = jnp.where(mask, s, -jnp.inf)
+  lse = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf on empty rows
+  safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  probs = jnp.where(mask, jnp.exp(s - safe[..., None]), 0.0)
+  out = jnp.einsum("bkgtc,bckh->btkgh", probs.astype(probs_dtype), v_cache,
+                   precision=precision, preferred_element_type=jnp.float32)
+  out = out.reshape(p.batch, p.q_len, p.num_q_heads, p.head_dim)
+  return out.astype(q.dtype), lse.reshape(p.batch, p.num_q_heads, p.q_len)
+
+
+def xla_decode(q, k_cache, v_cache, q_positions, kv_positions,
+               problem: AttentionProblem):
+  """impl="xla": input-dtype matmuls with fp32 accumulation (fp32: no TF32)."""
+  precision = (lax.Precision.HIGHEST if problem.dtype == jnp.float32
+               else lax.Precision.DEFAULT)
+  return _dense_decode(q, k_cache, v_cache, q_positions, kv_positions, problem,
+                       precision=precision, probs_dtype=v_cache.dtype)
+
+
+def reference_decode(q, k_cache, v_cache, q_positions, kv_positions,
+                     problem: AttentionProblem):
+  """impl="reference": the same masked softmax in fp32 at HIGHEST precision."""
+  f32 = lambda x: x.astype(jnp.float32)
+  out, lse = _dense_decode(f32(q), f32(k_cache), f32(v_cache), q_positions,
+                           kv_positions, problem,
+                           precision=lax.Precision.HIGHEST,
+                           probs_dtype=jnp.float32)
+  return out.astype(q.dtype), lse
+
+
+def _check_positions(name, positions, shape):
+  if not hasattr(positions, "shape") or not hasattr(positions, "dtype"):
+    raise TypeError(f"{name}: expected an int32 array of shape {shape}, got "
+                    f"{type(positions).__name__}")
+  if tuple(positions.shape) != shape:
+    raise ValueError(f"{name}.shape={tuple(positions.shape)}: expected {shape}")
+  if positions.dtype != jnp.int32:
+    raise TypeError(f"{name}.dtype={positions.dtype}: expected int32")
+
+
+def check_decode_args(q, k_cache, v_cache, q_positions, kv_positions, *,
+                      window, softcap, scale) -> AttentionProblem:
+  """Validates a decode call; returns the problem (kv_len = C cache slots).
+
+  Array checks are those of the prefill op (`check_attention_args`, where
+  k, v name the caches); positions must be int32 [B, T] and [B, C].
+  """
+  try:
+    problem = check_attention_args(
+        q, k_cache, v_cache, window=window, causal=True, segment_ids=None,
+        softcap=softcap, scale=scale)
+  except (TypeError, ValueError) as e:
+    raise type(e)(f"decode_attention (k = k_cache, v = v_cache): {e}") from None
+  _check_positions("q_positions", q_positions, (problem.batch, problem.q_len))
+  _check_positions("kv_positions", kv_positions,
+                   (problem.batch, problem.kv_len))
+  return problem
+
+
+def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
+                     window=None, softcap=None, scale=None, impl="auto",
+                     block_sizes=None, interpret=None, return_lse=False):
+  """Causal (sliding-window) attention of new queries to a KV cache.
+
+  Shapes (B batch, T new queries, C cache slots, N query heads, K kv heads,
+  H head dim):
+    q: [B, T, N, H]; k_cache, v_cache: [B, C, K, H], N % K == 0, one float
+      dtype for all three.
+    q_positions: int32 [B, T], the absolute position of each query.
+    kv_positions: int32 [B, C], the absolute position held by each slot;
+      negative (-1) marks an empty slot.
+    Returns out [B, T, N, H] in q.dtype, and with `return_lse=True` also
+    lse [B, N, T] fp32 (natural-log logsumexp of each row's scores).
+
+  Slot c is visible to query t iff kv_positions[b, c] >= 0 and
+  `mask.visible(q_positions[b, t], kv_positions[b, c], band)` with the causal
+  band of `window`: window=None (full causal) sees every position <= its own;
+  window=W (int >= 1) sees q - W < position <= q, as `sliding_window_attention`.
+  Visibility depends on positions only, never on slot order, so the cache may
+  be a ring buffer (token p in slot p % C, C >= W) or a linear buffer. Write
+  the new tokens' keys into the cache before calling. With T > 1 and a ring
+  buffer, C >= W + T - 1 keeps every query's window in the cache (a slot
+  overwritten by a later new token is no longer there to see).
+
+  Rows that see no slot return out = 0, lse = -inf, never NaN.
+  softcap: c > 0 maps each scaled score s to c * tanh(s / c).
+  scale: multiplies q·k before the softcap; default 1 / sqrt(H).
+  impl: "auto" (pallas on GPU, xla elsewhere), "pallas" (flash-decoding
+    Triton kernel), "xla" (dense jnp), "reference" (dense fp32, HIGHEST).
+  block_sizes: `DecodeBlockSizes` for impl="pallas", else None.
+  interpret: pallas only; None interprets the kernel when no GPU is present.
+  Gradients: impl="pallas" is forward only (differentiating it raises
+  NotImplementedError); "xla" and "reference" are plain jnp.
+  """
+  problem = check_decode_args(q, k_cache, v_cache, q_positions, kv_positions,
+                              window=window, softcap=softcap, scale=scale)
+  if impl == "auto":
+    impl = default_impl()
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: expected one of {['auto', *IMPLS]}")
+  if impl != "pallas":
+    for name, value in (("block_sizes", block_sizes), ("interpret", interpret)):
+      if value is not None:
+        raise ValueError(f"{name}={value!r}: only impl='pallas' takes it")
+    run = xla_decode if impl == "xla" else reference_decode
+    out, lse = run(q, k_cache, v_cache, q_positions, kv_positions, problem)
+  else:
+    if block_sizes is None:
+      block_sizes = DecodeBlockSizes.default(problem)
+    elif not isinstance(block_sizes, DecodeBlockSizes):
+      raise TypeError(f"block_sizes={block_sizes!r}: expected a "
+                      "DecodeBlockSizes or None")
+    if interpret is None:
+      interpret = jax.default_backend() != "gpu"
+    forward = jax.custom_jvp(functools.partial(
+        _pallas_decode, problem=problem, block_sizes=block_sizes,
+        interpret=bool(interpret)))
+    forward.defjvp(_forward_only_jvp)
+    out, lse = forward(q, k_cache, v_cache, q_positions, kv_positions)
+  return (out, lse) if return_lse else out
