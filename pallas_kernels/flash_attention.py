@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.mask import block_fully_visible, kv_block_range, q_block_range, visible
+from pallas_kernels.mask import (
+    block_fully_visible, kv_block_range, q_block_range, visible)
 from pallas_kernels.validation import AttentionProblem
 
 LOG2_E = math.log2(math.e)
@@ -187,7 +188,8 @@ def visit_counts(problem: AttentionProblem, block_sizes=None) -> dict:
       ("dq", b.block_q_dq, b.block_k_dq, kv_block_range, problem.q_len),
       ("dkv", b.block_q_dkv, b.block_k_dkv, q_block_range, problem.kv_len)):
     tile = bq if rng is kv_block_range else bk
-    lo, hi = rng(np.arange(pl.cdiv(n, tile)), **config.band_kwargs(bq, bk))
+    ranges = jax.jit(functools.partial(rng, **config.band_kwargs(bq, bk)))
+    lo, hi = ranges(np.arange(pl.cdiv(n, tile)))
     counts[name] = np.asarray(hi - lo)
   return counts
 
@@ -224,7 +226,7 @@ def scores(q, k, config: KernelConfig):
   kept for the backward's derivative c·tanh(u/c)' = 1 - tanh².
   """
   p = config.problem
-  s = pl.dot(q, k, trans_b=True, precision=config.precision) * p.scale
+  s = plgpu.dot(q, k, trans_b=True, precision=config.precision) * p.scale
   if p.softcap is None:
     return s, None
   t = jnp.tanh(s / p.softcap)
@@ -262,6 +264,20 @@ def apply_mask(x, fill, q_block, kv_block, q_rows, k_rows, q_seg, k_seg,
 
 def tile_start(block, size: int):
   return pl.multiple_of(block * size, size)
+
+
+def block_range(range_fn, block, block_q: int, block_k: int,
+                config: KernelConfig):
+  """`mask.kv_block_range` / `q_block_range` as strong int32 loop bounds.
+
+  An unbounded band side gives Python-int (weak-typed) bounds; a loop index
+  derived from them makes the edge tests weak-typed bools, and the
+  bool -> bool conversions jnp then inserts fail Triton verification on
+  jax 0.11 (seen on an H200 with causal=False, window=None).
+  """
+  lo, hi = range_fn(block, **config.band_kwargs(block_q, block_k))
+  return (lax.convert_element_type(lo, jnp.int32),
+          lax.convert_element_type(hi, jnp.int32))
 
 
 # --- forward kernel ----------------------------------------------------------
@@ -303,11 +319,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref, *,
     alpha = jnp.exp2(m - shift)
     probs = jnp.exp2(s - shift[:, None])
     l = alpha * l + jnp.sum(probs, axis=1)
-    acc = alpha[:, None] * acc + pl.dot(probs.astype(v.dtype), v,
+    acc = alpha[:, None] * acc + plgpu.dot(probs.astype(v.dtype), v,
                                         precision=config.precision)
     return acc, m_new, l
 
-  lo, hi = kv_block_range(q_block, **config.band_kwargs(bq, bk))
+  lo, hi = block_range(kv_block_range, q_block, bq, bk, config)
   init = (jnp.zeros((bq, config.head_dim_padded), jnp.float32),
           jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))

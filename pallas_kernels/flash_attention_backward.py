@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention import (
-    LOG2_E, KernelConfig, apply_mask, load_row, load_tile, round_up, scores,
-    store_tile, tile_start)
+    LOG2_E, KernelConfig, apply_mask, block_range, load_row, load_tile,
+    round_up, scores, store_tile, tile_start)
 from pallas_kernels.mask import kv_block_range, q_block_range
 
 
@@ -39,7 +39,7 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, masker, config: KernelConfig):
   """
   s, tanh = scores(q, k, config)
   probs = masker(jnp.exp2(s * LOG2_E - lse2[:, None]), 0.0)
-  dp = pl.dot(do, v, trans_b=True, precision=config.precision)
+  dp = plgpu.dot(do, v, trans_b=True, precision=config.precision)
   ds = probs * (dp - delta[:, None])
   if tanh is not None:
     ds = ds * (1.0 - tanh * tanh)
@@ -79,9 +79,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse2_ref, delta_ref,
         k_rows=k_rows, q_seg=q_seg, k_seg=k_seg, config=config, block_q=bq,
         block_k=bk)
     _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, masker, config)
-    return dq + pl.dot(ds.astype(k.dtype), k, precision=config.precision)
+    return dq + plgpu.dot(ds.astype(k.dtype), k, precision=config.precision)
 
-  lo, hi = kv_block_range(q_block, **config.band_kwargs(bq, bk))
+  lo, hi = block_range(kv_block_range, q_block, bq, bk, config)
   dq = lax.fori_loop(lo, hi, body,
                      jnp.zeros((bq, config.head_dim_padded), jnp.float32))
   store_tile(dq_ref, dq * p.scale, q_rows, p.q_len, p.head_dim)
@@ -105,7 +105,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse2_ref, delta_ref,
   if seg_ref is not None:
     k_seg = load_row(seg_ref.at[pl.ds(tile_start(kv_block, bk), bk)], k_rows,
                      p.kv_len, -2)
-  lo, hi = q_block_range(kv_block, **config.band_kwargs(bq, bk))
+  lo, hi = block_range(q_block_range, kv_block, bq, bk, config)
   num_q_blocks = hi - lo
 
   # One flat loop over (query head of the group, query block) pairs.
@@ -129,9 +129,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse2_ref, delta_ref,
         k_rows=k_rows, q_seg=q_seg, k_seg=k_seg, config=config, block_q=bq,
         block_k=bk)
     probs, ds = _probs_and_dscores(q, k, v, do, lse2, delta, masker, config)
-    dv = dv + pl.dot(probs.astype(do.dtype), do, trans_a=True,
+    dv = dv + plgpu.dot(probs.astype(do.dtype), do, trans_a=True,
                      precision=config.precision)
-    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True,
+    dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True,
                      precision=config.precision)
     return dk, dv
 

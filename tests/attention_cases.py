@@ -65,10 +65,12 @@ def assert_matches_reference(q, k, v, *, impl, **kwargs):
   """
   dtype = q.dtype
   seg = kwargs.pop("segment_ids", None)
+  block_sizes = kwargs.pop("block_sizes", None)  # the impl's, not the oracle's
 
   def fn(q, k, v, seg):
     return sliding_window_attention(q, k, v, impl=impl, return_lse=True,
-                                    segment_ids=seg, **kwargs)
+                                    segment_ids=seg, block_sizes=block_sizes,
+                                    **kwargs)
 
   def ref(q, k, v, seg):
     return reference_attention(

@@ -9,9 +9,13 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, strategies as st
 
+from pallas_kernels.flash_attention import BlockSizes as PallasBlockSizes
 from tests.attention_cases import assert_matches_reference, make_inputs
 
 IMPLS = ["reference", "xla", "pallas"]
+# Small tiles for the short sequences here, so every case spans several
+# blocks: band edges, interior tiles and ragged last blocks. Others: defaults.
+BLOCK_SIZES = {"pallas": PallasBlockSizes(16, 16, 16, 16, 16, 16)}
 
 # (q_len, kv_len, num_q_heads, num_kv_heads, head_dim, window, causal,
 #  num_segments, softcap)
@@ -49,7 +53,8 @@ def test_fp32_matches_reference(impl, q_len, kv_len, num_q_heads, num_kv_heads,
       0, batch=2, q_len=q_len, kv_len=kv_len, num_q_heads=num_q_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, num_segments=num_segments)
   assert_matches_reference(q, k, v, impl=impl, window=window, causal=causal,
-                           segment_ids=seg, softcap=softcap)
+                           segment_ids=seg, softcap=softcap,
+                           block_sizes=BLOCK_SIZES.get(impl))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -58,7 +63,8 @@ def test_fp32_matches_reference(impl, q_len, kv_len, num_q_heads, num_kv_heads,
 def test_low_precision_head_dims(impl, dtype, head_dim):
   q, k, v, seg = make_inputs(1, q_len=48, num_q_heads=4, num_kv_heads=2,
                              head_dim=head_dim, dtype=dtype, num_segments=2)
-  assert_matches_reference(q, k, v, impl=impl, window=13, segment_ids=seg)
+  assert_matches_reference(q, k, v, impl=impl, window=13, segment_ids=seg,
+                           block_sizes=BLOCK_SIZES.get(impl))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -82,12 +88,14 @@ def test_hypothesis_shapes_and_windows(impl, data):
                              num_kv_heads=kv_heads, head_dim=32,
                              num_segments=segments)
   assert_matches_reference(q, k, v, impl=impl, window=window, causal=causal,
-                           segment_ids=seg, softcap=softcap)
+                           segment_ids=seg, softcap=softcap,
+                           block_sizes=BLOCK_SIZES.get(impl))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rows_that_see_nothing_give_zeros_and_finite_grads(impl):
   # Queries at positions -3..-1 (more queries than keys) see no key.
   q, k, v, _ = make_inputs(4, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1)
-  errors = assert_matches_reference(q, k, v, impl=impl, window=4)
+  errors = assert_matches_reference(q, k, v, impl=impl, window=4,
+                                    block_sizes=BLOCK_SIZES.get(impl))
   assert errors["out"] < 1e-5
