@@ -144,10 +144,12 @@ class ModelConfig:
     """
     if isinstance(config, (str, os.PathLike)):
       path = os.fspath(config)
-      if os.path.isdir(path):
+      if os.path.isdir(path) or not path.endswith(".json"):
         path = os.path.join(path, "config.json")
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such config file")
+        raise FileNotFoundError(
+            f"{path}: no such file (expected a HF checkpoint directory or "
+            "its config.json)")
       try:
         with open(path) as f:
           config = json.load(f)

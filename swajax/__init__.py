@@ -9,6 +9,7 @@ from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
 from pallas_kernels.api import (reference_attention, sliding_window_attention,
                                 window_mask)
 from pallas_kernels.mask import Band, kv_block_range
+from swajax.hf_io import load_hf, save_hf
 
 __all__ = [
     "Band",
@@ -16,10 +17,12 @@ __all__ = [
     "ModelConfig",
     "kv_block_range",
     "llama_tiny",
+    "load_hf",
     "mistral_tiny",
     "qwen2_tiny",
     "qwen3_tiny",
     "reference_attention",
+    "save_hf",
     "sliding_window_attention",
     "window_mask",
 ]

@@ -44,8 +44,8 @@ def test_presets_build_and_round_trip_hf_config(family):
   assert ModelConfig.from_hf(tiny(family).to_hf()) == tiny(family)
 
 
-@pytest.mark.parametrize("family", sorted(PRESETS))
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family, tied", [
+    ("mistral", False), ("qwen2", True), ("qwen3", False), ("llama", True)])
 def test_forward_shapes_and_submodules(family, tied):
   config = tiny(family, tie_word_embeddings=tied)
   model = CausalLM(config, attn_impl="reference", rngs=nnx.Rngs(0))

@@ -1,0 +1,211 @@
+"""`save_hf` / `load_hf`: round trips, the tensor table, and clear errors on bad
+checkpoints (corrupt, truncated, missing shard, misshaped, unexpected tensors,
+unsupported config), with nothing half-written on a failed save."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from models import CausalLM, llama_tiny, mistral_tiny, qwen2_tiny, qwen3_tiny
+from swajax import hf_io
+from swajax.hf_io import load_hf, save_hf, tensor_table
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+             num_q_heads=4, num_kv_heads=2, head_dim=16)
+CONFIGS = {
+    "mistral": mistral_tiny(**SMALL, layer_windows=(8, 8)),
+    "qwen2": qwen2_tiny(**SMALL, layer_windows=(None, 8), tie_word_embeddings=True),
+    "qwen3": qwen3_tiny(**SMALL, layer_windows=(8, None)),
+    "llama": llama_tiny(**SMALL, layer_windows=(None, None)),
+}
+
+
+def random_model(config, seed=0, dtype=jnp.float32):
+  """A CausalLM with every parameter random (norm weights and biases too)."""
+  model = CausalLM(config, dtype=dtype, param_dtype=dtype, attn_impl="reference",
+                   rngs=nnx.Rngs(seed))
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  noisy = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+           for k, x in zip(keys, leaves)]
+  nnx.update(model, jax.tree.unflatten(treedef, noisy))
+  return model
+
+
+@nnx.jit
+def forward(model, ids):
+  return model(ids)
+
+
+def ids(seq=24):
+  return jax.random.randint(jax.random.key(9), (2, seq), 0, 128, jnp.int32)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("tied", [False, True])
+def test_table_covers_every_parameter(family, tied):
+  import dataclasses
+  config = dataclasses.replace(CONFIGS[family], tie_word_embeddings=tied)
+  model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+  ours = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  table = [spec.path for spec in tensor_table(config)]
+  assert len(table) == len(set(table))
+  assert set(table) == ours
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_save_then_transformers_gives_same_logits(family, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  model = random_model(CONFIGS[family])
+  save_hf(model, tmp_path / "ckpt")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "ckpt", attn_implementation="eager").eval()
+  x = ids(40)
+  with torch.no_grad():
+    expected = hf(torch.tensor(np.asarray(x), dtype=torch.long)).logits.numpy()
+  # x is 5 windows long: equal logits mean transformers slides where we do.
+  assert float(np.max(np.abs(np.asarray(forward(model, x)) - expected))) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_save_load_round_trip_is_exact(tmp_path, dtype):
+  model = random_model(CONFIGS["qwen3"], dtype=dtype)
+  loaded = load_hf(save_hf(model, tmp_path / "ckpt"), attn_impl="reference")
+  assert loaded.config == model.config
+  chex.assert_trees_all_equal(nnx.state(loaded, nnx.Param),
+                              nnx.state(model, nnx.Param))
+  chex.assert_type(loaded.layers[0].attn.q_proj.kernel[...], dtype)
+  converted = load_hf(tmp_path / "ckpt", dtype=jnp.float32)
+  chex.assert_type(converted.layers[0].attn.q_proj.kernel[...], jnp.float32)
+
+
+def test_sharded_checkpoint_loads_and_missing_shard_raises(tmp_path):
+  model = random_model(CONFIGS["mistral"])
+  directory = save_hf(model, tmp_path / "ckpt")
+  tensors = load_file(directory / "model.safetensors")
+  (directory / "model.safetensors").unlink()
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+  for shard, shard_names in shards.items():
+    save_file({n: tensors[n] for n in shard_names}, directory / shard,
+              metadata={"format": "pt"})
+  index = {"metadata": {}, "weight_map": {
+      n: shard for shard, shard_names in shards.items() for n in shard_names}}
+  (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+  chex.assert_trees_all_equal(nnx.state(load_hf(directory), nnx.Param),
+                              nnx.state(model, nnx.Param))
+  (directory / "model-00002-of-00002.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
+    load_hf(directory)
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """A saved qwen2 checkpoint directory and its tensors."""
+  directory = save_hf(random_model(CONFIGS["qwen2"]), tmp_path / "ckpt")
+  return directory, load_file(directory / "model.safetensors")
+
+
+def _rewrite(directory, tensors):
+  save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_misshaped_tensor(saved):
+  directory, tensors = saved
+  name = "model.layers.1.self_attn.k_proj.weight"
+  _rewrite(directory, {**tensors, name: tensors[name][:-1]})
+  with pytest.raises(ValueError, match=f"{name}.*shape \\(31, 64\\).*\\(32, 64\\)"):
+    load_hf(directory)
+
+
+def test_unexpected_tensor(saved):
+  directory, tensors = saved
+  _rewrite(directory, {**tensors, "lm_head.weight": tensors[
+      "model.embed_tokens.weight"]})  # the config says tied: no lm_head
+  with pytest.raises(ValueError, match="unexpected tensor 'lm_head.weight'"):
+    load_hf(directory)
+
+
+def test_missing_tensor(saved):
+  directory, tensors = saved
+  name = "model.layers.0.self_attn.q_proj.bias"
+  _rewrite(directory, {k: v for k, v in tensors.items() if k != name})
+  with pytest.raises(ValueError, match=f"'{name}' is missing"):
+    load_hf(directory)
+
+
+def test_integer_tensor(saved):
+  directory, tensors = saved
+  name = "model.norm.weight"
+  _rewrite(directory, {**tensors, name: tensors[name].astype(np.int32)})
+  with pytest.raises(ValueError, match=f"{name}.dtype=int32"):
+    load_hf(directory)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
+def test_corrupt_safetensors(saved, damage):
+  directory, _ = saved
+  file = directory / "model.safetensors"
+  data = file.read_bytes()
+  if damage == "truncate":
+    file.write_bytes(data[: len(data) // 2])
+  else:
+    file.write_bytes(b"\xff" * 16 + data[16:])
+  with pytest.raises(ValueError, match="model.safetensors: not a readable"):
+    load_hf(directory)
+
+
+def test_missing_files(saved, tmp_path):
+  directory, _ = saved
+  (directory / "model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    load_hf(directory)
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_hf(tmp_path / "nowhere")
+
+
+def test_unsupported_config(saved):
+  directory, _ = saved
+  config = json.loads((directory / "config.json").read_text())
+  (directory / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+  with pytest.raises(ValueError, match="hidden_act='gelu'"):
+    load_hf(directory)
+
+
+def _leftovers(parent):
+  return sorted(p.name for p in parent.iterdir())
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+  # A config HF cannot express fails before writing.
+  model = random_model(llama_tiny(**SMALL, layer_windows=(None, 4)))
+  with pytest.raises(ValueError, match="no sliding window"):
+    save_hf(model, tmp_path / "a")
+  assert _leftovers(tmp_path) == []
+  # A failure while writing removes the temporary directory.
+  def broken_save(*args, **kwargs):
+    raise OSError("disk full")
+  monkeypatch.setattr(hf_io, "save_file", broken_save)
+  with pytest.raises(OSError, match="disk full"):
+    save_hf(random_model(CONFIGS["llama"]), tmp_path / "b")
+  assert _leftovers(tmp_path) == []
+
+
+def test_save_refuses_to_overwrite_unless_asked(tmp_path):
+  first, second = random_model(CONFIGS["llama"], 0), random_model(CONFIGS["llama"], 1)
+  save_hf(first, tmp_path / "ckpt")
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    save_hf(second, tmp_path / "ckpt")
+  save_hf(second, tmp_path / "ckpt", overwrite=True)
+  assert _leftovers(tmp_path) == ["ckpt"]
+  chex.assert_trees_all_equal(nnx.state(load_hf(tmp_path / "ckpt"), nnx.Param),
+                              nnx.state(second, nnx.Param))
