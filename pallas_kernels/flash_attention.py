@@ -1,4 +1,4 @@
-"""Sliding-window flash attention in Pallas (Triton backend): block sizes, forward, VJP.
+"""Sliding-window flash attention in Pallas (Triton): tiles, forward, VJP.
 
 impl="pallas" of `sliding_window_attention`. One program per (query block,
 batch, query head) walks only the key blocks of its band
@@ -39,6 +39,11 @@ LOG2_E = math.log2(math.e)
 MIN_BLOCK = 16  # Triton's tensor-core dot needs every dim >= 16.
 
 
+# Tile fields of `BlockSizes`: query-row tiles and key-row tiles.
+Q_TILES = ("block_q", "block_q_dq", "block_q_dkv")
+K_TILES = ("block_k", "block_k_dq", "block_k_dkv")
+
+
 def _is_power_of_two(x: int) -> bool:
   return x > 0 and x & (x - 1) == 0
 
@@ -71,8 +76,7 @@ class BlockSizes:
       value = getattr(self, field.name)
       if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{field.name}={value!r}: expected an int")
-    for name in ("block_q", "block_k", "block_q_dq", "block_k_dq",
-                 "block_q_dkv", "block_k_dkv"):
+    for name in Q_TILES + K_TILES:
       value = getattr(self, name)
       if value < MIN_BLOCK or not _is_power_of_two(value):
         raise ValueError(
@@ -101,10 +105,8 @@ class BlockSizes:
     else:
       sizes = cls(64, 32, 32, 32, 32, 32, num_warps=8, num_stages=2)
     if wide:
-      sizes = dataclasses.replace(
-          sizes, **{f: max(MIN_BLOCK, getattr(sizes, f) // 2) for f in (
-              "block_q", "block_k", "block_q_dq", "block_k_dq",
-              "block_q_dkv", "block_k_dkv")})
+      sizes = dataclasses.replace(sizes, **{
+          f: max(MIN_BLOCK, getattr(sizes, f) // 2) for f in Q_TILES + K_TILES})
     return sizes
 
 
@@ -137,15 +139,11 @@ class KernelConfig:
       raise TypeError(
           f"block_sizes={block_sizes!r}: expected "
           "pallas_kernels.flash_attention.BlockSizes or None")
-    t, s = problem.q_len, problem.kv_len
-    blocks = dataclasses.replace(
-        block_sizes,
-        block_q=_fit(block_sizes.block_q, t),
-        block_k=_fit(block_sizes.block_k, s),
-        block_q_dq=_fit(block_sizes.block_q_dq, t),
-        block_k_dq=_fit(block_sizes.block_k_dq, s),
-        block_q_dkv=_fit(block_sizes.block_q_dkv, t),
-        block_k_dkv=_fit(block_sizes.block_k_dkv, s))
+    fitted = {f: _fit(getattr(block_sizes, f), problem.q_len)
+              for f in Q_TILES}
+    fitted.update({f: _fit(getattr(block_sizes, f), problem.kv_len)
+                   for f in K_TILES})
+    blocks = dataclasses.replace(block_sizes, **fitted)
     if interpret is None:
       interpret = jax.default_backend() != "gpu"
     return cls(problem, blocks, bool(interpret))

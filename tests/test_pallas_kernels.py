@@ -1,4 +1,4 @@
-"""Pallas flash-attention kernels: GPU lowering, block skipping, grads, block sizes.
+"""Pallas flash-attention kernels: GPU lowering, block skips, grads, tiles.
 
 Numerical agreement with the reference over the feature grid lives in
 tests/test_attention_grid.py (impl="pallas"); this file checks what is
@@ -15,7 +15,8 @@ import pytest
 from jax.test_util import check_grads
 
 from pallas_kernels import sliding_window_attention
-from pallas_kernels.flash_attention import BlockSizes, KernelConfig, visit_counts
+from pallas_kernels.flash_attention import (
+    BlockSizes, KernelConfig, visit_counts)
 from pallas_kernels.mask import visible
 from pallas_kernels.validation import check_attention_args
 from tests.attention_cases import assert_matches_reference, make_inputs
