@@ -248,12 +248,16 @@ def init_model(config: TrainConfig, mesh):
   an HF checkpoint is loaded on the host and placed shard by shard.
   """
   if config.init_from_hf is not None:
+    # load_hf takes one dtype: load the weights in param_dtype, then move them
+    # into a model built with this run's compute dtype, remat and attn_impl.
     from swajax.hf_io import load_hf
 
-    model = load_hf(config.init_from_hf, dtype=DTYPES[config.dtype],
-                    param_dtype=DTYPES[config.param_dtype], attn_impl=config.attn_impl,
-                    remat=config.remat)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loaded = load_hf(config.init_from_hf, dtype=DTYPES[config.param_dtype],
+                     attn_impl=config.attn_impl)
+    spec = (loaded.config, config.seed, config.dtype, config.param_dtype,
+            config.attn_impl, config.remat)
+    graphdef = nnx.eval_shape(lambda: _create(spec))[0]
+    _, params, rest = nnx.split(loaded, nnx.Param, ...)
     to_mesh = lambda tree, shardings: jax.tree.map(
         lambda x, s: sharding_lib.global_array(np.asarray(x), s), tree, shardings)
     params = to_mesh(params, sharding_lib.state_shardings(params, mesh))
@@ -291,21 +295,29 @@ def _fresh_params(*, spec, mesh):
           jax.lax.with_sharding_constraint(rest, jax.tree.map(lambda _: replicated, rest)))
 
 
+def train_state_shardings(params, tx, mesh):
+  """Shardings of {"params", "opt_state", "step"}: parameters per their
+  annotations, every params-like optimizer subtree like the parameters, the
+  rest (counts, step) replicated."""
+  replicated = NamedSharding(mesh, P())
+  param_shardings = sharding_lib.state_shardings(params, mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: replicated)
+  return {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+
+
 @functools.partial(jax.jit, static_argnames=("config", "mesh"))
 def _init_opt_state(params, *, config: TrainConfig, mesh):
-  """The optimizer state, every params-like subtree sharded like the params."""
   tx = make_optimizer(config, params)
-  opt_state = tx.init(params)
-  replicated = NamedSharding(mesh, P())
-  shardings = optax.tree_map_params(
-      tx, lambda _, s: s, opt_state, sharding_lib.state_shardings(params, mesh),
-      transform_non_params=lambda _: replicated)
-  return jax.lax.with_sharding_constraint(opt_state, shardings)
+  return jax.lax.with_sharding_constraint(
+      tx.init(params), train_state_shardings(params, tx, mesh)["opt_state"])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames="state")
-def train_step(state, rest, batch, *, graphdef, config: TrainConfig):
-  """One optimizer step: (state, metrics).
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh"),
+                   donate_argnames="state")
+def train_step(state, rest, batch, *, graphdef, config: TrainConfig, mesh):
+  """One optimizer step: (state, metrics); the new state keeps its shardings.
 
   batch: dict of [A, B, T] arrays (A micro-batches); config: `compile_key(...)`.
   metrics: loss (mean over the step's target tokens), grad_norm (before
@@ -327,6 +339,8 @@ def train_step(state, rest, batch, *, graphdef, config: TrainConfig):
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_state = {"params": optax.apply_updates(params, updates),
                "opt_state": opt_state, "step": state["step"] + 1}
+  new_state = jax.lax.with_sharding_constraint(
+      new_state, train_state_shardings(params, tx, mesh))
   metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
              "lr": make_schedule(config)(state["step"]), "tokens": count}
   return new_state, metrics
@@ -447,7 +461,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         batch = {k: sharding_lib.global_array(
             v.reshape(config.grad_accum, config.batch_size, config.seq_len), step_sharding)
             for k, v in host.items()}
-        state, metrics = train_step(state, rest, batch, graphdef=graphdef, config=key)
+        state, metrics = train_step(state, rest, batch, graphdef=graphdef, config=key,
+                                    mesh=mesh)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         position += rows_per_step
         elapsed = time.perf_counter() - t0

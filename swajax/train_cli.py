@@ -213,16 +213,24 @@ def _export(model, directory: Path, lines: list[str]) -> Path | None:
 
 
 def _sample(result, path: Path, max_tokens: int, lines: list[str]) -> None:
+  """A short continuation of SAMPLE_PROMPT, sampled at temperature 0.8."""
   try:
-    from swajax import generate
-  except ImportError:
-    lines.append("(no sample: swajax.generate is not available yet)")
+    from swajax.generate import generate
+  except ImportError as e:
+    lines.append(f"(no sample: swajax.generate is not available: {e})")
     return
+  import jax
+  import numpy as np
+
   tokenizer = result.tokenizer
-  prompt_ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + list(
+  prompt = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + list(
       tokenizer.encode(SAMPLE_PROMPT))
-  out = generate(result.model, [prompt_ids], max_new_tokens=max_tokens, temperature=0.8,
-                 seed=0, eos_id=tokenizer.eos_id)
-  text = SAMPLE_PROMPT + tokenizer.decode(out[0])
+  out = generate(result.model, np.asarray([prompt], np.int32), max_new_tokens=max_tokens,
+                 temperature=0.8, top_k=40, eos_token_id=tokenizer.eos_id,
+                 rng=jax.random.key(0))
+  new = [int(t) for t in out[0, len(prompt):]]
+  if tokenizer.eos_id in new:
+    new = new[:new.index(tokenizer.eos_id)]
+  text = SAMPLE_PROMPT + tokenizer.decode(new)
   path.write_text(text)
   lines.append(f"sample ({path}):\n" + "\n".join("  | " + l for l in text.splitlines()))

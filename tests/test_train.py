@@ -25,7 +25,7 @@ TINY_MODEL = dict(num_layers=1, hidden_size=64, intermediate_size=128, num_q_hea
 def tiny_train_config(out, **overrides) -> TrainConfig:
   """A seconds-long fp32 run on a small slice of the stdlib corpus."""
   values = dict(model_overrides=TINY_MODEL, dtype="float32", attn_impl="auto",
-                seq_len=32, batch_size=4, steps=6, lr=1e-2, warmup_steps=1,
+                seq_len=32, batch_size=8, steps=6, lr=1e-2, warmup_steps=1,
                 eval_every=3, eval_batches=1, checkpoint_every=3,
                 corpus_max_bytes=40_000, out=str(out))
   values.update(overrides)
@@ -143,7 +143,7 @@ def test_grad_accumulation_matches_one_big_batch():
       _, graphdef, rest, state = train_lib.init_model(config, mesh)
       batch = {k: jnp.asarray(v.reshape(accum, 4 // accum, 32)) for k, v in rows.items()}
       state, metrics = train_lib.train_step(state, rest, batch, graphdef=graphdef,
-                                            config=train_lib.compile_key(config))
+                                            config=train_lib.compile_key(config), mesh=mesh)
     results.append((state["params"], metrics["loss"], metrics["grad_norm"]))
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
