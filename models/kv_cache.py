@@ -128,12 +128,12 @@ def init_cache(config, batch_size: int, max_len: int, dtype) -> KVCache:
   for name, value in (("batch_size", batch_size), ("max_len", max_len)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r}: expected an int >= 1")
-  shape = (batch_size, config.num_kv_heads, config.head_dim)
+  shape = (batch_size, config.num_kv_heads, config.head_dim)  # (B, K, H)
 
   def layer(window):
     slots = cache_slots(window, max_len)
-    zeros = jnp.zeros((shape[0], slots, *shape[1:]), dtype)  # (B, C, K, H)
-    return LayerCache(zeros, zeros,
+    kv_shape = (batch_size, slots, *shape[1:])  # (B, C, K, H)
+    return LayerCache(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype),
                       jnp.full((batch_size, slots), -1, jnp.int32))
 
   return KVCache(tuple(layer(w) for w in config.layer_windows))

@@ -1,0 +1,206 @@
+"""Autoregressive generation with the rolling KV cache: `generate` and
+`generate_stream`.
+
+Prompts are prefilled in chunks of at most `prefill_chunk` tokens (every chunk
+of a call has one static shape, so one compile), then a jitted single-token
+decode step runs once per new token; it is traced once for a whole generation
+(`TRACE_COUNTS` records the traces, for the tests).
+
+Padding: a batch of prompts of different lengths is LEFT-padded (the usual
+choice for decoder-only generation): row b holds its prompt_lengths[b] tokens
+at the right end of input_ids[b], so every row's next token is predicted from
+the last column. Each row gets its own positions (0 at its first real token;
+padding gets -1 and is never written to the cache nor attended to), so each
+row generates exactly what it would alone.
+
+Stopping: a row stops at its first `eos_token_id`; every later token of that
+row is eos_token_id (the pad value, as transformers pads when pad_token_id is
+unset). The loop ends early once every row has stopped.
+
+Dimension letters: B batch, T prompt length, V vocab.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.kv_cache import KVCache
+from swajax.sampling import check_sampling_args, sample_next_token
+
+# Traces of the jitted prefill chunk and decode step ("prefill", "decode").
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def _pick(logits, done, key, *, temperature, top_k, top_p, eos):
+  """The next token [B] from last-position logits [B, V]; eos once done."""
+  token = sample_next_token(logits, key, temperature=temperature, top_k=top_k,
+                            top_p=top_p)
+  if eos:
+    token = jnp.where(done, eos[0], token)
+    done = done | jnp.isin(token, jnp.asarray(eos, jnp.int32))
+  return token, done
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",),
+                   donate_argnames=("cache",))
+def _prefill_chunk(graphdef, state, cache: KVCache, ids, positions):
+  """One prompt chunk ids, positions [B, T] -> (last logits [B, V], cache)."""
+  TRACE_COUNTS["prefill"] += 1
+  logits, cache = nnx.merge(graphdef, state)(ids, positions=positions,
+                                             cache=cache)
+  return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p",
+                                             "eos"))
+def _first_token(logits, done, key, *, temperature, top_k, top_p, eos):
+  return _pick(logits, done, key, temperature=temperature, top_k=top_k,
+               top_p=top_p, eos=eos)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature",
+                                             "top_k", "top_p", "eos"),
+                   donate_argnames=("cache",))
+def _decode_step(graphdef, state, cache: KVCache, token, position, done, key,
+                 *, temperature, top_k, top_p, eos):
+  """Feeds token [B] at position [B]; returns (next token [B], cache, done)."""
+  TRACE_COUNTS["decode"] += 1
+  logits, cache = nnx.merge(graphdef, state)(
+      token[:, None], positions=position[:, None], cache=cache)
+  token, done = _pick(logits[:, -1], done, key, temperature=temperature,
+                      top_k=top_k, top_p=top_p, eos=eos)
+  return token, cache, done
+
+
+def _check_prompts(input_ids, prompt_lengths):
+  """(ids int32 [B, T], lengths int [B]) as numpy, or a ValueError/TypeError."""
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2 or 0 in ids.shape or not np.issubdtype(ids.dtype,
+                                                          np.integer):
+    raise ValueError(f"input_ids: expected a non-empty int array [batch, "
+                     f"prompt_len], got {ids.dtype} {ids.shape}")
+  batch, seq = ids.shape
+  if prompt_lengths is None:
+    return ids.astype(np.int32), np.full((batch,), seq)
+  lengths = np.asarray(prompt_lengths)
+  if (lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer)
+      or lengths.min() < 1 or lengths.max() > seq):
+    raise ValueError(
+        f"prompt_lengths={prompt_lengths!r}: expected {batch} ints in "
+        f"[1, {seq}] (prompts are left-padded in input_ids)")
+  return ids.astype(np.int32), lengths.astype(np.int64)
+
+
+def _check_eos(eos_token_id, vocab_size) -> tuple[int, ...]:
+  ids = (() if eos_token_id is None else (eos_token_id,)
+         if isinstance(eos_token_id, (int, np.integer)) else tuple(eos_token_id))
+  for i in ids:
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not (
+        0 <= i < vocab_size):
+      raise ValueError(f"eos_token_id={eos_token_id!r}: expected None, or "
+                       f"ints in [0, {vocab_size})")
+  return tuple(int(i) for i in ids)
+
+
+def generate_stream(model, input_ids, *, max_new_tokens: int,
+                    prompt_lengths=None, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    eos_token_id: int | Sequence[int] | None = None, rng=None,
+                    max_len: int | None = None,
+                    prefill_chunk: int = 256) -> Iterator[np.ndarray]:
+  """Yields each new token of every row, int32 [B], as it is decided.
+
+  Takes `generate`'s arguments; stops after max_new_tokens steps, or as soon
+  as every row has produced an eos token.
+  """
+  check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+  ids, lengths = _check_prompts(input_ids, prompt_lengths)
+  config = model.config
+  eos = _check_eos(eos_token_id, config.vocab_size)
+  if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
+      prefill_chunk < 1):
+    raise ValueError(f"prefill_chunk={prefill_chunk!r}: expected an int >= 1")
+  needed = int(lengths.max()) + max_new_tokens
+  max_len = needed if max_len is None else max_len
+  if None in config.layer_windows and needed > max_len:
+    raise ValueError(
+        f"max_len={max_len!r}: the longest prompt ({int(lengths.max())} "
+        f"tokens) + max_new_tokens={max_new_tokens} needs {needed} positions "
+        "in the full-attention layers' cache")
+  if max_new_tokens == 0:
+    return
+  key = jax.random.key(0) if rng is None else rng
+  batch, seq = ids.shape
+
+  # Left-pad the prompt to a whole number of chunks; per-row positions.
+  chunk = min(prefill_chunk, seq)
+  padded = -(-seq // chunk) * chunk
+  ids = np.pad(ids, ((0, 0), (padded - seq, 0)))
+  positions = np.arange(padded)[None, :] - (padded - lengths[:, None])
+  positions = np.where(positions >= 0, positions, -1).astype(np.int32)
+
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(batch, max_len)
+  for start in range(0, padded, chunk):
+    logits, cache = _prefill_chunk(graphdef, state, cache,
+                                   jnp.asarray(ids[:, start:start + chunk]),
+                                   jnp.asarray(positions[:, start:start + chunk]))
+  options = dict(temperature=float(temperature), top_k=top_k,
+                 top_p=None if top_p is None else float(top_p), eos=eos)
+  done = jnp.zeros((batch,), bool)
+  token, done = _first_token(logits, done, jax.random.fold_in(key, 0),
+                             **options)
+  position = jnp.asarray(lengths, jnp.int32)
+  for step in range(1, max_new_tokens + 1):
+    yield np.asarray(token)
+    if step == max_new_tokens or (eos and bool(jnp.all(done))):
+      return
+    token, cache, done = _decode_step(graphdef, state, cache, token, position,
+                                      done, jax.random.fold_in(key, step),
+                                      **options)
+    position = position + 1
+
+
+def generate(model, input_ids, *, max_new_tokens: int, prompt_lengths=None,
+             temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None,
+             eos_token_id: int | Sequence[int] | None = None, rng=None,
+             max_len: int | None = None, prefill_chunk: int = 256) -> np.ndarray:
+  """Continues each prompt by max_new_tokens tokens; int32 [B, T + max_new_tokens].
+
+  model: a `CausalLM` (its attn_impl picks the decode attention impl).
+  input_ids: int [B, T] prompts, LEFT-padded when prompt_lengths [B] is given
+    (row b's prompt is input_ids[b, T - prompt_lengths[b]:]; the padding
+    values are ignored); every row is a full-length prompt by default.
+  temperature 0: greedy (argmax); > 0: sampled after top_k / top_p filtering
+    (`swajax.sampling.sample_next_token`), from `rng` (a jax PRNG key;
+    default jax.random.key(0)).
+  eos_token_id: None (never stop) or an id (or ids): a row stops at its first
+    eos, and its later tokens are all eos_token_id (the first, if several).
+  max_len: positions a full-attention layer's cache holds (default: the
+    longest prompt + max_new_tokens; sliding layers always hold W slots).
+  prefill_chunk: longest prompt chunk prefilled at once (longer prompts are
+    prefilled chunk by chunk; the logits are the same).
+  Returns input_ids followed by the new tokens, as a numpy array.
+  Raises ValueError/TypeError for max_new_tokens < 0, temperature < 0, top_k
+  < 1, top_p outside (0, 1], bad prompts, or max_len too short for the prompt
+  and new tokens on a model with a full-attention layer.
+  """
+  ids = np.asarray(input_ids)
+  steps = list(generate_stream(
+      model, input_ids, max_new_tokens=max_new_tokens,
+      prompt_lengths=prompt_lengths, temperature=temperature, top_k=top_k,
+      top_p=top_p, eos_token_id=eos_token_id, rng=rng, max_len=max_len,
+      prefill_chunk=prefill_chunk))
+  pad = _check_eos(eos_token_id, model.config.vocab_size)[:1] or (0,)
+  new = np.full((ids.shape[0], max_new_tokens), pad[0], np.int32)
+  if steps:
+    new[:, :len(steps)] = np.stack(steps, axis=1)
+  return np.concatenate([ids.astype(np.int32), new], axis=1)

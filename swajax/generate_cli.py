@@ -1,0 +1,127 @@
+"""`swajax generate CHECKPOINT_DIR --prompt TEXT`: stream a continuation.
+
+CHECKPOINT_DIR is a Hugging Face folder (config.json + safetensors, read by
+`swajax.load_hf`), or a `swajax train` run folder, whose `hf/` export is used.
+Text is tokenized with the folder's tokenizer.json when it has one, else as
+UTF-8 bytes (`ByteTokenizer`, what `swajax train` uses by default). The bos
+token is prepended when the tokenizer has one; generation stops at its eos.
+Tokens go to stdout as they are generated; timing goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from swajax.sampling import check_sampling_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="swajax generate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("checkpoint_dir", type=Path,
+                      help="HF checkpoint folder or swajax train run folder")
+  parser.add_argument("--prompt", required=True, help="text to continue")
+  parser.add_argument("--max-new-tokens", type=int, default=200)
+  parser.add_argument("--temperature", type=float, default=0.0,
+                      help="0 = greedy (default)")
+  parser.add_argument("--top-k", type=int, default=None)
+  parser.add_argument("--top-p", type=float, default=None)
+  parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+  parser.add_argument("--attn-impl", default="auto",
+                      choices=["auto", "pallas", "xla", "reference"])
+  return parser
+
+
+def resolve_model_dir(directory: Path) -> Path:
+  """The HF folder to load: `directory`, or a train run folder's `hf/`."""
+  if (directory / "config.json").is_file() and any(
+      directory.glob("*.safetensors*")):
+    return directory
+  if (directory / "hf" / "config.json").is_file():
+    return directory / "hf"
+  hint = (" (a swajax train run folder without its hf/ export: the run has "
+          "not finished)" if (directory / "checkpoints").is_dir() else "")
+  raise FileNotFoundError(
+      f"{directory}: expected a Hugging Face folder (config.json + "
+      f"*.safetensors) or a swajax train run folder with hf/{hint}")
+
+
+def load_tokenizer_for(model_dir: Path, run_dir: Path):
+  """tokenizer.json from the model folder or the run folder, else bytes."""
+  from swajax.data import load_tokenizer
+
+  for folder in (model_dir, run_dir):
+    if (folder / "tokenizer.json").is_file():
+      return load_tokenizer(folder / "tokenizer.json")
+  return load_tokenizer(None)
+
+
+class TextStream:
+  """Prints decoded text as tokens arrive, holding back a partial character
+  (a trailing U+FFFD) until the next token completes it."""
+
+  def __init__(self, tokenizer, out=sys.stdout):
+    self.tokenizer, self.out = tokenizer, out
+    self.ids: list[int] = []
+    self.printed = 0
+
+  def add(self, token: int, final: bool = False) -> None:
+    self.ids.append(token)
+    self.flush(final)
+
+  def flush(self, final: bool) -> None:
+    text = self.tokenizer.decode(self.ids)
+    stable = len(text) if final else len(text.rstrip("\ufffd"))
+    if stable > self.printed:
+      self.out.write(text[self.printed:stable])
+      self.out.flush()
+      self.printed = stable
+
+
+def main(argv: list[str]) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,
+                        args.top_p)
+    import jax
+    import numpy as np
+
+    from swajax.generate import generate_stream
+    from swajax.hf_io import load_hf
+
+    model_dir = resolve_model_dir(args.checkpoint_dir)
+    tokenizer = load_tokenizer_for(model_dir, args.checkpoint_dir)
+    model = load_hf(model_dir, attn_impl=args.attn_impl)
+    if tokenizer.vocab_size > model.config.vocab_size:
+      raise ValueError(
+          f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
+          f"{model.config.vocab_size}: {model_dir} needs its tokenizer.json")
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    prompt = np.asarray([bos + list(tokenizer.encode(args.prompt))], np.int32)
+    stream = TextStream(tokenizer)
+    sys.stdout.write(args.prompt)
+    started, first, count = time.perf_counter(), None, 0
+    for token in generate_stream(
+        model, prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        eos_token_id=tokenizer.eos_id, rng=jax.random.key(args.seed)):
+      first = time.perf_counter() if first is None else first
+      count += 1
+      stream.add(int(token[0]))
+    stream.flush(final=True)
+    sys.stdout.write("\n")
+  except (ValueError, OSError) as e:
+    if os.environ.get("SWAJAX_TRACEBACK"):
+      raise
+    print(f"swajax generate: error: {e}", file=sys.stderr)
+    return 2
+  end = time.perf_counter()
+  rate = (count - 1) / (end - first) if count > 1 and end > first else 0.0
+  print(f"[{count} tokens; first after {((first or end) - started):.2f}s "
+        f"(load excluded, compile included), then {rate:.1f} tokens/s]",
+        file=sys.stderr)
+  return 0

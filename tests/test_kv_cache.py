@@ -1,0 +1,237 @@
+"""The rolling KV cache: prefill + decode logits equal the full forward's.
+
+Tiny random Mistral (every layer sliding) and Qwen2 (full + sliding layers)
+models run sequences of more than 3 windows (each ring wraps several times);
+one left-padded batch holds prompts shorter than, equal to and longer than
+the window, prefilled in one shot or in chunks, then decoded token by token.
+Weights are drawn at scale 0.1 (not the 0.02 init) so that attention to a
+wrong key moves the logits well past the tolerance (the negative control).
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import CausalLM, mistral_tiny, qwen2_tiny
+from models.kv_cache import KVCache, LayerCache, cache_bytes, init_cache
+
+W = 8
+DECODE_STEPS = 3 * W + 4  # every row decodes past 3 windows
+PROMPT_LENGTHS = (W - 3, W, 2 * W + 3)  # below, equal to and above W
+TOLERANCE = 1e-4  # fp32 logits
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96,
+             num_q_heads=4, num_kv_heads=2, head_dim=16)
+CONFIGS = {
+    "mistral": lambda: mistral_tiny(**SMALL, num_layers=2, layer_windows=(W, W)),
+    "qwen2": lambda: qwen2_tiny(**SMALL, num_layers=3,
+                                layer_windows=(None, W, W)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(family, *, attn_impl="xla", full_attention=False):
+  """A random model: weights N(0, 0.1²), norm weights 1 + N(0, 0.1²).
+
+  Cached: tests only read it.
+  """
+  config = CONFIGS[family]()
+  if full_attention:
+    config = config.with_full_attention()
+  model = CausalLM(config, attn_impl=attn_impl, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(params)[0]]
+  leaves = [(1.0 if "norm" in path else 0.0)
+            + 0.1 * jax.random.normal(key, x.shape, x.dtype)
+            for path, key, x in zip(paths, keys, leaves)]
+  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  return model
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def full_forward(graphdef, state, ids):
+  return nnx.merge(graphdef, state)(ids)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def cached_forward(graphdef, state, cache, ids, positions):
+  return nnx.merge(graphdef, state)(ids, positions=positions, cache=cache)
+
+
+def make_batch(seed=0):
+  """Sequences [B, P_max + DECODE_STEPS] (row b real up to P_b + DECODE_STEPS)."""
+  rng = np.random.default_rng(seed)
+  length = max(PROMPT_LENGTHS) + DECODE_STEPS
+  return rng.integers(0, SMALL["vocab_size"], (len(PROMPT_LENGTHS), length),
+                      dtype=np.int32)
+
+
+def incremental_logits(model, seqs, *, chunk):
+  """Left-padded prefill (chunks of `chunk` columns), then one token per step.
+
+  Returns logits [B, P_max + DECODE_STEPS, V] in each row's own position
+  order (row b's position p at column p; columns past its end are zero).
+  """
+  lengths = np.asarray(PROMPT_LENGTHS)
+  batch, width = len(lengths), -(-max(lengths) // chunk) * chunk
+  prompts = np.zeros((batch, width), np.int32)
+  positions = np.full((batch, width), -1, np.int32)
+  for b, n in enumerate(lengths):
+    prompts[b, width - n:] = seqs[b, :n]
+    positions[b, width - n:] = np.arange(n)
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(batch, seqs.shape[1])
+  out = np.zeros((*seqs.shape, model.config.vocab_size), np.float32)
+  for start in range(0, width, chunk):
+    logits, cache = cached_forward(graphdef, state, cache,
+                                   prompts[:, start:start + chunk],
+                                   positions[:, start:start + chunk])
+    for b, n in enumerate(lengths):
+      cols = np.arange(start, start + chunk)
+      real = cols >= width - n
+      out[b, cols[real] - (width - n)] = np.asarray(logits[b])[real]
+  rows = np.arange(batch)
+  for step in range(DECODE_STEPS):
+    pos = lengths + step
+    logits, cache = cached_forward(graphdef, state, cache,
+                                   seqs[rows, pos][:, None],
+                                   pos[:, None].astype(np.int32))
+    out[rows, pos] = np.asarray(logits[:, 0])
+  return out
+
+
+def reference_logits(model, seqs):
+  """Full-sequence forward; row b compared only up to P_b + DECODE_STEPS."""
+  graphdef, state = nnx.split(model)
+  return np.asarray(full_forward(graphdef, state, seqs))
+
+
+def compare(incremental, reference):
+  """Max |difference| over each row's real positions."""
+  errors = [np.abs(incremental[b, :n + DECODE_STEPS]
+                   - reference[b, :n + DECODE_STEPS]).max()
+            for b, n in enumerate(PROMPT_LENGTHS)]
+  return max(errors)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("chunk", [max(PROMPT_LENGTHS), 5],
+                         ids=["one-shot", "chunks-of-5"])
+def test_prefill_and_decode_equal_full_forward(family, chunk):
+  model = tiny_model(family)
+  seqs = make_batch()
+  error = compare(incremental_logits(model, seqs, chunk=chunk),
+                  reference_logits(model, seqs))
+  print(f"{family} chunk={chunk}: max |logits error| {error:.2e}")
+  assert error <= TOLERANCE
+
+
+def test_pallas_decode_equals_full_forward():
+  """impl='pallas' (interpreted on CPU) in prefill and decode."""
+  seqs = make_batch()
+  error = compare(
+      incremental_logits(tiny_model("qwen2", attn_impl="pallas"), seqs,
+                         chunk=max(PROMPT_LENGTHS)),
+      reference_logits(tiny_model("qwen2"), seqs))
+  assert error <= TOLERANCE
+
+
+def test_negative_control_window_matters():
+  """The same weights without windows disagree: the sequences are long
+  enough, and the weights large enough, for the window to show."""
+  seqs = make_batch()
+  windowed = reference_logits(tiny_model("mistral"), seqs)
+  unwindowed = reference_logits(tiny_model("mistral", full_attention=True),
+                                seqs)
+  assert compare(unwindowed, windowed) > 100 * TOLERANCE
+
+
+def test_ring_buffer_literal():
+  """Writing positions 0..10 one at a time into 4 slots keeps 8, 9, 10, 7."""
+  cache = LayerCache(jnp.zeros((1, 4, 1, 1)), jnp.zeros((1, 4, 1, 1)),
+                     jnp.full((1, 4), -1, jnp.int32))
+  for p in range(11):
+    value = jnp.full((1, 1, 1, 1), float(p))
+    cache = cache.write(value, -value, jnp.asarray([[p]], jnp.int32))
+  chex.assert_trees_all_equal(cache.positions, jnp.asarray([[8, 9, 10, 7]]))
+  chex.assert_trees_all_equal(cache.k[0, :, 0, 0], jnp.asarray([8., 9, 10, 7]))
+
+
+def test_chunk_write_keeps_last_slots_and_skips_padding():
+  """A chunk longer than the ring writes only its last C tokens; padding
+  (position -1) is never written."""
+  cache = LayerCache(jnp.zeros((2, 4, 1, 1)), jnp.zeros((2, 4, 1, 1)),
+                     jnp.full((2, 4), -1, jnp.int32))
+  positions = jnp.asarray([[0, 1, 2, 3, 4, 5, 6], [-1, -1, -1, -1, -1, 0, 1]],
+                          jnp.int32)
+  values = positions.astype(jnp.float32)[:, :, None, None]
+  cache = cache.write(values, values, positions)
+  chex.assert_trees_all_equal(cache.positions,
+                              jnp.asarray([[4, 5, 6, 3], [0, 1, -1, -1]]))
+
+
+@pytest.mark.parametrize("max_len", [W, 10 * W, 1000 * W])
+def test_sliding_layer_has_window_slots_whatever_max_len(max_len):
+  cache = jax.eval_shape(lambda: init_cache(CONFIGS["qwen2"](), 3, max_len,
+                                            jnp.bfloat16))
+  chex.assert_shape(cache.layers[0].k, (3, max_len, 2, 16))  # full layer
+  for layer in cache.layers[1:]:  # sliding layers
+    chex.assert_shape([layer.k, layer.v], (3, W, 2, 16))
+    chex.assert_shape(layer.positions, (3, W))
+
+
+def test_cache_bytes_for_4096_tokens_window_256():
+  """mistral_tiny (4 layers, K=2, H=32) with W=256, bf16, batch 1, 4096 tokens.
+
+  Rolling, per layer: k + v 2 * 256 * 2 * 32 * 2 B = 65536, positions
+  256 * 4 B = 1024 -> 66560; 4 layers: 266240. A full-length cache:
+  2 * 4096 * 2 * 32 * 2 + 4096 * 4 = 1064960 per layer, 4259840 in all (16x).
+  """
+  config = mistral_tiny(layer_windows=(256,) * 4)
+  assert (config.num_layers, config.num_kv_heads, config.head_dim) == (4, 2, 32)
+  rolling = jax.eval_shape(lambda: init_cache(config, 1, 4096, jnp.bfloat16))
+  full = jax.eval_shape(lambda: init_cache(config.with_full_attention(), 1,
+                                           4096, jnp.bfloat16))
+  assert cache_bytes(rolling) == 266240
+  assert cache_bytes(full) == 4259840
+
+
+def test_full_layer_past_max_len_is_nan_not_truncated():
+  model = tiny_model("qwen2")
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(1, 4)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  logits, cache = cached_forward(graphdef, state, cache, ids,
+                                 jnp.asarray([[3]], jnp.int32))
+  assert np.isfinite(np.asarray(logits)).all()
+  logits, _ = cached_forward(graphdef, state, cache, ids,
+                             jnp.asarray([[4]], jnp.int32))
+  assert np.isnan(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(), "positions=None"),
+    (dict(positions=jnp.zeros((1, 2), jnp.int32),
+          segment_ids=jnp.zeros((1, 2), jnp.int32)), "segment_ids"),
+    (dict(positions=jnp.zeros((1, 2), jnp.int32), layers=1), "KVCache of 3"),
+    (dict(positions=jnp.zeros((1, 2), jnp.int32), slots=W - 1), "window"),
+])
+def test_cached_call_errors(kwargs, match):
+  model = tiny_model("qwen2")
+  cache = model.init_cache(1, 16)
+  if "layers" in kwargs:
+    cache = KVCache(cache.layers[:kwargs.pop("layers")])
+  if "slots" in kwargs:
+    cache = init_cache(model.config, 1, 16, jnp.float32)
+    slots = kwargs.pop("slots")
+    small = jax.tree.map(lambda x: x[:, :slots], cache.layers[1])
+    cache = KVCache((cache.layers[0], small, cache.layers[2]))
+  with pytest.raises(ValueError, match=match):
+    model(jnp.zeros((1, 2), jnp.int32), cache=cache, **kwargs)
