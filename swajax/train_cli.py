@@ -128,10 +128,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 class ProgressBar:
   """One self-rewriting line: step, loss, tokens/s, ETA; eval results on their own line."""
 
-  def __init__(self, total_steps: int, run_dir: str, stream=sys.stderr):
+  def __init__(self, total_steps: int, run_dir: str, stream=None):
     self.total = total_steps
     self.run_dir = run_dir
-    self.stream = stream
+    self.stream = sys.stderr if stream is None else stream
     self.start = None
 
   def __call__(self, record: dict) -> None:
