@@ -38,8 +38,10 @@ IMPLS = {
     "reference": ("pallas_kernels.reference", ALL_FEATURES),
     "xla": ("pallas_kernels.xla_blockwise", ALL_FEATURES),
     "pallas": ("pallas_kernels.flash_attention", ALL_FEATURES),
+    # cuDNN also runs unmasked (full bidirectional); see pallas_kernels/cudnn.py.
     "cudnn": ("pallas_kernels.cudnn",
-              frozenset({CAUSAL, CAUSAL_WINDOW, GQA, BFLOAT16, FLOAT16})),
+              frozenset({CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL, GQA, BFLOAT16,
+                         FLOAT16})),
 }
 
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One-shot check for the GPU machine (H200, python3 with jax 0.11.2, no network).
+#
+#   PYTHONPATH=. benchmarks/gpu_check.sh OUT_DIR        # full check, < 8 min
+#   SMOKE=1 benchmarks/gpu_check.sh OUT_DIR             # tiny, runs on CPU too
+#
+# OUT_DIR (else $OUT) receives at most 6 flat files: env.txt (nvidia-smi,
+# versions), gpu_check.log (everything), tests.xml (junit), attention.json,
+# attention.png, summary.txt (phase exit codes). Kernel tests run compiled
+# (interpret=None resolves to compiled on GPU), without the slow marker.
+set -u
+OUT_DIR=${1:-${OUT:-}}
+if [[ -z "$OUT_DIR" ]]; then
+  echo "usage: $0 OUT_DIR  (or set OUT)" >&2
+  exit 2
+fi
+SMOKE=${SMOKE:-0}
+[[ "${2:-}" == "--smoke" ]] && SMOKE=1
+PY=${PYTHON:-python3}
+export PYTHONPATH=${PYTHONPATH:-.}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+SUMMARY="$OUT_DIR/summary.txt"
+: > "$LOG"
+: > "$SUMMARY"
+
+{
+  date -u
+  nvidia-smi || echo "nvidia-smi: not available"
+  "$PY" -c "import sys, jax; print(sys.version); print('jax', jax.__version__, jax.devices())"
+} > "$OUT_DIR/env.txt" 2>&1
+
+# phase NAME TIMEOUT_S CMD...: runs CMD under a timeout, logs, records its rc.
+phase() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (timeout ${limit}s): $*" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$SUMMARY" "$LOG"
+}
+
+if [[ "$SMOKE" == 1 ]]; then
+  phase tests 120 "$PY" -m pytest -q -p no:cacheprovider \
+    --junitxml="$OUT_DIR/tests.xml" tests/test_cudnn.py
+  phase bench 120 "$PY" -m swajax.bench attention --smoke \
+    --impls xla cudnn dense tokamax \
+    --out "$OUT_DIR/attention.json" --plot "$OUT_DIR/attention.png"
+else
+  tests=()
+  for f in tests/test_attention_grid.py tests/test_pallas_kernels.py \
+           tests/test_cudnn.py tests/test_decode*.py; do
+    [[ -e "$f" ]] && tests+=("$f")
+  done
+  phase tests 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+    --durations=15 --junitxml="$OUT_DIR/tests.xml" "${tests[@]}"
+  # bf16, head_dim 128, GQA 32:8, W=4096. cudnn_causal = cuDNN causal flash
+  # without the window; dense = XLA masked (only where its scores fit).
+  phase bench 200 "$PY" -m swajax.bench attention \
+    --seq-lens 8192 32768 131072 --windows 4096 --dtype bfloat16 \
+    --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 \
+    --impls pallas cudnn cudnn_causal dense tokamax --max-dense-bytes 4e10 \
+    --out "$OUT_DIR/attention.json" --plot "$OUT_DIR/attention.png"
+fi
+cat "$SUMMARY"
+! grep -qv " rc=0 " "$SUMMARY"

@@ -1,0 +1,7 @@
+"""`python -m swajax.bench attention|generate|train ...`."""
+
+import sys
+
+from swajax.bench import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""Benchmarks run end to end at tiny sizes: CLI dispatch, JSON, plot, GPU script."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pallas_kernels import Band, visible
+from swajax import bench
+from swajax.bench import attention
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("argv, code", [([], 2), (["--help"], 0), (["nope"], 2)])
+def test_bench_dispatch(argv, code, capsys):
+  assert bench.main(argv) == code
+  captured = capsys.readouterr()
+  assert "attention" in captured.out + captured.err
+
+
+@pytest.mark.parametrize("seq_len, window", [(1, 1), (7, 3), (10, 10), (9, 30)])
+def test_in_window_pairs_counts_the_mask(seq_len, window):
+  pos = np.arange(seq_len)
+  mask = visible(pos[:, None], pos[None, :], Band(window - 1, 0))
+  assert attention.in_window_pairs(seq_len, window) == int(np.sum(mask))
+
+
+def test_attention_smoke_writes_json_and_plot(tmp_path):
+  out, png = tmp_path / "a.json", tmp_path / "a.png"
+  assert bench.main(["attention", "--smoke", "--impls", "xla", "dense", "cudnn",
+                     "--out", str(out), "--plot", str(png)]) == 0
+  rows = json.loads(out.read_text())["results"]
+  xla = [r for r in rows if r["impl"] == "xla"]
+  assert len(xla) == 4 and all(r["time_s"] > 0 for r in xla)
+  assert all(r["speedup_vs_dense"] > 0 for r in xla)
+  dense = [r for r in rows if r["impl"] == "dense"]
+  assert all(r["speedup_vs_dense"] == 1.0 for r in dense)
+  cudnn = [r for r in rows if r["impl"] == "cudnn"]
+  assert all(r["time_s"] is None and r["skipped"] for r in cudnn)
+  assert png.stat().st_size > 1000
+
+
+def test_gpu_check_smoke_mode(tmp_path):
+  env = dict(os.environ, SMOKE="1", PYTHON=sys.executable, PYTHONPATH=REPO)
+  run = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)],
+                       cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=240)
+  assert run.returncode == 0, run.stdout + run.stderr
+  names = sorted(os.listdir(tmp_path))
+  assert len(names) <= 8, names
+  assert all(os.path.isfile(tmp_path / n) for n in names), names
+  assert {"env.txt", "gpu_check.log", "summary.txt", "tests.xml",
+          "attention.json", "attention.png"} <= set(names)
+  rows = json.loads((tmp_path / "attention.json").read_text())["results"]
+  assert any(r["impl"] == "xla" and r["time_s"] for r in rows)
