@@ -4,7 +4,8 @@ Depends on jax only. `sliding_window_attention` is the op; `reference_attention`
 its dense oracle; `mask.visible` the one window predicate they all share.
 """
 
-from pallas_kernels.api import IMPLS, reference_attention, sliding_window_attention
+from pallas_kernels.api import (IMPLS, reference_attention,
+                                sliding_window_attention, window_mask)
 from pallas_kernels.decode_attention import DecodeBlockSizes, decode_attention
 from pallas_kernels.mask import Band, kv_block_range, q_block_range, visible
 
@@ -18,4 +19,5 @@ __all__ = [
     "reference_attention",
     "sliding_window_attention",
     "visible",
+    "window_mask",
 ]
