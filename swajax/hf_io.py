@@ -25,6 +25,7 @@ from models import CausalLM, ModelConfig
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+SAFETENSORS_DTYPES = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +160,12 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto") -> CausalLM:
           f"{config.model_type} config")
   if dtype is None:
     with _open(files[table[0].hf_name]) as f:
-      dtype = f.get_slice(table[0].hf_name).get_dtype()
-      dtype = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16}.get(
-          dtype, dtype)
+      stored = f.get_slice(table[0].hf_name).get_dtype()
+    if stored not in SAFETENSORS_DTYPES:
+      raise ValueError(
+          f"{files[table[0].hf_name]}: {table[0].hf_name!r} has dtype "
+          f"{stored}: expected one of {sorted(SAFETENSORS_DTYPES)}")
+    dtype = SAFETENSORS_DTYPES[stored]
   dtype = _check_float(dtype, "dtype")
   model = nnx.eval_shape(lambda: CausalLM(
       config, dtype=dtype, param_dtype=dtype, attn_impl=attn_impl,

@@ -94,8 +94,7 @@ def test_packed_segments_equal_separate_documents(family):
   chex.assert_trees_all_close(logits, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
-def test_remat_keeps_loss_and_grads(remat):
+def test_remat_keeps_loss_and_grads():
   config = tiny("qwen2")
   x = tokens(6, 2, 10)
 
@@ -105,25 +104,21 @@ def test_remat_keeps_loss_and_grads(remat):
     loss = lambda m: jnp.mean(jax.nn.log_softmax(m(x))[..., 0])
     return nnx.jit(nnx.value_and_grad(loss))(model)
 
-  (loss, grads), (loss_ref, grads_ref) = loss_and_grads(remat), loss_and_grads("none")
-  chex.assert_trees_all_close(loss, loss_ref, atol=1e-6)
-  chex.assert_trees_all_close(grads, grads_ref, atol=1e-6)
+  expected = loss_and_grads("none")
+  for remat in ("full", "dots_saveable"):
+    chex.assert_trees_all_close(loss_and_grads(remat), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
-def test_bfloat16_compute(param_dtype):
+def test_bfloat16_compute():
   config = tiny("qwen3")
-  model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=param_dtype,
-                   attn_impl="reference", rngs=nnx.Rngs(0))
+  model = CausalLM(config, dtype=jnp.bfloat16, attn_impl="reference",
+                   rngs=nnx.Rngs(0))
+  reference = CausalLM(config, attn_impl="reference", rngs=nnx.Rngs(0))
   x = tokens(7, 1, 12)
   logits = forward(model, x)
   chex.assert_type(logits, jnp.float32)
-  chex.assert_tree_all_finite(logits)
-  chex.assert_type(model.layers[0].attn.q_proj.kernel[...], param_dtype)
-  if param_dtype == jnp.float32:
-    # Same weights, bf16 activations: logits (|x| ~ 0.6) within bf16 rounding.
-    reference = CausalLM(config, attn_impl="reference", rngs=nnx.Rngs(0))
-    assert float(jnp.max(jnp.abs(logits - forward(reference, x)))) < 2e-2
+  # Same fp32 weights, bf16 activations: logits (|x| ~ 0.6) within bf16 rounding.
+  assert float(jnp.max(jnp.abs(logits - forward(reference, x)))) < 2e-2
 
 
 def test_sharding_annotations():
