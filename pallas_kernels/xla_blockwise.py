@@ -14,10 +14,11 @@ group; K/V are never repeated.
 
 Gradients: a custom VJP that recomputes the scores per block from (q, k, v,
 out, lse), as flash attention does. Measured against autodiff of the same
-forward (fixed-trip `lax.scan` over key blocks, as reverse mode needs) on the
-2-core CPU, fp32, B=1, N=8, H=64, T=S=8192, W=512, fwd+bwd, block 128:
-custom VJP 0.40 s and O(T·N·H) residuals, autodiff 0.75 s and O(T·W·N)
-residuals (every probability tile is saved). The custom VJP is kept.
+forward (a fixed-trip `lax.scan` over key blocks, as reverse mode needs) on
+the 2-core CPU (2026-11-28, shared with other jobs), fp32, B=1, N=8, H=64,
+T=S=4096, W=512, fwd+bwd, blocks 128, same run: custom VJP 1.70 s and
+56 MiB XLA temp, autodiff 4.31 s and 357 MiB (it saves every probability
+tile, O(T·W·N)). The custom VJP is kept: 2.5x faster, 6x leaner.
 """
 
 from __future__ import annotations
