@@ -9,20 +9,26 @@ from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
 from pallas_kernels.api import (reference_attention, sliding_window_attention,
                                 window_mask)
 from pallas_kernels.mask import Band, kv_block_range
+from swajax.data import ByteTokenizer, pack_sequences
 from swajax.hf_io import load_hf, save_hf
+from swajax.train import TrainConfig, train  # `swajax.train` is then the function
 
 __all__ = [
     "Band",
+    "ByteTokenizer",
     "CausalLM",
     "ModelConfig",
+    "TrainConfig",
     "kv_block_range",
     "llama_tiny",
     "load_hf",
     "mistral_tiny",
+    "pack_sequences",
     "qwen2_tiny",
     "qwen3_tiny",
     "reference_attention",
     "save_hf",
     "sliding_window_attention",
+    "train",
     "window_mask",
 ]

@@ -30,7 +30,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pallas_kernels import IMPLS
 from swajax import data as data_lib
 from swajax import sharding as sharding_lib
-from swajax.checkpoint import Checkpointer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT = ("none", "full", "dots_saveable")
@@ -429,6 +428,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the "
                      f"device count {mesh.size} (mesh {dict(mesh.shape)})")
+  from swajax.checkpoint import Checkpointer  # orbax: imported when training
+
   lead = jax.process_index() == 0
   with jax.set_mesh(mesh):
     model, graphdef, rest, state = init_model(config, mesh)

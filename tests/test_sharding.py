@@ -1,5 +1,6 @@
 """Mesh and shardings; 8 simulated devices and 2 joined processes train like 1 device."""
 
+import importlib
 import json
 import os
 import socket
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from swajax import sharding, train as train_lib
-from tests.test_train import tiny_train_config
+from swajax import sharding
+from tests.test_train import tiny_train_config, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -60,13 +61,12 @@ def single_device_losses(tmp_path_factory):
 WORKER = textwrap.dedent("""
     import json, sys
     from swajax import sharding
-    from tests.test_train import tiny_train_config
+    from tests.test_train import tiny_train_config, train_lib
     args = json.loads(sys.argv[1])
     if args.get("coordinator"):
       sharding.maybe_initialize_distributed(args["coordinator"], 2, args["process_id"],
                                             timeout_s=60)
     import jax
-    from swajax import train as train_lib
     result = train_lib.train(tiny_train_config(args["out"], fsdp=args["fsdp"]))
     kernel = result.model.layers[0].mlp.gate_proj.kernel[...]
     print(json.dumps({
