@@ -79,6 +79,7 @@ class HFTokenizer:
 
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
+    self.file = file
     try:
       self._tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises its own Exception types

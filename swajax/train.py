@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import time
 import types
 import typing
@@ -233,10 +234,17 @@ def model_config_for(config: TrainConfig):
   return preset(**dict(config.model_overrides))
 
 
+# The fields the jitted train step reads (the model's own settings travel in
+# its graphdef); everything else (data, folders, evaluation) cannot change it.
+_STEP_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
+                "clip_norm", "steps")
+
+
 def compile_key(config: TrainConfig) -> TrainConfig:
-  """The config as a static jit argument: runs that differ only in their folder
-  (a resumed run, tests, benchmarks) share compilations within a process."""
-  return dataclasses.replace(config, out=None)
+  """The config as a static jit argument: only the step's own fields, so runs
+  that differ in anything else (a resumed run, another folder or data set,
+  tests, benchmarks) share compilations within a process."""
+  return TrainConfig(**{name: getattr(config, name) for name in _STEP_FIELDS})
 
 
 def init_model(config: TrainConfig, mesh):
@@ -439,6 +447,10 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     if lead:
       run_dir.mkdir(parents=True, exist_ok=True)
       (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+      copy = run_dir / "tokenizer.json"  # `swajax generate` reads it
+      if isinstance(tokenizer, data_lib.HFTokenizer) and not (
+          copy.exists() and copy.samefile(tokenizer.file)):
+        shutil.copyfile(tokenizer.file, copy)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
     position, resumed_from = 0, None
     if resume:

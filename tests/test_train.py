@@ -152,28 +152,48 @@ def test_grad_accumulation_matches_one_big_batch():
 
 # ----- training runs ----------------------------------------------------------------
 
-def test_loss_decreases_and_resume_is_exact(tmp_path):
-  full = train_lib.train(tiny_train_config(tmp_path / "full"))
-  losses = [r["loss"] for r in full.history]
-  assert [r["step"] for r in full.history] == list(range(1, 7))
-  assert np.mean(losses[-2:]) < losses[0] - 0.5, losses
-  assert full.evals[-1]["val_loss"] < full.evals[0]["val_loss"]
-  assert full.evals[-1]["val_ppl"] == pytest.approx(math.exp(full.evals[-1]["val_loss"]))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """Six uninterrupted steps of the tiny model (seed 0)."""
+  return train_lib.train(tiny_train_config(tmp_path_factory.mktemp("full")))
 
+
+def test_loss_decreases(full_run):
+  losses = [r["loss"] for r in full_run.history]
+  assert [r["step"] for r in full_run.history] == list(range(1, 7))
+  assert np.mean(losses[-2:]) < losses[0] - 0.5, losses
+  assert full_run.evals[-1]["val_loss"] < full_run.evals[0]["val_loss"]
+  assert full_run.evals[-1]["val_ppl"] == pytest.approx(math.exp(full_run.evals[-1]["val_loss"]))
+
+
+def test_resume_is_exact(tmp_path, full_run):
   # Stopped after step 3 (as if preempted), then resumed from its checkpoint.
-  config = tiny_train_config(tmp_path / "resumed")
+  config = tiny_train_config(tmp_path)
   first = train_lib.train(config, until_step=3)
   second = train_lib.train(config, resume=True)
   assert second.resumed_from == 3
-  assert [r["loss"] for r in first.history + second.history] == losses  # exactly
+  assert [r["loss"] for r in first.history + second.history] == [
+      r["loss"] for r in full_run.history]  # exactly
   chex.assert_trees_all_equal(nnx.state(second.model, nnx.Param),
-                              nnx.state(full.model, nnx.Param))
-  run = tmp_path / "resumed"
-  metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                              nnx.state(full_run.model, nnx.Param))
+  metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in metrics] == list(range(1, 7))
   assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(metrics[0])
   assert "val_ppl" in metrics[-1]
-  assert (run / "loss.png").stat().st_size > 0
-  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+  assert (tmp_path / "loss.png").stat().st_size > 0
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["3", "6"]
   with pytest.raises(ValueError, match="already holds checkpoints"):
     train_lib.train(config)
+
+
+def test_fine_tune_from_hf_checkpoint(tmp_path, full_run):
+  """A HF export of the seed-0 initial model trains exactly like seed 0."""
+  from swajax.hf_io import save_hf
+
+  save_hf(models.CausalLM(models.mistral_tiny(**TINY_MODEL), rngs=nnx.Rngs(0)),
+          tmp_path / "hf")
+  tuned = train_lib.train(tiny_train_config(
+      tmp_path / "run", init_from_hf=str(tmp_path / "hf"), model="ignored"), until_step=2)
+  chex.assert_trees_all_close([r["loss"] for r in tuned.history],
+                              [r["loss"] for r in full_run.history[:2]], rtol=1e-6)
