@@ -1,0 +1,159 @@
+"""`swajax.generate`: greedy parity with transformers, tracing, EOS, sampling,
+argument errors, and the `swajax generate` command end to end."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from swajax.generate import TRACE_COUNTS, generate
+from swajax.generate_cli import main as generate_main
+from swajax.hf_io import load_hf, save_hf
+from tests.test_hf_parity import WINDOW, random_hf_model
+
+torch = pytest.importorskip("torch")
+
+NEW_TOKENS = 3 * WINDOW + 2  # the ring wraps three times while generating
+PROMPT_LENGTHS = [WINDOW + 3, 5]  # left-padded batch: above and below W
+
+
+def saved_and_loaded(family, tmp_path_factory):
+  """(transformers model, the same weights loaded by swajax.load_hf)."""
+  hf_model = random_hf_model(family)
+  directory = tmp_path_factory.mktemp(family)
+  hf_model.save_pretrained(directory)
+  return hf_model, load_hf(directory, attn_impl="xla")
+
+
+@pytest.fixture(scope="module", params=["mistral", "qwen2"])
+def hf_pair(request, tmp_path_factory):
+  return saved_and_loaded(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  """The Mistral model (every layer sliding), for the generation options."""
+  return saved_and_loaded("mistral", tmp_path_factory)[1]
+
+
+def left_padded_prompts(vocab_size, lengths, seed=0):
+  """ids int32 [B, max(lengths)] (padding 0 on the left), attention mask."""
+  rng = np.random.default_rng(seed)
+  width = max(lengths)
+  ids = np.zeros((len(lengths), width), np.int32)
+  mask = np.zeros_like(ids)
+  for b, n in enumerate(lengths):
+    ids[b, width - n:] = rng.integers(0, vocab_size, n)
+    mask[b, width - n:] = 1
+  return ids, mask
+
+
+def test_greedy_equals_transformers_generate(hf_pair):
+  hf_model, model = hf_pair
+  ids, mask = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  hf_model.generation_config.eos_token_id = None  # never stop: full length
+  with torch.no_grad():
+    expected = hf_model.generate(
+        torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask), do_sample=False,
+        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        pad_token_id=0).numpy()
+  ours = generate(model, ids, prompt_lengths=PROMPT_LENGTHS,
+                  max_new_tokens=NEW_TOKENS)
+  np.testing.assert_array_equal(ours, expected)
+
+
+def test_decode_step_traces_once_per_generation(model):
+  ids, _ = left_padded_prompts(model.config.vocab_size, [4, 4, 2])  # B = 3
+  before = TRACE_COUNTS.copy()
+  first = generate(model, ids, prompt_lengths=[4, 4, 2], max_new_tokens=20)
+  assert TRACE_COUNTS["decode"] - before["decode"] == 1  # 19 steps, 1 trace
+  assert TRACE_COUNTS["prefill"] - before["prefill"] == 1
+  before = TRACE_COUNTS.copy()
+  again = generate(model, ids, prompt_lengths=[4, 4, 2], max_new_tokens=20)
+  assert TRACE_COUNTS == before
+  np.testing.assert_array_equal(first, again)
+
+
+def test_chunked_prefill_generates_the_same(model):
+  ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=NEW_TOKENS)
+  np.testing.assert_array_equal(generate(model, ids, prefill_chunk=3, **kwargs),
+                                generate(model, ids, **kwargs))
+
+
+def expected_after_eos(tokens, eos):
+  """Each row up to and including its first eos, then eos."""
+  out = tokens.copy()
+  for row in out:
+    hits = np.flatnonzero(row == eos)
+    if hits.size:
+      row[hits[0]:] = eos
+  return out
+
+
+def test_stops_at_eos_and_pads_with_it(model):
+  ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=NEW_TOKENS)
+  free = generate(model, ids, **kwargs)[:, ids.shape[1]:]
+  eos = int(free[0, 3])  # row 0 stops at step 3 at the latest
+  stopped = generate(model, ids, eos_token_id=eos, **kwargs)[:, ids.shape[1]:]
+  np.testing.assert_array_equal(stopped, expected_after_eos(free, eos))
+  assert (stopped[0, 4:] == eos).all()
+  assert not (free[0, 4:] == eos).all()  # the test can fail
+
+
+def test_sampling_follows_the_rng(model):
+  ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=NEW_TOKENS)
+  sample = lambda seed, **options: generate(
+      model, ids, temperature=1.0, rng=jax.random.key(seed), **options,
+      **kwargs)
+  np.testing.assert_array_equal(sample(1), sample(1))
+  assert (sample(1) != sample(2)).any()
+  np.testing.assert_array_equal(sample(3, top_k=1), generate(model, ids,
+                                                             **kwargs))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+    (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(max_len=8), ValueError, "max_len"),  # prompt 6 + 4 new > 8
+    (dict(prompt_lengths=[7]), ValueError, "prompt_lengths"),
+    (dict(eos_token_id=10**6), ValueError, "eos_token_id"),
+    (dict(prefill_chunk=0), ValueError, "prefill_chunk"),
+])
+def test_bad_arguments(kwargs, error, match):
+  model = nnx.eval_shape(lambda: models.CausalLM(  # layer 0: full attention
+      models.qwen2_tiny(num_layers=2), rngs=nnx.Rngs(0)))
+  with pytest.raises(error, match=match):
+    generate(model, np.zeros((1, 6), np.int32),
+             **{"max_new_tokens": 4, **kwargs})
+
+
+def test_sliding_only_model_generates_past_max_len(model):
+  """No full-attention layer: the rolling cache has no length limit."""
+  assert None not in model.config.layer_windows
+  ids, _ = left_padded_prompts(model.config.vocab_size, [6])
+  out = generate(model, ids, max_new_tokens=NEW_TOKENS, max_len=8)
+  np.testing.assert_array_equal(out, generate(model, ids,
+                                              max_new_tokens=NEW_TOKENS))
+
+
+def test_cli_streams_a_continuation(tmp_path, capsys):
+  config = models.mistral_tiny(num_layers=2, hidden_size=64,
+                               intermediate_size=64, num_q_heads=4,
+                               num_kv_heads=2, head_dim=16,
+                               layer_windows=(4, 4))
+  save_hf(models.CausalLM(config, rngs=nnx.Rngs(0)), tmp_path / "hf")
+  code = generate_main([str(tmp_path), "--prompt", "def f():",  # run folder
+                        "--max-new-tokens", "12", "--attn-impl", "xla"])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  assert out.startswith("def f():") and "12 tokens" in err
+  code = generate_main([str(tmp_path), "--prompt", "x", "--top-p", "2"])
+  assert code == 2 and "top_p" in capsys.readouterr().err
