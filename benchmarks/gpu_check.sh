@@ -45,7 +45,7 @@ if [[ "$SMOKE" == 1 ]]; then
   phase tests 120 "$PY" -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT_DIR/tests.xml" tests/test_cudnn.py
   phase bench 120 "$PY" -m swajax.bench attention --smoke \
-    --impls xla cudnn dense tokamax \
+    --impls xla cudnn dense \
     --out "$OUT_DIR/attention.json" --plot "$OUT_DIR/attention.png"
 else
   tests=()

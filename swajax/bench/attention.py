@@ -67,7 +67,7 @@ def parse_args(argv):
                       help="tiny sizes (seconds): for tests")
   args = parser.parse_args(argv)
   if args.smoke:
-    args.seq_lens, args.windows = [64, 128], [16]
+    args.seq_lens, args.windows = [128], [16]
     args.heads, args.kv_heads, args.head_dim = 2, 1, 16
     args.repeats = 1
   return args
