@@ -6,10 +6,13 @@ modules) sit below and never import this package.
 
 from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
                     qwen3_tiny)
+from models.kv_cache import KVCache, LayerCache, init_cache
 from pallas_kernels.api import (reference_attention, sliding_window_attention,
                                 window_mask)
 from pallas_kernels.mask import Band, kv_block_range
 from swajax.data import ByteTokenizer, pack_sequences
+# `swajax.generate` is then the function, as `swajax.train` below.
+from swajax.generate import generate, generate_stream
 from swajax.hf_io import load_hf, save_hf
 from swajax.train import TrainConfig, train  # `swajax.train` is then the function
 
@@ -17,8 +20,13 @@ __all__ = [
     "Band",
     "ByteTokenizer",
     "CausalLM",
+    "KVCache",
+    "LayerCache",
     "ModelConfig",
     "TrainConfig",
+    "generate",
+    "generate_stream",
+    "init_cache",
     "kv_block_range",
     "llama_tiny",
     "load_hf",
