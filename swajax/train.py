@@ -70,7 +70,7 @@ class TrainConfig:
   beta2: float = 0.95
   clip_norm: float = 1.0
   # Loop.
-  steps: int = 300
+  steps: int = 250
   seed: int = 0
   eval_every: int = 100            # also after the last step
   eval_batches: int = 8

@@ -196,7 +196,7 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
   if sample_tokens > 0:
     _sample(result, run_dir / "sample.txt", sample_tokens, lines)
   if hf_dir is not None:
-    lines.append(f"generate: swajax generate {hf_dir} --prompt {SAMPLE_PROMPT!r}")
+    lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")
   print("\n".join(lines))
 
 
