@@ -117,8 +117,9 @@ def generate_stream(model, input_ids, *, max_new_tokens: int,
                     prefill_chunk: int = 256) -> Iterator[np.ndarray]:
   """Yields each new token of every row, int32 [B], as it is decided.
 
-  Takes `generate`'s arguments; stops after max_new_tokens steps, or as soon
-  as every row has produced an eos token.
+  Takes `generate`'s arguments, checked when called (before iterating);
+  stops after max_new_tokens steps, or as soon as every row has produced an
+  eos token.
   """
   check_sampling_args(max_new_tokens, temperature, top_k, top_p)
   ids, lengths = _check_prompts(input_ids, prompt_lengths)
@@ -134,9 +135,19 @@ def generate_stream(model, input_ids, *, max_new_tokens: int,
         f"max_len={max_len!r}: the longest prompt ({int(lengths.max())} "
         f"tokens) + max_new_tokens={max_new_tokens} needs {needed} positions "
         "in the full-attention layers' cache")
+  options = dict(temperature=float(temperature), top_k=top_k,
+                 top_p=None if top_p is None else float(top_p), eos=eos)
+  key = jax.random.key(0) if rng is None else rng
+  return _stream(model, ids, lengths, max_new_tokens=max_new_tokens,
+                 max_len=max_len, prefill_chunk=prefill_chunk, key=key,
+                 options=options)
+
+
+def _stream(model, ids, lengths, *, max_new_tokens, max_len, prefill_chunk,
+            key, options) -> Iterator[np.ndarray]:
+  """`generate_stream`'s loop, on checked arguments."""
   if max_new_tokens == 0:
     return
-  key = jax.random.key(0) if rng is None else rng
   batch, seq = ids.shape
 
   # Left-pad the prompt to a whole number of chunks; per-row positions.
@@ -152,15 +163,13 @@ def generate_stream(model, input_ids, *, max_new_tokens: int,
     logits, cache = _prefill_chunk(graphdef, state, cache,
                                    jnp.asarray(ids[:, start:start + chunk]),
                                    jnp.asarray(positions[:, start:start + chunk]))
-  options = dict(temperature=float(temperature), top_k=top_k,
-                 top_p=None if top_p is None else float(top_p), eos=eos)
   done = jnp.zeros((batch,), bool)
   token, done = _first_token(logits, done, jax.random.fold_in(key, 0),
                              **options)
   position = jnp.asarray(lengths, jnp.int32)
   for step in range(1, max_new_tokens + 1):
     yield np.asarray(token)
-    if step == max_new_tokens or (eos and bool(jnp.all(done))):
+    if step == max_new_tokens or (options["eos"] and bool(jnp.all(done))):
       return
     token, cache, done = _decode_step(graphdef, state, cache, token, position,
                                       done, jax.random.fold_in(key, step),

@@ -104,14 +104,13 @@ def main(argv: list[str]) -> int:
     prompt = np.asarray([bos + list(tokenizer.encode(args.prompt))], np.int32)
     stream = TextStream(tokenizer)
     sys.stdout.write(args.prompt)
-    started, first, count = time.perf_counter(), None, 0
+    times = [time.perf_counter()]  # start, then after each token
     for token in generate_stream(
         model, prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_token_id=tokenizer.eos_id, rng=jax.random.key(args.seed)):
-      first = time.perf_counter() if first is None else first
-      count += 1
       stream.add(int(token[0]))
+      times.append(time.perf_counter())
     stream.flush(final=True)
     sys.stdout.write("\n")
   except (ValueError, OSError) as e:
@@ -119,9 +118,13 @@ def main(argv: list[str]) -> int:
       raise
     print(f"swajax generate: error: {e}", file=sys.stderr)
     return 2
-  end = time.perf_counter()
-  rate = (count - 1) / (end - first) if count > 1 and end > first else 0.0
-  print(f"[{count} tokens; first after {((first or end) - started):.2f}s "
-        f"(load excluded, compile included), then {rate:.1f} tokens/s]",
-        file=sys.stderr)
+  count = len(times) - 1
+  summary = f"[{count} tokens"
+  if count:
+    summary += (f"; first after {times[1] - times[0]:.2f}s (prefill and "
+                "compile; load excluded)")
+  if count > 2:  # the 2nd token compiles the decode step: rate from there on
+    rate = (count - 2) / max(times[-1] - times[2], 1e-9)
+    summary += f"; then {rate:.1f} tokens/s"
+  print(summary + "]", file=sys.stderr)
   return 0

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import models
-from swajax.generate import TRACE_COUNTS, generate
+from swajax.generate import TRACE_COUNTS, generate, generate_stream
 from swajax.generate_cli import main as generate_main
 from swajax.hf_io import load_hf, save_hf
 from tests.test_hf_parity import WINDOW, random_hf_model
@@ -127,12 +127,13 @@ def test_sampling_follows_the_rng(model):
     (dict(eos_token_id=10**6), ValueError, "eos_token_id"),
     (dict(prefill_chunk=0), ValueError, "prefill_chunk"),
 ])
-def test_bad_arguments(kwargs, error, match):
+@pytest.mark.parametrize("fn", [generate, generate_stream])
+def test_bad_arguments(fn, kwargs, error, match):
+  """Raised by the call itself (generate_stream: before any iteration)."""
   model = nnx.eval_shape(lambda: models.CausalLM(  # layer 0: full attention
       models.qwen2_tiny(num_layers=2), rngs=nnx.Rngs(0)))
   with pytest.raises(error, match=match):
-    generate(model, np.zeros((1, 6), np.int32),
-             **{"max_new_tokens": 4, **kwargs})
+    fn(model, np.zeros((1, 6), np.int32), **{"max_new_tokens": 4, **kwargs})
 
 
 def test_sliding_only_model_generates_past_max_len(model):
