@@ -69,14 +69,18 @@ def _first_token(logits, done, key, *, temperature, top_k, top_p, eos):
                                              "top_k", "top_p", "eos"),
                    donate_argnames=("cache",))
 def _decode_step(graphdef, state, cache: KVCache, token, position, done, key,
-                 *, temperature, top_k, top_p, eos):
-  """Feeds token [B] at position [B]; returns (next token [B], cache, done)."""
+                 step, *, temperature, top_k, top_p, eos):
+  """Feeds token [B] at position [B]; samples with fold_in(key, step).
+
+  Returns (next token [B], cache, position + 1, done [B]).
+  """
   TRACE_COUNTS["decode"] += 1
   logits, cache = nnx.merge(graphdef, state)(
       token[:, None], positions=position[:, None], cache=cache)
-  token, done = _pick(logits[:, -1], done, key, temperature=temperature,
-                      top_k=top_k, top_p=top_p, eos=eos)
-  return token, cache, done
+  token, done = _pick(logits[:, -1], done, jax.random.fold_in(key, step),
+                      temperature=temperature, top_k=top_k, top_p=top_p,
+                      eos=eos)
+  return token, cache, position + 1, done
 
 
 def _check_prompts(input_ids, prompt_lengths):
@@ -169,12 +173,11 @@ def _stream(model, ids, lengths, *, max_new_tokens, max_len, prefill_chunk,
   position = jnp.asarray(lengths, jnp.int32)
   for step in range(1, max_new_tokens + 1):
     yield np.asarray(token)
-    if step == max_new_tokens or (options["eos"] and bool(jnp.all(done))):
+    if step == max_new_tokens or (options["eos"] and np.asarray(done).all()):
       return
-    token, cache, done = _decode_step(graphdef, state, cache, token, position,
-                                      done, jax.random.fold_in(key, step),
-                                      **options)
-    position = position + 1
+    token, cache, position, done = _decode_step(
+        graphdef, state, cache, token, position, done, key, np.int32(step),
+        **options)
 
 
 def generate(model, input_ids, *, max_new_tokens: int, prompt_lengths=None,
