@@ -73,7 +73,10 @@ class LayerCache:
     q [B, T, N, H], k_new, v_new [B, T, K, H] (after RoPE), positions int32
     [B, T] (-1: a padding token: not written, its output row is 0).
     window: None (full causal) or W; impl: the model's attn_impl, passed to
-    `decode_attention` ("cudnn", a prefill-only impl, falls back to "auto").
+    `decode_attention` for a single token (T = 1; "cudnn", a prefill-only
+    impl, becomes "auto"). Chunks (T > 1, prefill) run the dense "xla" path
+    ("reference" if asked): the Pallas decode kernel holds all T * N / K
+    query rows of a kv head in one tile, a size meant for decoding.
     Returns (out [B, T, N, H], the updated cache).
 
     Full layer: the new tokens are written first, then attended with the
@@ -88,7 +91,9 @@ class LayerCache:
       raise ValueError(
           f"cache slots C={self.num_slots} < window={window}: a sliding "
           "layer's ring must hold the whole window (use init_cache)")
-    if impl != "auto" and impl not in DECODE_IMPLS:
+    if q.shape[1] > 1:
+      impl = "reference" if impl == "reference" else "xla"
+    elif impl != "auto" and impl not in DECODE_IMPLS:
       impl = "auto"
     attend = lambda keys, values, kv_pos: decode_attention(
         q, keys, values, q_positions=positions, kv_positions=kv_pos,

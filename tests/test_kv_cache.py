@@ -134,7 +134,7 @@ def test_prefill_and_decode_equal_full_forward(family):
 
 
 def test_pallas_decode_equals_full_forward():
-  """impl='pallas' (interpreted on CPU) in prefill and decode."""
+  """impl="pallas" (interpreted on CPU) for the single-token decode steps."""
   seqs = make_batch()
   error = compare(
       incremental_logits(tiny_model("qwen2", attn_impl="pallas"), seqs,
