@@ -1,6 +1,5 @@
 """Mesh and shardings; 8 simulated devices and 2 joined processes train like 1 device."""
 
-import importlib
 import json
 import os
 import socket
