@@ -12,10 +12,9 @@ import re
 import sys
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = [
@@ -58,7 +57,6 @@ def jupyter_path(tmp_path_factory):
   return root
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, jupyter_path, tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))

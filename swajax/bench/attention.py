@@ -228,13 +228,13 @@ COLUMNS = [("impl", "impl"), ("mode", "mode"), ("seq_len", "T"),
 
 def plot(payload: dict, path: str) -> None:
   """Log-log fwd+bwd (else fwd) time vs seq_len, one line per impl/window."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # A pyplot-free Figure: no global backend switch (safe inside notebooks).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
   rows = [r for r in payload["results"] if r["time_s"] is not None]
   mode = "fwd+bwd" if any(r["mode"] == "fwd+bwd" for r in rows) else "fwd"
-  fig, ax = plt.subplots(figsize=(6, 4.5))
+  fig = Figure(figsize=(6, 4.5))
+  ax = fig.subplots()
   lines = sorted({(r["impl"], r["window"]) for r in rows if r["mode"] == mode})
   for impl, window in lines:
     pts = sorted((r["seq_len"], r["time_s"]) for r in rows
@@ -249,7 +249,6 @@ def plot(payload: dict, path: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv) -> int:
