@@ -18,23 +18,28 @@ SUBCOMMANDS = {
 }
 
 
-def usage() -> str:
-  lines = ["usage: swajax {" + ",".join(SUBCOMMANDS) + "} [args...]", ""]
-  lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-  return "\n".join(lines)
+def dispatch(prog: str, table: dict, argv) -> int:
+  """Runs `table[argv[0]]`'s module `main(argv[1:])`; usage on no/unknown name.
+
+  `table` maps a name to (module path, one-line help). Modules are imported
+  only when asked for, so `swajax bench attention` never loads the models.
+  """
+  usage = "\n".join(
+      [f"usage: {prog} {{{','.join(table)}}} [args...]", ""]
+      + [f"  {name:<10} {help_}" for name, (_, help_) in table.items()])
+  if not argv or argv[0] in ("-h", "--help"):
+    print(usage)
+    return 0 if argv else 2
+  name, rest = argv[0], argv[1:]
+  if name not in table:
+    print(f"{prog}: unknown command {name!r}\n\n{usage}", file=sys.stderr)
+    return 2
+  return importlib.import_module(table[name][0]).main(rest)
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  if not argv or argv[0] in ("-h", "--help"):
-    print(usage())
-    return 0 if argv else 2
-  name, rest = argv[0], argv[1:]
-  if name not in SUBCOMMANDS:
-    print(f"swajax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-    return 2
-  module = importlib.import_module(SUBCOMMANDS[name][0])
-  return module.main(rest)
+  return dispatch("swajax", SUBCOMMANDS,
+                  sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
