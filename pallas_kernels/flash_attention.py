@@ -211,6 +211,26 @@ def load_row(ref, rows, num_rows: int, other):
   return plgpu.load(ref, mask=rows < num_rows, other=other)
 
 
+def load_kv_block(k_ref, v_ref, seg_ref, kv_block, block_k: int,
+                  problem: AttentionProblem):
+  """Key block `kv_block` of whole-sequence refs k/v [S, Hp] and seg [S].
+
+  Returns (k_rows [bk] global row indices, k [bk, Hp], v [bk, Hp],
+  k_seg [bk] or None); rows past S read 0 (segment -2, matching no query).
+  """
+  start = tile_start(kv_block, block_k)
+  k_rows = start + jnp.arange(block_k)
+  k = load_tile(k_ref.at[pl.ds(start, block_k), :], k_rows, problem.kv_len,
+                problem.head_dim)
+  v = load_tile(v_ref.at[pl.ds(start, block_k), :], k_rows, problem.kv_len,
+                problem.head_dim)
+  k_seg = None
+  if seg_ref is not None:
+    k_seg = load_row(seg_ref.at[pl.ds(start, block_k)], k_rows,
+                     problem.kv_len, -2)
+  return k_rows, k, v, k_seg
+
+
 def store_tile(ref, value, rows, num_rows: int, head_dim: int):
   cols = jnp.arange(ref.shape[-1])
   mask = (rows < num_rows)[:, None] & (cols < head_dim)[None, :]
@@ -300,13 +320,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref, *,
 
   def body(kv_block, carry):
     acc, m, l = carry  # [bq, Hp], [bq], [bq]; m, l in base 2
-    start = tile_start(kv_block, bk)
-    k_rows = start + jnp.arange(bk)
-    k = load_tile(k_ref.at[pl.ds(start, bk), :], k_rows, p.kv_len, p.head_dim)
-    v = load_tile(v_ref.at[pl.ds(start, bk), :], k_rows, p.kv_len, p.head_dim)
-    k_seg = None
-    if seg_ref is not None:
-      k_seg = load_row(seg_ref.at[pl.ds(start, bk)], k_rows, p.kv_len, -2)
+    k_rows, k, v, k_seg = load_kv_block(k_ref, v_ref, seg_ref, kv_block, bk, p)
     s = scores(q, k, config)[0] * LOG2_E
     s = apply_mask(s, -jnp.inf, q_block, kv_block, q_rows, k_rows, q_seg,
                    k_seg, config, bq, bk)

@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention import (
-    LOG2_E, KernelConfig, apply_mask, block_range, load_row, load_tile,
-    round_up, scores, store_tile, tile_start)
+    LOG2_E, KernelConfig, apply_mask, block_range, load_kv_block, load_row,
+    load_tile, round_up, scores, store_tile, tile_start)
 from pallas_kernels.mask import kv_block_range, q_block_range
 
 
@@ -67,13 +67,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse2_ref, delta_ref,
                      p.q_len, -1)
 
   def body(kv_block, dq):
-    start = tile_start(kv_block, bk)
-    k_rows = start + jnp.arange(bk)
-    k = load_tile(k_ref.at[pl.ds(start, bk), :], k_rows, p.kv_len, p.head_dim)
-    v = load_tile(v_ref.at[pl.ds(start, bk), :], k_rows, p.kv_len, p.head_dim)
-    k_seg = None
-    if seg_ref is not None:
-      k_seg = load_row(seg_ref.at[pl.ds(start, bk)], k_rows, p.kv_len, -2)
+    k_rows, k, v, k_seg = load_kv_block(k_ref, v_ref, seg_ref, kv_block, bk, p)
     masker = functools.partial(
         apply_mask, q_block=q_block, kv_block=kv_block, q_rows=q_rows,
         k_rows=k_rows, q_seg=q_seg, k_seg=k_seg, config=config, block_q=bq,
