@@ -534,13 +534,12 @@ def evaluate(graphdef, params, rest, rows: dict, batch_size: int, sharding) -> f
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
   """Train loss per step and validation loss at eval steps, from metrics.jsonl."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A pyplot-free Figure: no global backend switch (safe inside notebooks).
+  from matplotlib.figure import Figure
 
   records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
   ax.plot([r["step"] for r in records], [r["loss"] for r in records],
           label="train loss", lw=1)
   val = [r for r in records if "val_loss" in r]
@@ -552,4 +551,3 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(png_path, dpi=120)
-  plt.close(fig)
