@@ -5,10 +5,9 @@ Each case compares forward, LSE and dq/dk/dv against the fp32 dense reference
 on CPU; on a GPU machine the same grid runs the compiled kernels.
 """
 
-import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from pallas_kernels.flash_attention import BlockSizes as PallasBlockSizes
 from tests.attention_cases import assert_matches_reference, make_inputs
@@ -70,13 +69,7 @@ def test_low_precision_head_dims(impl, dtype, head_dim):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hypothesis_shapes_and_windows(impl):
-  # Each draw is a new shape, so a new compile: interpret-mode Pallas on CPU
-  # (~10 s a compile on 2 cores) draws fewer; compiled kernels draw them all.
-  examples = settings().max_examples
-  if impl == "pallas" and jax.default_backend() != "gpu":
-    examples = min(examples, 3)
-
-  @settings(max_examples=examples)
+  # Every impl draws the profile's examples (conftest: 8, derandomized).
   @given(data=st.data())
   def check(data):
     seq = data.draw(st.integers(1, 80), "seq")

@@ -7,7 +7,6 @@ this CPU-only machine (interpret=False), so a kernel that the Triton backend
 cannot lower fails here, not first on the GPU.
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
