@@ -213,7 +213,6 @@ def test_none_means_the_default_fitted_to_the_sequence():
   assert KernelConfig.make(_problem(5, 5, 2), SMALL, True).blocks == SMALL
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("head_dim", [64, 96, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_default_blocks_multi_block_sequences(dtype, head_dim):
