@@ -9,11 +9,13 @@ from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
 from models.kv_cache import KVCache, LayerCache, init_cache
 from pallas_kernels.api import (reference_attention, sliding_window_attention,
                                 window_mask)
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.mask import Band, kv_block_range
 from swajax.data import ByteTokenizer, pack_sequences
 # `swajax.generate` is then the function, as `swajax.train` below.
 from swajax.generate import generate, generate_stream
 from swajax.hf_io import load_hf, save_hf
+from swajax.sampling import sample_next_token
 from swajax.train import TrainConfig, train  # `swajax.train` is then the function
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "LayerCache",
     "ModelConfig",
     "TrainConfig",
+    "decode_attention",
     "generate",
     "generate_stream",
     "init_cache",
@@ -35,6 +38,7 @@ __all__ = [
     "qwen2_tiny",
     "qwen3_tiny",
     "reference_attention",
+    "sample_next_token",
     "save_hf",
     "sliding_window_attention",
     "train",
