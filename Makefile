@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow and not gpu" -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n 2 --durations=15 $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --durations=25 $(PYTEST_ARGS)
