@@ -25,13 +25,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.api import default_impl
-from pallas_kernels.mask import Band, visible
+from pallas_kernels.flash_attention import MIN_BLOCK, padded_head_dim
+from pallas_kernels.mask import Band, cdiv, visible
 from pallas_kernels.validation import AttentionProblem, check_attention_args
 
 IMPLS = ("pallas", "xla", "reference")
-
-# Triton's `dot` needs every dimension of both operands >= 16.
-_MIN_DOT_DIM = 16
 
 
 def slot_visible(q_pos, kv_pos, band: Band):
@@ -41,14 +39,6 @@ def slot_visible(q_pos, kv_pos, band: Band):
   `mask.visible` decides. Arguments broadcast like `visible`'s.
   """
   return (kv_pos >= 0) & visible(q_pos, kv_pos, band)
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +58,9 @@ class DecodeBlockSizes:
 
   def __post_init__(self):
     if (isinstance(self.block_k, bool) or not isinstance(self.block_k, int)
-        or self.block_k < _MIN_DOT_DIM or self.block_k & (self.block_k - 1)):
+        or self.block_k < MIN_BLOCK or self.block_k & (self.block_k - 1)):
       raise ValueError(
-          f"block_k={self.block_k!r}: expected a power of 2 >= {_MIN_DOT_DIM}")
+          f"block_k={self.block_k!r}: expected a power of 2 >= {MIN_BLOCK}")
     for name in ("num_splits", "num_warps", "num_stages"):
       value = getattr(self, name)
       if value is None and name == "num_splits":
@@ -81,7 +71,8 @@ class DecodeBlockSizes:
   @classmethod
   def default(cls, problem: AttentionProblem) -> "DecodeBlockSizes":
     """64 slots per step, or fewer for a cache shorter than that."""
-    return cls(block_k=max(_MIN_DOT_DIM, min(64, _next_pow2(problem.kv_len))))
+    return cls(block_k=max(MIN_BLOCK,
+                           min(64, pl.next_power_of_2(problem.kv_len))))
 
   def resolve_splits(self, problem: AttentionProblem) -> int:
     """The split count: as given, or ~256 programs in all, at most one per block.
@@ -89,11 +80,11 @@ class DecodeBlockSizes:
     Decode has only B * K (batch, kv head) pairs, too few to fill a GPU;
     splitting the cache gives each SM work (H100/H200: 132 SMs).
     """
-    num_blocks = _cdiv(problem.kv_len, self.block_k)
+    num_blocks = cdiv(problem.kv_len, self.block_k)
     if self.num_splits is not None:
       return min(self.num_splits, num_blocks)
     pairs = problem.batch * problem.num_kv_heads
-    return max(1, min(num_blocks, _cdiv(256, pairs)))
+    return max(1, min(num_blocks, cdiv(256, pairs)))
 
 
 def _decode_kernel(q_ref, row_pos_ref, kv_pos_ref, k_ref, v_ref, o_ref, lse_ref,
@@ -173,8 +164,8 @@ def _pallas_decode(q, k_cache, v_cache, q_positions, kv_positions, *,
   p = problem
   batch, q_len, num_kv, group = p.batch, p.q_len, p.num_kv_heads, p.group_size
   rows = q_len * group
-  padded_rows = max(_MIN_DOT_DIM, _next_pow2(rows))
-  head_dim = max(_MIN_DOT_DIM, _next_pow2(p.head_dim))
+  padded_rows = max(MIN_BLOCK, pl.next_power_of_2(rows))
+  head_dim = padded_head_dim(p.head_dim)
   pad_h = ((0, 0),) * 3 + ((0, head_dim - p.head_dim),)
   # (B, T, K, G, H) -> (B, K, T * G, H): one tile of rows per kv head.
   q_rows = q.reshape(batch, q_len, num_kv, group, p.head_dim)
@@ -190,8 +181,8 @@ def _pallas_decode(q, k_cache, v_cache, q_positions, kv_positions, *,
 
   block_k = block_sizes.block_k
   num_splits = block_sizes.resolve_splits(p)
-  split_len = _cdiv(_cdiv(p.kv_len, block_k), num_splits) * block_k
-  num_splits = _cdiv(p.kv_len, split_len)
+  split_len = cdiv(cdiv(p.kv_len, block_k), num_splits) * block_k
+  num_splits = cdiv(p.kv_len, split_len)
   precision = (lax.Precision.HIGHEST if p.dtype == jnp.float32
                else lax.Precision.DEFAULT)  # fp32: no TF32
   kernel = functools.partial(

@@ -82,7 +82,8 @@ def dense_mask(q_len: int, kv_len: int, band: Band, segment_ids=None):
                  segment_ids[:, :, None], segment_ids[:, None, :])
 
 
-def _cdiv(a, b):
+def cdiv(a, b):
+  """ceil(a / b) for non-negative ints, Python or traced."""
   return (a + b - 1) // b
 
 
@@ -95,7 +96,7 @@ def kv_block_range(q_block, *, block_q: int, block_k: int, q_len: int,
   of the block, clipped to `[0, cdiv(kv_len, block_k))`; it can be empty.
   """
   q_offset = kv_len - q_len
-  num_kv_blocks = _cdiv(kv_len, block_k)
+  num_kv_blocks = cdiv(kv_len, block_k)
   first_q = q_block * block_q + q_offset
   last_q = jnp.minimum(q_block * block_q + block_q, q_len) - 1 + q_offset
   lo = 0 if band.left is None else jnp.maximum(first_q - band.left, 0) // block_k
@@ -115,7 +116,7 @@ def q_block_range(kv_block, *, block_q: int, block_k: int, q_len: int,
   The transpose of `kv_block_range`, for the dK/dV pass.
   """
   q_offset = kv_len - q_len
-  num_q_blocks = _cdiv(q_len, block_q)
+  num_q_blocks = cdiv(q_len, block_q)
   first_k = kv_block * block_k
   last_k = jnp.minimum(kv_block * block_k + block_k, kv_len) - 1
   # Query i sees key j iff j - right <= i <= j + left (positions).

@@ -29,7 +29,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mask import block_fully_visible, kv_block_range, visible
+from pallas_kernels.mask import (block_fully_visible, cdiv, kv_block_range,
+                                 visible)
 from pallas_kernels.validation import AttentionProblem
 
 
@@ -56,10 +57,6 @@ class BlockSizes:
     return cls(block_q=min(128, problem.q_len), block_k=min(128, problem.kv_len))
 
 
-def _cdiv(a, b):
-  return (a + b - 1) // b
-
-
 def _pad_to(x, length, axis, value=0):
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, length - x.shape[axis])
@@ -76,11 +73,11 @@ class _Tiling:
 
   @property
   def num_q_blocks(self):
-    return _cdiv(self.problem.q_len, self.block_q)
+    return cdiv(self.problem.q_len, self.block_q)
 
   @property
   def num_kv_blocks(self):
-    return _cdiv(self.problem.kv_len, self.block_k)
+    return cdiv(self.problem.kv_len, self.block_k)
 
   @property
   def precision(self):
