@@ -68,6 +68,19 @@ def test_low_precision_head_dims(impl, dtype, head_dim):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_large_gradients(impl, dtype):
+  # A cotangent 64x the usual gives gradients in the hundreds, where one
+  # 16-bit ulp exceeds the absolute tolerance: the relative term carries it.
+  q, k, v, _ = make_inputs(6, q_len=64, num_q_heads=4, num_kv_heads=1,
+                           head_dim=64, dtype=dtype)
+  errors = assert_matches_reference(q, k, v, impl=impl, window=24,
+                                    cotangent_scale=64.0,
+                                    block_sizes=BLOCK_SIZES.get(impl))
+  assert errors["grad_max"] > 64, errors
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_hypothesis_shapes_and_windows(impl):
   # Every impl draws the profile's examples (conftest: 8, derandomized).
   @given(data=st.data())

@@ -103,13 +103,11 @@ def assert_matches_decode_reference(impl, q, k_cache, v_cache, q_positions,
   chex.assert_shape(lse, (batch, num_q_heads, q_len))
   chex.assert_type(lse, jnp.float32)
   out, lse, out_ref, lse_ref = map(f32, (out, lse, out_ref, lse_ref))
-  np.testing.assert_allclose(out, out_ref, atol=tolerance(q.dtype, "out"),
-                             rtol=0)
+  np.testing.assert_allclose(out, out_ref, **tolerance(q.dtype, "out"))
   np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
   finite = np.isfinite(lse_ref)
   lse, lse_ref = np.where(finite, lse, 0.0), np.where(finite, lse_ref, 0.0)
-  np.testing.assert_allclose(lse, lse_ref, atol=tolerance(q.dtype, "lse"),
-                             rtol=0)
+  np.testing.assert_allclose(lse, lse_ref, **tolerance(q.dtype, "lse"))
   return (float(np.max(np.abs(out - out_ref))),
           float(np.max(np.abs(lse - lse_ref))))
 
@@ -188,8 +186,8 @@ def test_ring_buffer_decode_equals_full_attention(impl, layout, window, q_len,
                     jnp.asarray(q_positions), jnp.asarray(kv_positions),
                     window=window)
   tol = tolerance(jnp.float32, "out")
-  np.testing.assert_allclose(out, out_full[:, -q_len:], atol=tol, rtol=0)
-  np.testing.assert_allclose(lse, lse_full[:, :, -q_len:], atol=tol, rtol=0)
+  np.testing.assert_allclose(out, out_full[:, -q_len:], **tol)
+  np.testing.assert_allclose(lse, lse_full[:, :, -q_len:], **tol)
 
 
 def test_ring_of_exactly_w_slots_misses_keys_for_t_greater_than_1():
@@ -206,7 +204,7 @@ def test_ring_of_exactly_w_slots_misses_keys_for_t_greater_than_1():
                   jnp.asarray(q_positions), jnp.asarray(kv_positions),
                   window=window)
   tol = tolerance(jnp.float32, "out")
-  np.testing.assert_allclose(out[:, -1], out_full[:, -1], atol=tol, rtol=0)
+  np.testing.assert_allclose(out[:, -1], out_full[:, -1], **tol)
   assert np.max(np.abs(np.asarray(out[:, 0] - out_full[:, -q_len]))) > 1e-2
 
 
