@@ -9,7 +9,7 @@ from __future__ import annotations
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import (RMSNorm, apply_rope, param_init, rope_inv_freq,
+from models.layers import (RMSNorm, apply_rope, param_init, rope_frequencies,
                            sharded)
 from pallas_kernels import sliding_window_attention
 
@@ -44,7 +44,8 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(h, eps=config.rms_norm_eps, **common)
     else:
       self.q_norm = self.k_norm = None
-    self.inv_freq = tuple(rope_inv_freq(config).tolist())  # static, [H / 2]
+    inv_freq, self.rope_attention_factor = rope_frequencies(config)  # static
+    self.inv_freq = tuple(inv_freq.tolist())  # static, [H / 2]
     self.window = window
     self.attn_impl = attn_impl
 
@@ -61,8 +62,8 @@ class Attention(nnx.Module):
     v = self.v_proj(x)  # (B, T, K, H)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, positions, self.inv_freq)
-    k = apply_rope(k, positions, self.inv_freq)
+    q = apply_rope(q, positions, self.inv_freq, self.rope_attention_factor)
+    k = apply_rope(k, positions, self.inv_freq, self.rope_attention_factor)
     if cache is not None:
       out, cache = cache.attend(q, k, v, positions, window=self.window,
                                 impl=self.attn_impl)

@@ -6,6 +6,7 @@ Families differ only in a few switches (see `FAMILIES`):
   qwen2    q/k/v biases; `use_sliding_window` + `max_window_layers`, or `layer_types`
   qwen3    per-head RMSNorm on q and k before RoPE; windows as qwen2
   llama    no window; RoPE scaling "llama3" (Llama 3.1+)
+RoPE scaling ("linear", "llama3", "yarn") is open to every family.
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ FAMILIES = {
     "llama": ("LlamaForCausalLM", False, False),
 }
 
-# RoPE variants and the keys each one needs (HF `rope_parameters` / `rope_scaling`),
-# checked for parity against transformers in tests/test_hf_parity.py.
+# RoPE variants -> (required keys, optional keys) of HF `rope_parameters` /
+# `rope_scaling`; the math is `models.layers.rope_frequencies`, checked against
+# transformers' own rope init functions in tests/test_hf_parity.py.
 ROPE_TYPES = {
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-               "original_max_position_embeddings"),
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale",
+              "mscale_all_dim", "truncate")),
 }
+# Types whose original_max_position_embeddings transformers fills in (see
+# `_rope_from_hf`).
+_ROPE_TYPES_WITH_ORIGINAL_LENGTH = ("llama3", "yarn")
 
 # Defaults transformers 5.24 uses when a key is absent from config.json
 # (the class defaults of {Mistral,Qwen2,Qwen3,Llama}Config).
@@ -306,7 +314,9 @@ def _rope_from_hf(hf):
   """(rope_theta, rope_scaling) from `rope_scaling` / `rope_parameters` (HF 4 / 5).
 
   As transformers 5: `rope_scaling` wins over `rope_parameters`; rope_theta
-  comes from the dict, else the top level, else 10000.
+  comes from the dict, else the top level, else 10000; llama3 and yarn take
+  original_max_position_embeddings from the top level, else the dict, else
+  max_position_embeddings.
   """
   params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
   theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -318,9 +328,11 @@ def _rope_from_hf(hf):
     if params:
       raise ValueError(f"rope parameters {params!r}: unexpected for default RoPE")
     return theta, None
-  if rope_type == "llama3":
-    params.setdefault("original_max_position_embeddings",
-                      hf["max_position_embeddings"])
+  if rope_type in _ROPE_TYPES_WITH_ORIGINAL_LENGTH:
+    params["original_max_position_embeddings"] = hf.get(
+        "original_max_position_embeddings",
+        params.get("original_max_position_embeddings",
+                   hf["max_position_embeddings"]))
   scaling = {"rope_type": rope_type, **params}
   _check_rope_scaling(scaling)
   return theta, tuple(sorted(scaling.items()))
@@ -332,11 +344,13 @@ def _check_rope_scaling(scaling: dict):
     raise ValueError(
         f"rope_type={rope_type!r}: expected 'default' or one of "
         f"{sorted(ROPE_TYPES)} (others are not verified against transformers)")
+  required, optional = ROPE_TYPES[rope_type]
   keys = set(scaling) - {"rope_type"}
-  if keys != set(ROPE_TYPES[rope_type]):
+  if not set(required) <= keys <= set(required) | set(optional):
     raise ValueError(
         f"rope_scaling={scaling!r}: rope_type={rope_type!r} expects the keys "
-        f"{sorted(ROPE_TYPES[rope_type])}")
+        f"{sorted(required)}" + (f" and optionally {sorted(optional)}"
+                                 if optional else ""))
 
 
 # ----- Presets ----------------------------------------------------------------

@@ -191,7 +191,12 @@ def test_from_hf_windows(hf, windows):
     (_hf("llama", sliding_window=8), "sliding_window=8"),
     (_hf("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
      "rope_type='dynamic'"),
+    (_hf("llama", rope_scaling={"rope_type": "longrope", "short_factor": [1.0],
+                                "long_factor": [2.0]}), "rope_type='longrope'"),
     (_hf("llama", rope_scaling={"rope_type": "linear"}), "expects the keys"),
+    (_hf("qwen3", rope_parameters={"rope_type": "yarn"}), "expects the keys"),
+    (_hf("qwen3", rope_parameters={"rope_type": "yarn", "factor": 2.0,
+                                   "low_freq_factor": 1.0}), "optionally"),
     (_hf("qwen2", layer_types=["sliding_attention"] * 4), "no window"),
     (_hf("mistral", sliding_window=8, layer_types=["full_attention"] * 4),
      "ignores layer_types"),
@@ -213,6 +218,21 @@ def test_rope_scaling_forms():
   assert config.rope_scaling_dict == {"rope_type": "linear", "factor": 4.0}
   assert ModelConfig.from_hf(config.to_hf()) == config
   hash(config)
+
+
+def test_yarn_round_trip_and_original_length_rule():
+  yarn = {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7, "truncate": False}
+  config = ModelConfig.from_hf(_hf("qwen3", max_position_embeddings=512,
+                                   rope_parameters=yarn))
+  # As transformers: original_max_position_embeddings defaults to max_position.
+  assert config.rope_scaling_dict == {**yarn, "original_max_position_embeddings": 512}
+  assert ModelConfig.from_hf(config.to_hf()) == config
+  hash(config)
+  # A top-level original_max_position_embeddings wins over the dict's.
+  top = ModelConfig.from_hf(_hf(
+      "qwen3", original_max_position_embeddings=64,
+      rope_parameters={**yarn, "original_max_position_embeddings": 128}))
+  assert top.rope_scaling_dict["original_max_position_embeddings"] == 64
 
 
 @pytest.mark.parametrize("config, match", [
