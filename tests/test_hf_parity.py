@@ -138,14 +138,18 @@ def test_rope_variants_match_transformers(tmp_path, family, rope):
       np.random.default_rng(1).integers(0, SMALL["vocab_size"], (1, SEQ)), jnp.int32)
   ours = load_hf(tmp_path, attn_impl="reference")
   expected = hf_logits(model, ids)
-  assert max_diff(forward(ours, ids), expected) <= TOLERANCE
+  diff = max_diff(forward(ours, ids), expected)
+  print(f"{family} {rope}: max |logits diff| = {diff:.2e}")
+  assert diff <= TOLERANCE
   if rope["rope_type"] != "default":
     # Negative control: the same weights with plain RoPE disagree.
     plain = nnx.eval_shape(lambda: CausalLM(
         dataclasses.replace(ours.config, rope_scaling=None),
         attn_impl="reference", rngs=nnx.Rngs(0)))
     nnx.update(plain, nnx.state(ours))
-    assert max_diff(forward(plain, ids), expected) > 100 * TOLERANCE
+    plain_diff = max_diff(forward(plain, ids), expected)
+    print(f"  plain RoPE instead: {plain_diff:.2e}")
+    assert plain_diff > 100 * TOLERANCE
 
 
 def _hf_config(fields):
