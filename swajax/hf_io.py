@@ -1,31 +1,41 @@
 """Hugging Face checkpoints: `load_hf` and `save_hf` (safetensors, no torch).
 
 `tensor_table(config)` is the one map between HF tensor names and our
-parameters; `_to_ours` / `_to_hf` hold every transpose. Loading builds the
-model abstractly (`nnx.eval_shape`) and fills it one tensor at a time, so the
-host never holds two copies of the weights.
+parameters; `_read_block` (HF -> ours) and `_to_hf` hold every transpose.
+Loading builds the model abstractly (`nnx.eval_shape`) and fills it one tensor
+at a time, each device reading only its own block when a mesh is given, so
+the host never holds two copies of the weights. Saving gathers one tensor at
+a time and splits the files above `max_shard_size`, as transformers does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
+from safetensors.numpy import save_file
 
 from models import CausalLM, ModelConfig
+from swajax import sharding as sharding_lib
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 SAFETENSORS_DTYPES = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16}
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +99,9 @@ def tensor_table(config: ModelConfig) -> list[TensorSpec]:
   return table
 
 
-def _to_ours(spec: TensorSpec, x, shape):
-  return (x.T if spec.transposed else x).reshape(shape)
-
-
-def _to_hf(spec: TensorSpec, x):
+def _to_hf(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
   if spec.transposed:
-    return x.reshape(spec.hf_shape[::-1]).T
+    return np.ascontiguousarray(x.reshape(spec.hf_shape[::-1]).T)
   return x.reshape(spec.hf_shape)
 
 
@@ -132,20 +138,35 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 
 def _open(file: Path):
   try:
-    return safe_open(os.fspath(file), framework="flax")
+    return safe_open(os.fspath(file), framework="numpy")
   except (SafetensorError, OSError) as e:
     raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def load_hf(path, *, dtype=None, attn_impl: str = "auto") -> CausalLM:
+def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM:
   """A `CausalLM` from a HF checkpoint directory (config.json + safetensors).
 
   dtype: parameter and compute dtype; None keeps the checkpoint's (the dtype of
-  model.embed_tokens.weight). Raises FileNotFoundError (with the path) for a
-  missing config or shard, ValueError for an unsupported config, an unreadable
-  file, or the first missing, unexpected or misshaped tensor.
+  model.embed_tokens.weight).
+  mesh: None puts every parameter on the default device (uncommitted, as
+  `jnp.asarray`). A ("data", "fsdp") `jax.sharding.Mesh`
+  (`swajax.sharding.make_mesh`) places each parameter directly with the
+  NamedSharding of its partition annotation (`swajax.sharding.state_shardings`,
+  the rule training uses): tensor by tensor, each device's block is read on
+  its own with safetensors' `get_slice` from the memory-mapped file, so
+  neither the host nor any device ever holds a whole tensor it does not own
+  (a column block of a row-major tensor is a strided read: every row is
+  visited, only its block copied; a block replicated over "data" is read once
+  per device holding it).
+
+  Raises FileNotFoundError (with the path) for a missing config or shard,
+  TypeError for a mesh that is not a jax Mesh, ValueError for one without the
+  ("data", "fsdp") axes, an unsupported config, an unreadable file, or the
+  first missing, unexpected, misshaped or non-float tensor.
   """
   directory = Path(path)
+  if mesh is not None:
+    sharding_lib.check_mesh(mesh)
   config = ModelConfig.from_hf(directory)
   files = _tensor_files(directory)
   table = tensor_table(config)
@@ -159,17 +180,14 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto") -> CausalLM:
           f"{files[name]}: unexpected tensor {name!r} for this "
           f"{config.model_type} config")
   if dtype is None:
-    with _open(files[table[0].hf_name]) as f:
-      stored = f.get_slice(table[0].hf_name).get_dtype()
-    if stored not in SAFETENSORS_DTYPES:
-      raise ValueError(
-          f"{files[table[0].hf_name]}: {table[0].hf_name!r} has dtype "
-          f"{stored}: expected one of {sorted(SAFETENSORS_DTYPES)}")
-    dtype = SAFETENSORS_DTYPES[stored]
+    first = table[0].hf_name
+    with _open(files[first]) as f:
+      dtype = _stored_dtype(files[first], f.get_slice(first), first)
   dtype = _check_float(dtype, "dtype")
   model = nnx.eval_shape(lambda: CausalLM(
       config, dtype=dtype, param_dtype=dtype, attn_impl=attn_impl,
       rngs=nnx.Rngs(0)))
+  shardings = {} if mesh is None else _param_shardings(model, mesh)
   by_file = {}
   for spec in table:
     by_file.setdefault(files[spec.hf_name], []).append(spec)
@@ -179,18 +197,83 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto") -> CausalLM:
       for spec in specs:
         if spec.hf_name not in names:
           raise ValueError(f"{file}: tensor {spec.hf_name!r} is missing")
-        try:
-          x = f.get_tensor(spec.hf_name)
-        except SafetensorError as e:
-          raise ValueError(f"{file}: cannot read {spec.hf_name!r} ({e})") from e
-        if tuple(x.shape) != spec.hf_shape:
-          raise ValueError(
-              f"{file}: tensor {spec.hf_name!r} has shape {tuple(x.shape)}: "
-              f"expected {spec.hf_shape}")
-        _check_float(x.dtype, f"{spec.hf_name}.dtype")
         var = _variable(model, spec.path)
-        var.set_value(_to_ours(spec, x, var.get_value().shape).astype(dtype))
+        var.set_value(_read(file, f, spec, var.get_value().shape, dtype,
+                            shardings.get(spec.path)))
   return model
+
+
+def _param_shardings(model, mesh) -> dict[tuple, jax.sharding.NamedSharding]:
+  """Parameter path -> its NamedSharding on `mesh`."""
+  params = nnx.state(model, nnx.Param)
+  return {path: var.get_value() for path, var in
+          nnx.to_flat_state(sharding_lib.state_shardings(params, mesh))}
+
+
+def _stored_dtype(file: Path, stored, name: str):
+  dtype = stored.get_dtype()
+  if dtype not in SAFETENSORS_DTYPES:
+    raise ValueError(f"{file}: {name!r} has dtype {dtype}: expected one of "
+                     f"{sorted(SAFETENSORS_DTYPES)}")
+  return SAFETENSORS_DTYPES[dtype]
+
+
+def _read(file: Path, f, spec: TensorSpec, shape, dtype, sharding) -> jax.Array:
+  """Tensor `spec` of the open file `f` as our `shape` in `dtype`: on the
+  default device (sharding None), or placed with `sharding`, each device's
+  block read on its own (`_read_block`)."""
+  stored = f.get_slice(spec.hf_name)
+  if tuple(stored.get_shape()) != spec.hf_shape:
+    raise ValueError(
+        f"{file}: tensor {spec.hf_name!r} has shape {tuple(stored.get_shape())}: "
+        f"expected {spec.hf_shape}")
+  _stored_dtype(file, stored, spec.hf_name)
+  read = lambda index: _read_block(stored, spec, shape, index).astype(dtype)
+  try:
+    if sharding is None:
+      return jnp.asarray(read((slice(None),) * len(shape)))
+    return jax.make_array_from_callback(shape, sharding, read)
+  except SafetensorError as e:
+    raise ValueError(f"{file}: cannot read {spec.hf_name!r} ({e})") from e
+
+
+def _read_block(stored, spec: TensorSpec, shape, index) -> np.ndarray:
+  """Block `index` (slices of our `shape`) of a HF tensor, read from `stored`.
+
+  stored: anything numpy-sliceable in the HF layout (a safetensors slice).
+  Our shape reshapes the HF tensor (transposed first when spec.transposed):
+  each HF dimension splits into a run of our dimensions (q_proj: N*H -> N, H).
+  A run is read as whole rows of its first dimension, [start * rest,
+  stop * rest) along the HF dimension, and its other dimensions are cut from
+  what was read. Only the first dimension of a run is ever sharded in
+  `models/`, so exactly the block is read.
+  """
+  oriented = spec.hf_shape[::-1] if spec.transposed else spec.hf_shape
+  hf_index, read_shape, local_index = [], [], []
+  for run in _runs(shape, oriented):
+    start, stop, _ = index[run[0]].indices(shape[run[0]])
+    rest = [shape[d] for d in run[1:]]
+    hf_index.append(slice(start * math.prod(rest), stop * math.prod(rest)))
+    read_shape += [stop - start, *rest]
+    local_index += [slice(None), *(index[d] for d in run[1:])]
+  if spec.transposed:
+    hf_index.reverse()
+  x = np.asarray(stored[tuple(hf_index)])
+  x = x.T if spec.transposed else x
+  return x.reshape(read_shape)[tuple(local_index)]
+
+
+def _runs(shape, oriented) -> list[list[int]]:
+  """Our dimensions grouped by the HF dimension they split, in order:
+  [D, N, H] of [D, N*H] -> [[0], [1, 2]]."""
+  runs, d = [], 0
+  for size in oriented:
+    run = [d]
+    while math.prod(shape[i] for i in run) < size:
+      run.append(run[-1] + 1)
+    d = run[-1] + 1
+    runs.append(run)
+  return runs
 
 
 def _check_float(dtype, name):
@@ -201,26 +284,47 @@ def _check_float(dtype, name):
 
 # ----- Saving -------------------------------------------------------------------
 
-def save_hf(model: CausalLM, path, *, overwrite: bool = False) -> Path:
-  """Writes config.json + model.safetensors that transformers loads as `model`.
+def save_hf(model: CausalLM, path, *, overwrite: bool = False,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+  """Writes config.json + safetensors that transformers loads as `model`.
 
-  Tensors keep the model's parameter dtype. Written into a temporary directory
-  next to `path`, then renamed: a failure leaves no partial checkpoint. An
-  existing `path` raises FileExistsError unless overwrite=True.
+  Tensors keep the model's parameter dtype, in `tensor_table` order. As
+  transformers' `save_pretrained`: up to max_shard_size bytes (an int, or a
+  string such as "5GB", "500MB", "2GiB") one model.safetensors; above it,
+  model-00001-of-0000N.safetensors files, a new one started whenever the next
+  tensor would overflow the current one (a tensor bigger than max_shard_size
+  gets a file of its own), and model.safetensors.index.json with
+  {"metadata": {"total_size"}, "weight_map": {tensor: file}}.
+
+  Parameters sharded over a mesh are gathered to the host one tensor at a
+  time (np.asarray: needs them addressable from this process); the host holds
+  at most one file's tensors. Written into a temporary directory next to
+  `path`, then renamed: a failure leaves no partial checkpoint. An existing
+  `path` raises FileExistsError unless overwrite=True.
   """
   path = Path(path)
+  limit = parse_size(max_shard_size, "max_shard_size")
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
   config = model.config
   hf_config = config.to_hf()  # raises before anything is written
-  tensors = {spec.hf_name: _to_hf(spec, _variable(model, spec.path)[...])
-             for spec in tensor_table(config)}
-  hf_config["dtype"] = str(tensors["model.embed_tokens.weight"].dtype)
+  table = tensor_table(config)
+  arrays = {spec.hf_name: _variable(model, spec.path)[...] for spec in table}
+  sizes = {name: x.size * x.dtype.itemsize for name, x in arrays.items()}
+  files = _split_into_files(table, sizes, limit)
+  hf_config["dtype"] = str(arrays["model.embed_tokens.weight"].dtype)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
   try:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    save_file(tensors, tmp / SINGLE_FILE, metadata={"format": "pt"})
+    for file, specs in files.items():
+      save_file({spec.hf_name: _to_hf(spec, np.asarray(arrays[spec.hf_name]))
+                 for spec in specs}, tmp / file, metadata={"format": "pt"})
+    if len(files) > 1:
+      index = {"metadata": {"total_size": sum(sizes.values())},
+               "weight_map": {spec.hf_name: file for file, specs in files.items()
+                              for spec in specs}}
+      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     if path.exists():
       old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
       os.replace(path, old / path.name)
@@ -232,3 +336,35 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return path
+
+
+def _split_into_files(table, sizes: dict[str, int], limit: int
+                      ) -> dict[str, list[TensorSpec]]:
+  """File name -> its tensors, in order (see `save_hf`)."""
+  groups, size = [[]], 0
+  for spec in table:
+    if groups[-1] and size + sizes[spec.hf_name] > limit:
+      groups.append([])
+      size = 0
+    groups[-1].append(spec)
+    size += sizes[spec.hf_name]
+  if len(groups) == 1:
+    return {SINGLE_FILE: groups[0]}
+  return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": group
+          for i, group in enumerate(groups, start=1)}
+
+
+def parse_size(size: int | str, name: str) -> int:
+  """Bytes >= 1 from an int or a string: "5GB" = 5 * 10**9, "2GiB" = 2 * 2**30
+  (units KB MB GB TB and KiB MiB GiB TiB, case-insensitive)."""
+  if isinstance(size, str):
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B)\s*", size, re.IGNORECASE)
+    if match is None:
+      raise ValueError(f"{name}={size!r}: expected bytes as an int or a string "
+                       "like '5GB', '500MB' or '2GiB'")
+    size = int(float(match[1]) * SIZE_UNITS[match[2].upper()])
+  elif isinstance(size, bool) or not isinstance(size, int):
+    raise TypeError(f"{name}={size!r}: expected an int (bytes) or a string like '5GB'")
+  if size < 1:
+    raise ValueError(f"{name}={size!r}: expected at least 1 byte")
+  return size

@@ -39,6 +39,18 @@ def _mesh(fsdp, devices: tuple) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
+def check_mesh(mesh) -> jax.sharding.Mesh:
+  """`mesh` if it is a jax Mesh with the axes `make_mesh` builds, else raises."""
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+  missing = [a for a in MESH_AXES if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(
+        f"mesh.axis_names={mesh.axis_names!r}: expected the axes {MESH_AXES!r} "
+        f"(missing {missing!r}; see swajax.sharding.make_mesh)")
+  return mesh
+
+
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
   """`spec` with each mesh axis dropped where it does not divide its dimension.
 

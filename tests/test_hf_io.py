@@ -1,6 +1,8 @@
-"""`save_hf` / `load_hf`: round trips, the tensor table, and clear errors on bad
-checkpoints (corrupt, truncated, missing shard, misshaped, unexpected tensors,
-unsupported config), with nothing half-written on a failed save."""
+"""`save_hf` / `load_hf`: round trips (one file or split by max_shard_size), the
+tensor table, block reads for mesh loading, and clear errors on bad checkpoints
+(corrupt, truncated, missing shard, misshaped, unexpected tensors, unsupported
+config) and bad arguments, with nothing half-written on a failed save. Loading
+onto an 8-device mesh: tests/test_sharding.py."""
 
 import json
 
@@ -10,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings, strategies as st
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from models import CausalLM, llama_tiny, mistral_tiny, qwen2_tiny, qwen3_tiny
-from swajax import hf_io
+from swajax import hf_io, sharding
 from swajax.hf_io import load_hf, save_hf, tensor_table
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
@@ -62,17 +66,121 @@ def test_table_covers_every_parameter(family, tied):
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_save_then_transformers_gives_same_logits(family, tmp_path):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
   model = random_model(CONFIGS[family])
   save_hf(model, tmp_path / "ckpt")
+  assert not (tmp_path / "ckpt" / hf_io.INDEX_FILE).exists()  # one file
+  _assert_transformers_logits(model, tmp_path / "ckpt")
+
+
+def _assert_transformers_logits(model, directory):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
   hf = transformers.AutoModelForCausalLM.from_pretrained(
-      tmp_path / "ckpt", attn_implementation="eager").eval()
+      directory, attn_implementation="eager").eval()
   x = ids(40)
   with torch.no_grad():
     expected = hf(torch.tensor(np.asarray(x), dtype=torch.long)).logits.numpy()
   # x is 5 windows long: equal logits mean transformers slides where we do.
   assert float(np.max(np.abs(np.asarray(forward(model, x)) - expected))) <= 1e-4
+
+
+def test_save_splits_files_above_max_shard_size(tmp_path):
+  model = random_model(CONFIGS["mistral"])
+  table = tensor_table(model.config)
+  sizes = {spec.hf_name: 4 * int(np.prod(spec.hf_shape)) for spec in table}
+  limit = sum(sizes.values()) // 3
+  directory = save_hf(model, tmp_path / "ckpt", max_shard_size=limit)
+  index = json.loads((directory / "model.safetensors.index.json").read_text())
+  assert index["metadata"]["total_size"] == sum(sizes.values())
+  assert list(index["weight_map"]) == [spec.hf_name for spec in table]
+  files = sorted(set(index["weight_map"].values()))
+  n = len(files)
+  assert n >= 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors"
+                              for i in range(1, n + 1)]
+  assert not (directory / "model.safetensors").exists()
+  for file in files:
+    stored = load_file(directory / file)
+    assert sorted(stored) == sorted(
+        name for name, f in index["weight_map"].items() if f == file)
+    # Within the limit, unless a single tensor exceeds it on its own.
+    assert sum(x.nbytes for x in stored.values()) <= limit or len(stored) == 1
+  chex.assert_trees_all_equal(nnx.state(load_hf(directory), nnx.Param),
+                              nnx.state(model, nnx.Param))
+  _assert_transformers_logits(model, directory)
+
+
+@pytest.mark.parametrize("size, expected", [
+    (123, 123), ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), (" 1.5 kb", 1500),
+    ("2GiB", 2 * 2**30)])
+def test_parse_size(size, expected):
+  assert hf_io.parse_size(size, "max_shard_size") == expected
+
+
+@pytest.mark.parametrize("size, error", [
+    ("5XB", ValueError), ("GB", ValueError), ("-1GB", ValueError), (0, ValueError),
+    (1.5, TypeError), (True, TypeError), (None, TypeError)])
+def test_bad_max_shard_size_writes_nothing(tmp_path, size, error):
+  with pytest.raises(error, match="max_shard_size="):
+    save_hf(random_model(CONFIGS["llama"]), tmp_path / "ckpt", max_shard_size=size)
+  assert _leftovers(tmp_path) == []
+
+
+QWEN2_UNTIED = qwen2_tiny(**SMALL, layer_windows=(None, 8))  # biases and lm_head
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+def test_read_block_is_the_block_of_the_converted_tensor(data):
+  """Any block of any tensor, read alone, equals that block of the whole
+  converted tensor; cutting only the first dimension of each HF dimension's
+  run (how shardings cut) reads exactly the block's elements."""
+  table = tensor_table(QWEN2_UNTIED)
+  spec = table[data.draw(st.integers(0, len(table) - 1))]
+  model = nnx.eval_shape(lambda: CausalLM(QWEN2_UNTIED, rngs=nnx.Rngs(0)))
+  shape = _variable_shape(model, spec.path)
+  stored = np.random.default_rng(0).normal(size=spec.hf_shape).astype(np.float32)
+  whole = (stored.T if spec.transposed else stored).reshape(shape)
+  index = []
+  for size in shape:
+    start = data.draw(st.integers(0, size - 1))
+    index.append(slice(start, data.draw(st.integers(start + 1, size))))
+  index = tuple(index)
+  reads = []
+  class Recorder:
+    def __getitem__(self, hf_index):
+      reads.append(stored[hf_index].size)
+      return stored[hf_index]
+  block = hf_io._read_block(Recorder(), spec, shape, index)
+  np.testing.assert_array_equal(block, whole[index])
+  # Sharding-like cut: one dimension, the first of its run.
+  dim = data.draw(st.integers(0, len(shape) - 1))
+  runs_first = {run[0] for run in hf_io._runs(shape, (
+      spec.hf_shape[::-1] if spec.transposed else spec.hf_shape))}
+  if dim in runs_first:
+    cut = tuple(index[d] if d == dim else slice(None) for d in range(len(shape)))
+    reads.clear()
+    np.testing.assert_array_equal(
+        hf_io._read_block(Recorder(), spec, shape, cut), whole[cut])
+    assert reads == [whole[cut].size]
+
+
+def _variable_shape(model, path):
+  return hf_io._variable(model, path).get_value().shape
+
+
+def test_load_onto_a_one_device_mesh_and_bad_meshes(tmp_path):
+  model = random_model(CONFIGS["qwen3"])
+  directory = save_hf(model, tmp_path / "ckpt")
+  mesh = sharding.make_mesh(1)
+  loaded = load_hf(directory, mesh=mesh)
+  chex.assert_trees_all_equal(nnx.state(loaded, nnx.Param),
+                              nnx.state(model, nnx.Param))
+  kernel = loaded.layers[0].mlp.gate_proj.kernel[...]
+  assert kernel.sharding == jax.sharding.NamedSharding(mesh, P("fsdp", None))
+  with pytest.raises(ValueError, match=r"mesh.axis_names=\('x',\).*missing \['data', 'fsdp'\]"):
+    load_hf(directory, mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)))
+  with pytest.raises(TypeError, match="mesh: expected a jax.sharding.Mesh"):
+    load_hf(directory, mesh="data,fsdp")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -147,7 +255,7 @@ def test_integer_tensor(saved):
   directory, tensors = saved
   name = "model.norm.weight"
   _rewrite(directory, {**tensors, name: tensors[name].astype(np.int32)})
-  with pytest.raises(ValueError, match=f"{name}.dtype=int32"):
+  with pytest.raises(ValueError, match=f"'{name}' has dtype I32"):
     load_hf(directory)
 
 

@@ -1,4 +1,5 @@
-"""Mesh and shardings; 8 simulated devices and 2 joined processes train like 1 device."""
+"""Mesh and shardings; 8 simulated devices and 2 joined processes train like 1 device;
+a HF checkpoint loads straight onto a 2 x 4 mesh."""
 
 import json
 import os
@@ -79,9 +80,9 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def run_worker(args: dict, env: dict) -> subprocess.Popen:
+def run_worker(args: dict, env: dict, script: str = WORKER) -> subprocess.Popen:
   env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-  return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(args)], cwd=ROOT,
+  return subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
@@ -130,3 +131,51 @@ def test_two_processes_match_one_process(tmp_path, single_device_losses):
     assert got["devices"] == 2 and got["mesh"] == {"data": 1, "fsdp": 2}
     assert got["spec"] == ["fsdp", None]
     np.testing.assert_allclose(got["losses"], single_device_losses, rtol=1e-5, atol=1e-5)
+
+
+# Loads one HF checkpoint unsharded and onto a 2 x 4 ("data", "fsdp") mesh.
+HF_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from flax import nnx
+    from swajax import sharding
+    from swajax.hf_io import load_hf
+    from tests.test_hf_io import forward, ids
+    directory = json.loads(sys.argv[1])["directory"]
+    mesh = sharding.make_mesh(4)
+    single, sharded = load_hf(directory), load_hf(directory, mesh=mesh)
+    params = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
+    x = ids(24)
+    shards = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
+    kernel = sharded.layers[0].mlp.gate_proj.kernel[...]
+    print(json.dumps({
+        "logits_diff": float(np.max(np.abs(np.asarray(forward(single, x))
+                                           - np.asarray(forward(sharded, x))))),
+        "params_equal": all(np.array_equal(np.asarray(a), np.asarray(b))
+                            for a, b in zip(params(single), params(sharded))),
+        "meshes": sorted({str(dict(a.sharding.mesh.shape)) for a in params(sharded)}),
+        "kernel_shape": list(kernel.shape),
+        "kernel_shards": shards(kernel),
+        "split_params": sum(shards(a) != [tuple(a.shape)] for a in params(sharded)),
+        "params": len(params(sharded)),
+    }))
+""")
+
+
+def test_hf_checkpoint_loads_onto_a_data_by_fsdp_mesh(tmp_path):
+  from swajax.hf_io import save_hf
+  from tests.test_hf_io import CONFIGS, random_model
+
+  directory = save_hf(random_model(CONFIGS["qwen2"]), tmp_path / "ckpt",
+                      max_shard_size="20KB")  # several files
+  proc = run_worker({"directory": str(directory)},
+                    {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"},
+                    script=HF_WORKER)
+  got = result_of(proc)
+  assert got["params_equal"] and got["logits_diff"] <= 1e-5, got
+  assert got["meshes"] == [str({"data": 2, "fsdp": 4})]
+  # gate_proj [D, F]: D split 4 ways over "fsdp", replicated over "data".
+  d, f = got["kernel_shape"]
+  assert got["kernel_shards"] == [[d // 4, f]]
+  # Every weight matrix is split (only norms and biases are replicated).
+  assert got["split_params"] == 2 * 7 + 1  # 7 per layer, the tied embedding
