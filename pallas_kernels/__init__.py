@@ -5,7 +5,8 @@ its dense oracle; `mask.visible` the one window predicate they all share.
 """
 
 from pallas_kernels.api import (IMPLS, reference_attention,
-                                sliding_window_attention, window_mask)
+                                sliding_window_attention, visited_blocks,
+                                window_mask)
 from pallas_kernels.decode_attention import DecodeBlockSizes, decode_attention
 from pallas_kernels.mask import Band, kv_block_range, q_block_range, visible
 
@@ -19,5 +20,6 @@ __all__ = [
     "reference_attention",
     "sliding_window_attention",
     "visible",
+    "visited_blocks",
     "window_mask",
 ]

@@ -1,14 +1,15 @@
-"""`sliding_window_attention`: validation, the feature table, and `impl=` dispatch."""
+"""`sliding_window_attention`: validation, the feature table, `impl=` dispatch, and
+the two pictures of what it computes: `window_mask` (pairs), `visited_blocks` (tiles)."""
 
 from __future__ import annotations
 
 import importlib
 
 import jax
-
 import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels.mask import dense_mask
+from pallas_kernels.mask import cdiv, dense_mask, kv_block_range
 from pallas_kernels.validation import (AttentionProblem, check_attention_args,
                                        check_window)
 
@@ -172,6 +173,38 @@ def window_mask(q_len, kv_len=None, *, window=None, causal=True,
           f"segment_ids.shape={tuple(segment_ids.shape)}: expected "
           f"[batch, {q_len}] with q_len == kv_len")
   return dense_mask(q_len, kv_len, band, segment_ids)
+
+
+def visited_blocks(q_len, kv_len=None, *, window=None, causal=True, block_q,
+                   block_k) -> np.ndarray:
+  """Which key blocks each query block visits: bool [cdiv(T, block_q), cdiv(S, block_k)].
+
+  Entry [i, j] is True iff key block j (keys j·block_k ... j·block_k + block_k - 1)
+  holds a key that some query of query block i sees, under the same arguments
+  and semantics as `sliding_window_attention` (segments aside: they only mask
+  inside the visited blocks). The blockwise paths (`"xla"`, `"pallas"`) visit
+  exactly these tiles and skip the rest; with a window each row has at most
+  cdiv(W - 1 + block_q, block_k) + 1 True entries, whatever the length. E.g.
+  T = S = 8, window=3, block_q = block_k = 2:
+
+      [[1, 0, 0, 0],
+       [1, 1, 0, 0],
+       [0, 1, 1, 0],
+       [0, 0, 1, 1]]
+  """
+  kv_len = q_len if kv_len is None else kv_len
+  for name, value in (("q_len", q_len), ("kv_len", kv_len),
+                      ("block_q", block_q), ("block_k", block_k)):
+    _check_length(name, value)
+  band = check_window(window, causal)
+  q_blocks = np.arange(cdiv(q_len, block_q))
+  lo, hi = kv_block_range(q_blocks, block_q=block_q, block_k=block_k,
+                          q_len=q_len, kv_len=kv_len, band=band)
+  # An unbounded side gives a Python int for every query block: broadcast it.
+  lo, hi = (np.broadcast_to(np.asarray(x), q_blocks.shape)[:, None]
+            for x in (lo, hi))
+  kv_blocks = np.arange(cdiv(kv_len, block_k))[None, :]
+  return (kv_blocks >= lo) & (kv_blocks < hi)
 
 
 def _check_length(name, value):

@@ -8,7 +8,7 @@ from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
                     qwen3_tiny)
 from models.kv_cache import KVCache, LayerCache, init_cache
 from pallas_kernels.api import (reference_attention, sliding_window_attention,
-                                window_mask)
+                                visited_blocks, window_mask)
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.mask import Band, kv_block_range
 from swajax.data import ByteTokenizer, pack_sequences
@@ -42,5 +42,6 @@ __all__ = [
     "save_hf",
     "sliding_window_attention",
     "train",
+    "visited_blocks",
     "window_mask",
 ]

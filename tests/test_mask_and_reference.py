@@ -1,5 +1,7 @@
 """The window predicate, the block band, input validation and the dense reference."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from pallas_kernels import (Band, reference_attention, sliding_window_attention,
-                            window_mask)
+                            visited_blocks, window_mask)
 from pallas_kernels.mask import block_fully_visible, kv_block_range, q_block_range, visible
 from pallas_kernels.validation import check_window
 from tests.attention_cases import make_inputs
@@ -132,6 +134,59 @@ def test_band_width_is_independent_of_sequence_length(seq_len):
   # Window 128 over 64-wide blocks: query block i spans keys back to
   # 64 i - 127, i.e. 3 key blocks, except where the sequence starts.
   assert visits == [1, 2] + [3] * (seq_len // 64 - 2)
+
+
+# (window, causal) of the four patterns: causal window, full causal, local
+# bidirectional (either side may be 0), full bidirectional.
+WINDOWS = st.one_of(
+    st.tuples(st.integers(1, 40), st.just(True)),
+    st.tuples(st.none(), st.booleans()),
+    st.tuples(st.tuples(st.integers(0, 40), st.integers(0, 40)), st.just(False)))
+
+
+@given(q_len=st.integers(1, 70), kv_len=st.integers(1, 70),
+       block_q=st.integers(1, 17), block_k=st.integers(1, 17),
+       window_causal=WINDOWS)
+def test_visited_blocks_are_the_tiles_with_a_visible_pair(
+    q_len, kv_len, block_q, block_k, window_causal):
+  window, causal = window_causal
+  mask = dense_mask(check_window(window, causal), q_len, kv_len)
+  nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
+  brute = np.array([[mask[i * block_q:(i + 1) * block_q,
+                          j * block_k:(j + 1) * block_k].any()
+                     for j in range(nk)] for i in range(nq)]).reshape(nq, nk)
+  visited = visited_blocks(q_len, kv_len, window=window, causal=causal,
+                           block_q=block_q, block_k=block_k)
+  assert visited.dtype == bool
+  np.testing.assert_array_equal(visited, brute)
+
+
+def test_visited_blocks_literal_and_window_skips_tiles():
+  expected = np.array([[1, 0, 0, 0],
+                       [1, 1, 0, 0],
+                       [0, 1, 1, 0],
+                       [0, 0, 1, 1]], bool)
+  np.testing.assert_array_equal(
+      visited_blocks(8, window=3, block_q=2, block_k=2), expected)
+  # Negative control: full causal visits the whole lower triangle of tiles.
+  np.testing.assert_array_equal(
+      visited_blocks(8, window=None, block_q=2, block_k=2),
+      np.tril(np.ones((4, 4), bool)))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(block_q=0), ValueError, "block_q=0"),
+    (dict(block_k=2.0), ValueError, "block_k=2.0"),
+    (dict(q_len=0), ValueError, "q_len=0"),
+    (dict(window=0), ValueError, "window=0"),
+    (dict(window=(2, 1)), ValueError, "causal=True"),
+    (dict(window=3, causal=False), ValueError, "causal=False"),
+    (dict(causal=1), TypeError, "causal=1"),
+])
+def test_visited_blocks_rejects_bad_arguments(kwargs, error, message):
+  args = {"q_len": 8, "window": 3, "block_q": 2, "block_k": 2, **kwargs}
+  with pytest.raises(error, match=re.escape(message)):
+    visited_blocks(args.pop("q_len"), **args)
 
 
 @pytest.mark.parametrize("window", [1, 3, 8, 100])
