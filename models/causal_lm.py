@@ -75,6 +75,8 @@ class CausalLM(nnx.Module):
           f"remat={remat!r}: expected one of {['none', *REMAT_POLICIES]}")
     self.config = config
     self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.attn_impl = attn_impl
     self.remat = remat
     self.embed = nnx.Embed(
         config.vocab_size, config.hidden_size, dtype=dtype,
@@ -98,6 +100,24 @@ class CausalLM(nnx.Module):
     k and v in `dtype` (default: the compute dtype)."""
     return init_cache(self.config, batch_size, max_len,
                       self.dtype if dtype is None else dtype)
+
+  def with_full_attention(self) -> "CausalLM":
+    """This model with every window removed: the negative control.
+
+    A `CausalLM` of `self.config.with_full_attention()` (every layer full
+    causal) with this model's dtype, param_dtype, attn_impl and remat, whose
+    variables hold this model's arrays: the same `jax.Array`s, no copy, no
+    initialisation (the twin is built abstractly, then filled). Its logits
+    equal this model's at positions < min(W) and differ past the window. The
+    two share arrays, not variables: updating one model's parameters later
+    (e.g. training it) leaves the other as it was.
+    """
+    config = self.config.with_full_attention()
+    twin = nnx.eval_shape(lambda: CausalLM(
+        config, dtype=self.dtype, param_dtype=self.param_dtype,
+        attn_impl=self.attn_impl, remat=self.remat, rngs=nnx.Rngs(0)))
+    nnx.update(twin, nnx.state(self))
+    return twin
 
   def __call__(self, input_ids, *, positions=None, segment_ids=None,
                cache=None):

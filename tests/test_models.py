@@ -80,6 +80,26 @@ def test_window_limits_receptive_field():
   assert np.all(diff_full > 1e-6), diff_full
 
 
+@pytest.mark.parametrize("family, tied", [("mistral", False), ("qwen2", True)])
+def test_with_full_attention_shares_params_and_drops_only_the_window(family, tied):
+  config = tiny(family, tie_word_embeddings=tied)  # windows (4, 4) / (None, 4)
+  model = CausalLM(config, attn_impl="reference", remat="full", rngs=nnx.Rngs(4))
+  full = model.with_full_attention()
+  assert full.config == config.with_full_attention()
+  assert [layer.attn.window for layer in full.layers] == [None, None]
+  assert [layer.attn.window for layer in model.layers] == list(config.layer_windows)
+  assert (full.attn_impl, full.remat) == ("reference", "full")
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  shared = jax.tree.leaves(nnx.state(full, nnx.Param))
+  assert len(shared) == len(params)
+  assert all(a is b for a, b in zip(shared, params))  # the same arrays, no copy
+  x = tokens(7, 2, 12)
+  logits, logits_full = forward(model, x), forward(full, x)
+  # Positions 0..W-1 see all their keys either way; past W the window matters.
+  chex.assert_trees_all_close(logits_full[:, :4], logits[:, :4], atol=1e-6, rtol=0)
+  assert float(jnp.abs(logits_full[:, 4:] - logits[:, 4:]).max()) > 1e-3
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_packed_segments_equal_separate_documents(family):
   config = tiny(family)
