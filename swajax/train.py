@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import models
 from pallas_kernels import IMPLS
 from swajax import data as data_lib
 from swajax import sharding as sharding_lib
@@ -40,9 +41,11 @@ REMAT = ("none", "full", "dots_saveable")
 class TrainConfig:
   """Everything a training run depends on; every field is a `swajax train` flag."""
 
-  # Model: a preset function of `models` plus ModelConfig field overrides, or
-  # a Hugging Face checkpoint folder to fine-tune (then `model` is ignored).
-  model: str = "mistral_tiny"
+  # Model: the name of a preset function of `models` plus ModelConfig field
+  # overrides; or a ModelConfig itself (Python, or a table of its fields in a
+  # config file), which takes no overrides (use dataclasses.replace); or a
+  # Hugging Face checkpoint folder to fine-tune (then `model` is ignored).
+  model: str | models.ModelConfig = "mistral_tiny"
   model_overrides: tuple[tuple[str, Any], ...] = ()
   init_from_hf: str | None = None
   attn_impl: str = "auto"
@@ -91,6 +94,11 @@ class TrainConfig:
         raise ValueError(f"{field.name}={value!r}: expected {_type_name(hints[field.name])}")
     object.__setattr__(self, "model_overrides", tuple(
         (str(k), _hashable(v)) for k, v in dict(self.model_overrides).items()))
+    if isinstance(self.model, models.ModelConfig) and self.model_overrides:
+      raise ValueError(
+          f"model_overrides={dict(self.model_overrides)!r} with a ModelConfig "
+          "model: expected none (overrides apply to a preset name; change the "
+          "ModelConfig with dataclasses.replace)")
     for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
                  "eval_batches", "fsdp", "checkpoint_every", "keep_checkpoints",
                  "corpus_max_bytes"):
@@ -114,25 +122,36 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, values: dict) -> "TrainConfig":
-    """From a TOML/YAML/JSON mapping; unknown keys are errors."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"{unknown[0]}={values[unknown[0]]!r}: not a TrainConfig "
-                       f"field (fields: {', '.join(sorted(names))})")
+    """From a TOML/YAML/JSON mapping (e.g. a run's config.json); unknown keys
+    are errors. A mapping under `model` is the fields of a ModelConfig."""
+    _check_field_names(cls, values, "")
     values = dict(values)
     if isinstance(values.get("model_overrides"), dict):
       values["model_overrides"] = tuple(values["model_overrides"].items())
+    if isinstance(values.get("model"), dict):
+      _check_field_names(models.ModelConfig, values["model"], "model.")
+      values["model"] = models.ModelConfig(**values["model"])
     return cls(**values)
 
   def to_dict(self) -> dict:
-    out = dataclasses.asdict(self)
+    """JSON-ready: model_overrides as a mapping, a ModelConfig model as the
+    mapping of its fields; `from_dict` rebuilds an equal config."""
+    out = dataclasses.asdict(self)  # a ModelConfig model becomes its fields
     out["model_overrides"] = dict(self.model_overrides)
     return out
 
   @property
   def tokens_per_step(self) -> int:
     return self.grad_accum * self.batch_size * self.seq_len
+
+
+def _check_field_names(cls, values: dict, prefix: str) -> None:
+  """Raises ValueError for a key of `values` that is not a field of `cls`."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"{prefix}{unknown[0]}={values[unknown[0]]!r}: not a "
+                     f"{cls.__name__} field (fields: {', '.join(sorted(names))})")
 
 
 def _is_int(value) -> bool:
@@ -152,6 +171,8 @@ def _has_type(value, hint) -> bool:
     return isinstance(value, bool)
   if hint is str:
     return isinstance(value, str)
+  if hint is models.ModelConfig:
+    return isinstance(value, models.ModelConfig)
   if typing.get_origin(hint) is tuple:  # model_overrides: pairs or a dict
     try:
       return all(isinstance(k, str) for k in dict(value))
@@ -164,7 +185,7 @@ def _type_name(hint) -> str:
   if typing.get_origin(hint) is tuple:
     return "a mapping of ModelConfig field names to values"
   names = {int: "an int", float: "a float", str: "a string", bool: "a bool",
-           type(None): "None"}
+           type(None): "None", models.ModelConfig: "a ModelConfig"}
   return " or ".join(names[a] for a in (typing.get_args(hint) or (hint,)))
 
 
@@ -223,10 +244,11 @@ def make_optimizer(config: TrainConfig, params) -> optax.GradientTransformation:
 # Model and train state
 # ----------------------------------------------------------------------------
 
-def model_config_for(config: TrainConfig):
-  """The `models.ModelConfig` of a fresh run: preset(**model_overrides)."""
-  import models  # swajax -> models, imported when a model is first needed
-
+def model_config_for(config: TrainConfig) -> models.ModelConfig:
+  """The `models.ModelConfig` of a fresh run: `config.model` when it is one,
+  else preset(**model_overrides)."""
+  if isinstance(config.model, models.ModelConfig):
+    return config.model
   preset = getattr(models, config.model, None)
   if not config.model.endswith("_tiny") or not callable(preset):
     presets = sorted(n for n in dir(models) if n.endswith("_tiny"))
@@ -283,8 +305,6 @@ def init_model(config: TrainConfig, mesh):
 def _create(spec):
   """(graphdef, params, rest) of CausalLM for spec = (ModelConfig, seed, dtype,
   param_dtype, attn_impl, remat): hashable, a static jit argument."""
-  import models  # swajax -> models, imported when a model is first needed
-
   model_config, seed, dtype, param_dtype, attn_impl, remat = spec
   model = models.CausalLM(model_config, rngs=nnx.Rngs(seed), dtype=DTYPES[dtype],
                           param_dtype=DTYPES[param_dtype], attn_impl=attn_impl,

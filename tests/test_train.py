@@ -50,6 +50,7 @@ def tiny_train_config(out, **overrides) -> TrainConfig:
     ("train_prompt", "yes", "expected a bool"),
     ("warmup_steps", -1, "expected an int >= 0"),
     ("model_overrides", 5, "expected a mapping"),
+    ("model", 5, "expected a string or a ModelConfig"),
 ])
 def test_config_rejects_bad_values(field, value, match):
   with pytest.raises(ValueError, match=f"{field}={value!r}: {match}"):
@@ -65,6 +66,22 @@ def test_config_from_dict():
   assert TrainConfig.from_dict(config.to_dict()) == config
   with pytest.raises(ValueError, match="stepz=10: not a TrainConfig field"):
     TrainConfig.from_dict({"stepz": 10})
+
+
+def test_config_takes_a_model_config():
+  model = models.qwen2_tiny(num_layers=2, rope_scaling={"rope_type": "linear", "factor": 2.0})
+  config = TrainConfig(model=model, steps=3)
+  assert train_lib.model_config_for(config) is model
+  hash(config)
+  # config.json holds the ModelConfig as a table of its fields (tuples as lists).
+  saved = json.loads(json.dumps(config.to_dict()))
+  assert saved["model"]["layer_windows"] == [None, 128]
+  assert TrainConfig.from_dict(saved) == config
+  with pytest.raises(ValueError, match=r"model_overrides=\{'num_layers': 1\} with a "
+                     "ModelConfig model: expected none"):
+    TrainConfig(model=model, model_overrides={"num_layers": 1})
+  with pytest.raises(ValueError, match="model.windows=8: not a ModelConfig field"):
+    TrainConfig.from_dict({"model": {**saved["model"], "windows": 8}})
 
 
 def test_model_preset_checked():
@@ -185,6 +202,19 @@ def test_resume_is_exact(tmp_path, full_run):
                 if p.name.isdigit()) == ["3", "6"]
   with pytest.raises(ValueError, match="already holds checkpoints"):
     train_lib.train(config)
+
+
+def test_model_config_run_resumes_from_its_config_json(tmp_path, full_run):
+  """model=ModelConfig trains as the equal preset + overrides, and its run
+  folder's config.json alone rebuilds it for a resume (`swajax train --resume`)."""
+  config = dataclasses.replace(tiny_train_config(tmp_path), model_overrides=(),
+                               model=models.mistral_tiny(**TINY_MODEL))
+  first = train_lib.train(config, until_step=3)
+  saved = TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+  assert saved == config
+  second = train_lib.train(saved, resume=True)
+  assert [r["loss"] for r in first.history + second.history] == [
+      r["loss"] for r in full_run.history]  # exactly
 
 
 def test_fine_tune_from_hf_checkpoint(tmp_path, full_run):
