@@ -1,5 +1,6 @@
 """Benchmarks run end to end at tiny sizes: CLI dispatch, JSON, plot, GPU script."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,6 +28,45 @@ def test_in_window_pairs_counts_the_mask(seq_len, window):
   pos = np.arange(seq_len)
   mask = visible(pos[:, None], pos[None, :], Band(window - 1, 0))
   assert attention.in_window_pairs(seq_len, window) == int(np.sum(mask))
+
+
+def test_attention_keyword_api_returns_the_payload():
+  payload = attention.benchmark(seq_lens=[64], windows=(8,), impls=("xla", "cudnn"),
+                                modes=("fwd",), heads=2, kv_heads=1, head_dim=16,
+                                repeats=1)
+  assert set(payload) == {"machine", "config", "matmul_flops_per_s", "results"}
+  config = payload["config"]
+  assert config == dataclasses.asdict(attention.Settings(**config))
+  assert (config["seq_lens"], config["dtype"], config["batch"]) == ((64,), "float32", 1)
+  xla, cudnn = payload["results"]
+  assert (xla["impl"], xla["seq_len"], xla["window"]) == ("xla", 64, 8)
+  assert xla["time_s"] > 0 and xla["tflops"] > 0
+  assert cudnn["time_s"] is None and cudnn["skipped"] == "needs a GPU"
+
+
+def test_attention_cli_flags_are_the_keyword_arguments():
+  settings, _ = attention.parse_args([])
+  assert settings == {}  # every default comes from Settings
+  settings, args = attention.parse_args(
+      ["--smoke", "--seq-lens", "64", "96", "--dtype", "bfloat16", "--out", "a.json"])
+  assert settings == {**attention.SMOKE, "seq_lens": [64, 96], "dtype": "bfloat16"}
+  assert args.out == "a.json"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(seq_lens=128), ValueError, "seq_lens=128: expected a non-empty sequence"),
+    (dict(windows=(16, 0)), ValueError, r"windows=\(16, 0\): expected ints >= 1"),
+    (dict(impls=("xla", "flash")), ValueError, "impls=.*expected entries from"),
+    (dict(modes=()), ValueError, r"modes=\(\): expected a non-empty sequence"),
+    (dict(dtype="fp8"), ValueError, "dtype='fp8': expected one of"),
+    (dict(repeats=0), ValueError, "repeats=0: expected an int >= 1"),
+    (dict(heads=3), ValueError, "heads=3, kv_heads=8: expected heads to be a multiple"),
+    (dict(max_dense_bytes=-1), ValueError, "max_dense_bytes=-1: expected a number > 0"),
+    (dict(seq_len=128), TypeError, "seq_len"),
+])
+def test_attention_settings_reject_bad_values(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    attention.benchmark(**kwargs)
 
 
 def test_attention_smoke_writes_json_and_plot(tmp_path):
