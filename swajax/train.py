@@ -274,23 +274,22 @@ def init_model(config: TrainConfig, mesh):
 
   state = {"params", "opt_state", "step"}; rest = the model's non-parameter
   state. A fresh model is initialised inside jit straight into its shardings;
-  an HF checkpoint is loaded on the host and placed shard by shard.
+  an HF checkpoint is read by `load_hf(mesh=)` straight into the shardings.
   """
   if config.init_from_hf is not None:
-    # load_hf takes one dtype: load the weights in param_dtype, then move them
-    # into a model built with this run's compute dtype, remat and attn_impl.
+    # load_hf takes one dtype: load the weights in param_dtype, each device
+    # reading its own block, then use them in a model built with this run's
+    # compute dtype, remat and attn_impl.
     from swajax.hf_io import load_hf
 
     loaded = load_hf(config.init_from_hf, dtype=DTYPES[config.param_dtype],
-                     attn_impl=config.attn_impl)
+                     attn_impl=config.attn_impl, mesh=mesh)
     spec = (loaded.config, config.seed, config.dtype, config.param_dtype,
             config.attn_impl, config.remat)
     graphdef = nnx.eval_shape(lambda: _create(spec))[0]
     _, params, rest = nnx.split(loaded, nnx.Param, ...)
-    to_mesh = lambda tree, shardings: jax.tree.map(
-        lambda x, s: sharding_lib.global_array(np.asarray(x), s), tree, shardings)
-    params = to_mesh(params, sharding_lib.state_shardings(params, mesh))
-    rest = to_mesh(rest, jax.tree.map(lambda _: NamedSharding(mesh, P()), rest))
+    rest = jax.tree.map(lambda x: sharding_lib.global_array(
+        np.asarray(x), NamedSharding(mesh, P())), rest)
   else:
     spec = (model_config_for(config), config.seed, config.dtype, config.param_dtype,
             config.attn_impl, config.remat)
