@@ -84,6 +84,20 @@ def test_attention_smoke_writes_json_and_plot(tmp_path):
   assert png.stat().st_size > 1000
 
 
+def test_train_bench_times_sliding_and_full(tmp_path):
+  out = tmp_path / "t.json"
+  assert bench.main(["train", "--seq-len", "128", "--window", "32",
+                     "--model-overrides", "num_layers=1", "--repeats", "1",
+                     "--out", str(out)]) == 0
+  payload = json.loads(out.read_text())
+  assert payload["model"]["layer_windows"] == [32]
+  rows = {r["attention"]: r for r in payload["rows"]}
+  assert rows["sliding"]["layer_windows"] == [32]
+  assert rows["full"]["layer_windows"] == [None]
+  assert all(r["step_ms"] > 0 and r["seq_len"] == 128 for r in rows.values())
+  assert rows["full"]["speedup"] == 1.0
+
+
 def test_gpu_check_smoke_mode(tmp_path):
   env = dict(os.environ, SMOKE="1", PYTHON=sys.executable, PYTHONPATH=REPO)
   run = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)],

@@ -81,15 +81,16 @@ def main(argv: list[str]) -> int:
   variants = [("sliding", args.window, sliding), ("full", None, sliding.with_full_attention())]
   rows = []
   for name, window, model_config in variants:
-    fields = {f: getattr(model_config, f) for f in ("layer_windows", "max_position_embeddings")}
     config = TrainConfig(
-        model_overrides={**overrides, **fields}, seq_len=args.seq_len,
+        model=model_config, seq_len=args.seq_len,
         batch_size=args.batch_size, dtype=args.dtype, attn_impl=args.attn_impl,
         remat=args.remat, warmup_steps=0, steps=2)
     print(f"timing {name} attention (T={args.seq_len}, window={window})...",
           file=sys.stderr, flush=True)
     timing = step_time(config, args.repeats)
-    rows.append(dict(attention=name, window=window, seq_len=args.seq_len,
+    rows.append(dict(attention=name, window=window,
+                     layer_windows=list(model_config.layer_windows),
+                     seq_len=args.seq_len,
                      batch=args.batch_size, step_ms=timing.median_s * 1e3,
                      tokens_per_s=args.batch_size * args.seq_len / timing.median_s,
                      repeats=timing.repeats, temp_bytes=timing.temp_bytes))
