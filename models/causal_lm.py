@@ -96,8 +96,9 @@ class CausalLM(nnx.Module):
           rngs=rngs)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    """An empty `KVCache`: W slots per sliding layer, max_len per full layer;
-    k and v in `dtype` (default: the compute dtype)."""
+    """An empty `KVCache` for up to max_len positions: min(W, max_len) slots
+    per sliding layer, max_len per full layer (`kv_cache.cache_slots`); k and
+    v in `dtype` (default: the compute dtype)."""
     return init_cache(self.config, batch_size, max_len,
                       self.dtype if dtype is None else dtype)
 

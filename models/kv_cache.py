@@ -1,5 +1,6 @@
 """KV cache for generation: a rolling ring buffer per sliding layer, a linear
-buffer per full-attention layer, and attention of new tokens against it.
+buffer per full-attention layer (or sliding layer longer than the
+generation), and attention of new tokens against it.
 
 Design: an explicit pytree (frozen dataclasses registered with
 `jax.tree_util.register_dataclass`), not an nnx variable collection. The cache
@@ -8,13 +9,18 @@ functions of (parameters, cache, tokens) with static shapes: `jax.jit` traces
 the decode step once and can donate the cache buffers.
 
 Every slot stores its token's absolute position (-1 = empty), and token p is
-written to slot p % C. One layout rule serves both kinds of layer:
-  sliding layer (window W): C = W slots whatever max_len is (a ring: once
-    wrapped, slots hold out-of-order positions; memory O(W));
-  full layer: C = max_len slots, so p % C = p (a linear buffer).
-Which slots a query sees is decided from positions only, by
-`pallas_kernels.decode_attention` (`mask.visible`, the one window rule), so
-neither slot order nor padding needs to be tracked.
+written to slot p % C, with C = `cache_slots(window, max_len)`: min(W, max_len)
+for a sliding layer of window W, max_len for a full layer. Two layouts follow:
+  ring (C >= W): once wrapped, slots hold out-of-order positions, and the
+    slot a token overwrites held position p - C, already out of the window;
+    no length limit, memory O(W);
+  linear buffer (full layer, or C < W): p % C = p for the positions 0..C-1 it
+    holds exactly; a query at a position >= C would miss in-window keys, so
+    its output is NaN (never a silently truncated attention).
+`position_limit` is the one place of that distinction. Which slots a query
+sees is decided from positions only, by `pallas_kernels.decode_attention`
+(`mask.visible`, the one window rule), so neither slot order nor padding
+needs to be tracked.
 
 Dimension letters: B batch, T new tokens, C cache slots, K kv heads, N query
 heads, H head dim, W window.
@@ -79,35 +85,42 @@ class LayerCache:
     query rows of a kv head in one tile, a size meant for decoding.
     Returns (out [B, T, N, H], the updated cache).
 
-    Full layer: the new tokens are written first, then attended with the
-    cache. A query at a position >= C (past max_len) returns NaN: a linear
-    buffer never drops keys silently. Sliding layer with T = 1: written
-    first (the overwritten slot held position p - W, out of the window).
-    Sliding layer with T > 1: the queries attend to the cache's previous
-    contents concatenated with the new tokens (C + T keys), then only the
-    last W are written, so a chunk of any length sees all its in-window keys.
+    T = 1: the token is written first, then attended with the cache (in a
+    ring the overwritten slot held position p - C, out of the window).
+    T > 1: the queries attend to the cache's previous contents concatenated
+    with the new tokens (C + T keys), then only the last C are written, so a
+    chunk of any length sees all its in-window keys.
+    Linear buffer (`position_limit` not None): a query at a position >= C
+    returns NaN, as it would miss in-window keys, which are never dropped
+    silently. Its token is then dropped as a key (k, v zeroed, not written),
+    so the buffer keeps positions 0..C-1 and the earlier queries of a chunk
+    stay exact: only NaN queries could see it, and its k, v may be NaN
+    already (from the layer below).
     """
-    if window is not None and self.num_slots < window:
-      raise ValueError(
-          f"cache slots C={self.num_slots} < window={window}: a sliding "
-          "layer's ring must hold the whole window (use init_cache)")
     if q.shape[1] > 1:
       impl = "reference" if impl == "reference" else "xla"
     elif impl != "auto" and impl not in DECODE_IMPLS:
       impl = "auto"
+    q_positions = positions
+    limit = position_limit(window, self.num_slots)
+    if limit is not None:
+      past = positions >= limit  # (B, T)
+      positions = jnp.where(past, -1, positions)
+      k_new, v_new = (jnp.where(past[:, :, None, None], 0, x)
+                      for x in (k_new, v_new))
     attend = lambda keys, values, kv_pos: decode_attention(
-        q, keys, values, q_positions=positions, kv_positions=kv_pos,
+        q, keys, values, q_positions=q_positions, kv_positions=kv_pos,
         window=window, impl=impl)
-    if window is not None and q.shape[1] > 1:
+    if q.shape[1] > 1:
       out = attend(jnp.concatenate([self.k, k_new.astype(self.k.dtype)], 1),
                    jnp.concatenate([self.v, v_new.astype(self.v.dtype)], 1),
                    jnp.concatenate([self.positions, positions], 1))
-      return out, self.write(k_new, v_new, positions)
-    cache = self.write(k_new, v_new, positions)
-    out = attend(cache.k, cache.v, cache.positions)
-    if window is None:
-      overflow = (positions >= self.num_slots)[:, :, None, None]
-      out = jnp.where(overflow, jnp.nan, out)
+      cache = self.write(k_new, v_new, positions)
+    else:
+      cache = self.write(k_new, v_new, positions)
+      out = attend(cache.k, cache.v, cache.positions)
+    if limit is not None:
+      out = jnp.where(past[:, :, None, None], jnp.nan, out)
     return out, cache
 
 
@@ -120,15 +133,28 @@ class KVCache:
 
 
 def cache_slots(window: int | None, max_len: int) -> int:
-  """Slots of one layer's cache: W for a sliding layer, max_len for a full one."""
-  return max_len if window is None else window
+  """Slots C of one layer's cache for sequences of up to max_len positions:
+  min(W, max_len) for a sliding layer of window W, max_len for a full one."""
+  return max_len if window is None else min(window, max_len)
+
+
+def position_limit(window: int | None, num_slots: int) -> int | None:
+  """Positions a layer's cache of C = num_slots slots holds exactly.
+
+  None (no limit) for a ring, C >= W; C for a linear buffer (window None, or
+  C < W), whose queries at positions >= C would miss in-window keys.
+  """
+  return None if window is not None and num_slots >= window else num_slots
 
 
 def init_cache(config, batch_size: int, max_len: int, dtype) -> KVCache:
   """An empty cache (k, v zeros, positions -1) for `config`'s layers.
 
   config: a `ModelConfig`; batch_size: B; max_len: the longest sequence
-  (prompt + generated tokens) a full-attention layer must hold; dtype: k, v.
+  (prompt + generated tokens) to generate; dtype: k, v. Each layer gets
+  `cache_slots(window, max_len)` slots: a layer with fewer slots than its
+  window (every full layer, and a sliding one when max_len < W) holds
+  positions 0..max_len-1 only (`position_limit`).
   """
   for name, value in (("batch_size", batch_size), ("max_len", max_len)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

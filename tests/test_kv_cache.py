@@ -4,8 +4,10 @@ Tiny random Mistral (every layer sliding) and Qwen2 (full + sliding layers)
 models run sequences of more than 3 windows (each ring wraps several times);
 one left-padded batch holds prompts shorter than, equal to and longer than
 the window, prefilled in one shot or in chunks, then decoded token by token.
-Weights are drawn at scale 0.1 (not the 0.02 init) so that attention to a
-wrong key moves the logits well past the tolerance (the negative control).
+The same with a window longer than the sequences (WIDE: max_len < W, so the
+sliding layers get linear buffers of max_len slots). Weights are drawn at
+scale 0.1 (not the 0.02 init) so that attention to a wrong key moves the
+logits well past the tolerance (the negative control).
 """
 
 import functools
@@ -18,28 +20,31 @@ import pytest
 from flax import nnx
 
 from models import CausalLM, mistral_tiny, qwen2_tiny
-from models.kv_cache import KVCache, LayerCache, cache_bytes, init_cache
+from models.kv_cache import (KVCache, LayerCache, cache_bytes, init_cache,
+                             position_limit)
 
 W = 8
+WIDE = 64  # a window longer than every test sequence
 DECODE_STEPS = 3 * W + 4  # every row decodes past 3 windows
 PROMPT_LENGTHS = (W - 3, W, 2 * W + 3)  # below, equal to and above W
 TOLERANCE = 1e-4  # fp32 logits
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96,
              num_q_heads=4, num_kv_heads=2, head_dim=16)
 CONFIGS = {
-    "mistral": lambda: mistral_tiny(**SMALL, num_layers=2, layer_windows=(W, W)),
-    "qwen2": lambda: qwen2_tiny(**SMALL, num_layers=3,
-                                layer_windows=(None, W, W)),
+    "mistral": lambda w: mistral_tiny(**SMALL, num_layers=2,
+                                      layer_windows=(w, w)),
+    "qwen2": lambda w: qwen2_tiny(**SMALL, num_layers=3,
+                                  layer_windows=(None, w, w)),
 }
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(family, *, attn_impl="xla", full_attention=False):
+def tiny_model(family, *, window=W, attn_impl="xla", full_attention=False):
   """A random model: weights N(0, 0.1²), norm weights 1 + N(0, 0.1²).
 
   Cached: tests only read it.
   """
-  config = CONFIGS[family]()
+  config = CONFIGS[family](window)
   if full_attention:
     config = config.with_full_attention()
   model = CausalLM(config, attn_impl=attn_impl, rngs=nnx.Rngs(0))
@@ -121,11 +126,18 @@ def compare(incremental, reference):
   return max(errors)
 
 
+@pytest.mark.parametrize("window", [W, WIDE])
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_prefill_and_decode_equal_full_forward(family):
-  """One-shot prefill, and chunks of 5 (a chunk boundary inside the window)."""
-  model = tiny_model(family)
+def test_prefill_and_decode_equal_full_forward(family, window):
+  """One-shot prefill, and chunks of 5 (a chunk boundary inside the window).
+
+  window W: rings that wrap; WIDE: linear buffers of max_len < W slots.
+  """
+  model = tiny_model(family, window=window)
   seqs = make_batch()
+  slots = {layer.num_slots for layer in model.init_cache(1, seqs.shape[1]).layers}
+  assert slots == ({seqs.shape[1]} if window == WIDE else
+                   {W, seqs.shape[1]} if family == "qwen2" else {W})
   reference = reference_logits(model, seqs)
   for chunk in (max(PROMPT_LENGTHS), 5):
     error = compare(incremental_logits(model, seqs, chunk=chunk), reference)
@@ -177,14 +189,22 @@ def test_chunk_write_keeps_last_slots_and_skips_padding():
                               jnp.asarray([[4, 5, 6, 3], [0, 1, -1, -1]]))
 
 
-@pytest.mark.parametrize("max_len", [W, 10 * W, 1000 * W])
-def test_sliding_layer_has_window_slots_whatever_max_len(max_len):
-  cache = jax.eval_shape(lambda: init_cache(CONFIGS["qwen2"](), 3, max_len,
+@pytest.mark.parametrize("max_len, slots", [(3, 3), (W - 1, W - 1), (W, W),
+                                             (10 * W, W), (1000 * W, W)])
+def test_sliding_layer_has_min_of_window_and_max_len_slots(max_len, slots):
+  cache = jax.eval_shape(lambda: init_cache(CONFIGS["qwen2"](W), 3, max_len,
                                             jnp.bfloat16))
   chex.assert_shape(cache.layers[0].k, (3, max_len, 2, 16))  # full layer
   for layer in cache.layers[1:]:  # sliding layers
-    chex.assert_shape([layer.k, layer.v], (3, W, 2, 16))
-    chex.assert_shape(layer.positions, (3, W))
+    chex.assert_shape([layer.k, layer.v], (3, slots, 2, 16))
+    chex.assert_shape(layer.positions, (3, slots))
+
+
+@pytest.mark.parametrize("window, slots, limit", [
+    (None, 5, 5), (W, W - 1, W - 1), (W, W, None), (W, W + 1, None)])
+def test_position_limit(window, slots, limit):
+  """Linear buffers (full layer, or fewer slots than the window) are limited."""
+  assert position_limit(window, slots) == limit
 
 
 def test_cache_bytes_for_4096_tokens_window_256():
@@ -203,8 +223,30 @@ def test_cache_bytes_for_4096_tokens_window_256():
   assert cache_bytes(full) == 4259840
 
 
-def test_full_layer_past_max_len_is_nan_not_truncated():
-  model = tiny_model("qwen2")
+@pytest.mark.parametrize("max_len, expected", [
+    # max_len < W: 4 * (2 * 100 * 2 * 32 * 2 + 100 * 4), as a full cache
+    (100, 104000),
+    # max_len = W: 4 * (2 * 256 * 2 * 32 * 2 + 256 * 4), the ring
+    (256, 266240),
+    # max_len > W: the ring again, whatever max_len
+    (300, 266240),
+])
+def test_cache_bytes_around_the_window(max_len, expected):
+  """mistral_tiny (4 layers, K=2, H=32) with W=256, bf16, batch 1: a short
+  generation allocates no more than it needs (min(W, max_len) slots)."""
+  config = mistral_tiny(layer_windows=(256,) * 4)
+  rolling = jax.eval_shape(lambda: init_cache(config, 1, max_len, jnp.bfloat16))
+  full = jax.eval_shape(lambda: init_cache(config.with_full_attention(), 1,
+                                           max_len, jnp.bfloat16))
+  assert cache_bytes(rolling) == expected
+  assert cache_bytes(rolling) == min(cache_bytes(full), 266240)
+
+
+@pytest.mark.parametrize("window", [W, WIDE])
+def test_linear_buffer_past_max_len_is_nan_not_truncated(window):
+  """max_len=4: qwen2's full layer (W=8), and every layer (W=64) are linear
+  buffers of 4 slots; a query at position 4 would miss in-window keys."""
+  model = tiny_model("qwen2", window=window)
   graphdef, state = nnx.split(model)
   cache = model.init_cache(1, 4)
   ids = jnp.zeros((1, 1), jnp.int32)
@@ -216,23 +258,37 @@ def test_full_layer_past_max_len_is_nan_not_truncated():
   assert np.isnan(np.asarray(logits)).all()
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_chunk_past_max_len_is_exact_then_nan(family):
+  """A 7-token chunk into linear buffers of 4 slots (W=64): the queries at
+  positions 0..3 equal the full forward (their keys are not lost to the
+  chunk's later writes), those at 4..6 are NaN; the buffers keep 0..3."""
+  model = tiny_model(family, window=WIDE)
+  graphdef, state = nnx.split(model)
+  ids = make_batch()[:1, :7]
+  positions = jnp.arange(7, dtype=jnp.int32)[None]
+  logits, cache = cached_forward(graphdef, state, model.init_cache(1, 4), ids,
+                                 positions)
+  reference = reference_logits(model, ids)
+  logits = np.asarray(logits)
+  assert np.abs(logits[:, :4] - reference[:, :4]).max() <= TOLERANCE
+  assert np.isnan(logits[:, 4:]).all()
+  for layer in cache.layers:
+    chex.assert_trees_all_equal(layer.positions, jnp.asarray([[0, 1, 2, 3]]))
+    assert np.isfinite(np.asarray(layer.v)).all()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(), "positions=None"),
     (dict(positions=jnp.zeros((1, 2), jnp.int32),
           segment_ids=jnp.zeros((1, 2), jnp.int32)), "segment_ids"),
     (dict(positions=jnp.zeros((1, 2), jnp.int32), layers=1), "KVCache of 3"),
-    (dict(positions=jnp.zeros((1, 2), jnp.int32), slots=W - 1), "window"),
 ])
 def test_cached_call_errors(kwargs, match):
   model = tiny_model("qwen2")
   cache = model.init_cache(1, 16)
   if "layers" in kwargs:
     cache = KVCache(cache.layers[:kwargs.pop("layers")])
-  if "slots" in kwargs:
-    cache = init_cache(model.config, 1, 16, jnp.float32)
-    slots = kwargs.pop("slots")
-    small = jax.tree.map(lambda x: x[:, :slots], cache.layers[1])
-    cache = KVCache((cache.layers[0], small, cache.layers[2]))
   with pytest.raises(ValueError, match=match):  # raised while tracing
     jax.eval_shape(lambda: model(jnp.zeros((1, 2), jnp.int32), cache=cache,
                                  **kwargs))
