@@ -2,9 +2,13 @@
 `generate_stream`.
 
 Prompts are prefilled in chunks of at most `prefill_chunk` tokens (every chunk
-of a call has one static shape, so one compile), then a jitted single-token
-decode step runs once per new token; it is traced once for a whole generation
-(`TRACE_COUNTS` records the traces, for the tests).
+of a call has one static shape, so one compile). Then one decode step
+(`_step`: the model on the last token, then `_pick`) per new token:
+`generate_stream` runs it as a jitted single-token program, syncing with the
+host to yield each token; `generate` runs all steps in one jitted
+`lax.while_loop` on the device, writing into a [B, max_new_tokens] buffer.
+Both trace once per (shapes, options) (`TRACE_COUNTS` records the traces, for
+the tests) and give the same tokens.
 
 Padding: a batch of prompts of different lengths is LEFT-padded (the usual
 choice for decoder-only generation): row b holds its prompt_lengths[b] tokens
@@ -31,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.kv_cache import KVCache
+from models.kv_cache import KVCache, cache_slots, position_limit
 from swajax.sampling import check_sampling_args, sample_next_token
 
-# Traces of the jitted prefill chunk and decode step ("prefill", "decode").
+# Traces of the jitted prefill chunk, single decode step and decode loop
+# ("prefill", "decode", "decode_loop").
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
@@ -65,22 +70,62 @@ def _first_token(logits, done, key, *, temperature, top_k, top_p, eos):
                top_p=top_p, eos=eos)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature",
-                                             "top_k", "top_p", "eos"),
-                   donate_argnames=("cache",))
-def _decode_step(graphdef, state, cache: KVCache, token, position, done, key,
-                 step, *, temperature, top_k, top_p, eos):
-  """Feeds token [B] at position [B]; samples with fold_in(key, step).
-
-  Returns (next token [B], cache, position + 1, done [B]).
-  """
-  TRACE_COUNTS["decode"] += 1
+def _step(graphdef, state, cache: KVCache, token, position, done, key, step,
+          *, temperature, top_k, top_p, eos):
+  """One decode step: feeds token [B] at position [B], samples the next one
+  with fold_in(key, step). Returns (next token [B], cache, position + 1,
+  done [B]). Shared by `_decode_step` and the body of `_decode_loop`."""
   logits, cache = nnx.merge(graphdef, state)(
       token[:, None], positions=position[:, None], cache=cache)
   token, done = _pick(logits[:, -1], done, jax.random.fold_in(key, step),
                       temperature=temperature, top_k=top_k, top_p=top_p,
                       eos=eos)
   return token, cache, position + 1, done
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature",
+                                             "top_k", "top_p", "eos"),
+                   donate_argnames=("cache",))
+def _decode_step(graphdef, state, cache: KVCache, token, position, done, key,
+                 step, *, temperature, top_k, top_p, eos):
+  """`_step` as its own program: the per-token loop of `generate_stream`."""
+  TRACE_COUNTS["decode"] += 1
+  return _step(graphdef, state, cache, token, position, done, key, step,
+               temperature=temperature, top_k=top_k, top_p=top_p, eos=eos)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens",
+                                             "temperature", "top_k", "top_p",
+                                             "eos"),
+                   donate_argnames=("cache",))
+def _decode_loop(graphdef, state, cache: KVCache, token, position, done, key,
+                 *, max_new_tokens, temperature, top_k, top_p, eos):
+  """Every decode step of `generate` in one program (a `lax.while_loop`).
+
+  token [B]: the first new token (from the prefill logits). Runs `_step` for
+  steps 1 .. max_new_tokens - 1, or until every row is done. Returns (the new
+  tokens int32 [B, max_new_tokens], columns never reached = the pad value:
+  the first eos id, or 0 without eos, when the loop always runs to the end;
+  the final cache, returned so that the donated one is updated in place).
+  """
+  TRACE_COUNTS["decode_loop"] += 1
+  options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos=eos)
+  tokens = jnp.full((token.shape[0], max_new_tokens), eos[0] if eos else 0,
+                    jnp.int32).at[:, 0].set(token)
+
+  def running(carry):
+    step, *_, done, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, token, cache, position, done, tokens = carry
+    token, cache, position, done = _step(graphdef, state, cache, token,
+                                         position, done, key, step, **options)
+    return step + 1, token, cache, position, done, tokens.at[:, step].set(token)
+
+  carry = (jnp.int32(1), token, cache, position, done, tokens)
+  _, _, cache, _, _, tokens = jax.lax.while_loop(running, body, carry)
+  return tokens, cache
 
 
 def _check_prompts(input_ids, prompt_lengths):
@@ -113,47 +158,43 @@ def _check_eos(eos_token_id, vocab_size) -> tuple[int, ...]:
   return tuple(int(i) for i in ids)
 
 
-def generate_stream(model, input_ids, *, max_new_tokens: int,
-                    prompt_lengths=None, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float | None = None,
-                    eos_token_id: int | Sequence[int] | None = None, rng=None,
-                    max_len: int | None = None,
-                    prefill_chunk: int = 256) -> Iterator[np.ndarray]:
-  """Yields each new token of every row, int32 [B], as it is decided.
-
-  Takes `generate`'s arguments, checked when called (before iterating);
-  stops after max_new_tokens steps, or as soon as every row has produced an
-  eos token.
-  """
+def _check_args(model, input_ids, *, max_new_tokens, prompt_lengths,
+                temperature, top_k, top_p, eos_token_id, rng, max_len,
+                prefill_chunk) -> dict:
+  """`generate`'s arguments checked -> the keyword arguments of `_prefill`."""
   check_sampling_args(max_new_tokens, temperature, top_k, top_p)
   ids, lengths = _check_prompts(input_ids, prompt_lengths)
   config = model.config
   eos = _check_eos(eos_token_id, config.vocab_size)
-  if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
-      prefill_chunk < 1):
-    raise ValueError(f"prefill_chunk={prefill_chunk!r}: expected an int >= 1")
+  for name, value in (("prefill_chunk", prefill_chunk), ("max_len", max_len)):
+    if value is None and name == "max_len":
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r}: expected an int >= 1")
   needed = int(lengths.max()) + max_new_tokens
   max_len = needed if max_len is None else max_len
-  if None in config.layer_windows and needed > max_len:
+  limited = [w for w in config.layer_windows
+             if position_limit(w, cache_slots(w, max_len)) is not None]
+  if limited and needed > max_len:
     raise ValueError(
         f"max_len={max_len!r}: the longest prompt ({int(lengths.max())} "
-        f"tokens) + max_new_tokens={max_new_tokens} needs {needed} positions "
-        "in the full-attention layers' cache")
+        f"tokens) + max_new_tokens={max_new_tokens} needs {needed} positions, "
+        f"but the cache of {len(limited)} layer(s) (full attention, or a "
+        f"window W > max_len) holds only max_len: pass max_len >= {needed}")
   options = dict(temperature=float(temperature), top_k=top_k,
                  top_p=None if top_p is None else float(top_p), eos=eos)
-  key = jax.random.key(0) if rng is None else rng
-  return _stream(model, ids, lengths, max_new_tokens=max_new_tokens,
-                 max_len=max_len, prefill_chunk=prefill_chunk, key=key,
-                 options=options)
+  return dict(ids=ids, lengths=lengths, max_len=max_len,
+              prefill_chunk=prefill_chunk,
+              key=jax.random.key(0) if rng is None else rng, options=options)
 
 
-def _stream(model, ids, lengths, *, max_new_tokens, max_len, prefill_chunk,
-            key, options) -> Iterator[np.ndarray]:
-  """`generate_stream`'s loop, on checked arguments."""
-  if max_new_tokens == 0:
-    return
+def _prefill(model, *, ids, lengths, max_len, prefill_chunk, key, options):
+  """Prefills the prompts and picks the first new token.
+
+  Returns (graphdef, state, cache, token [B], position [B] of that token,
+  done [B]): the carry of the decode steps.
+  """
   batch, seq = ids.shape
-
   # Left-pad the prompt to a whole number of chunks; per-row positions.
   chunk = min(prefill_chunk, seq)
   padded = -(-seq // chunk) * chunk
@@ -170,7 +211,36 @@ def _stream(model, ids, lengths, *, max_new_tokens, max_len, prefill_chunk,
   done = jnp.zeros((batch,), bool)
   token, done = _first_token(logits, done, jax.random.fold_in(key, 0),
                              **options)
-  position = jnp.asarray(lengths, jnp.int32)
+  return graphdef, state, cache, token, jnp.asarray(lengths, jnp.int32), done
+
+
+def generate_stream(model, input_ids, *, max_new_tokens: int,
+                    prompt_lengths=None, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    eos_token_id: int | Sequence[int] | None = None, rng=None,
+                    max_len: int | None = None,
+                    prefill_chunk: int = 256) -> Iterator[np.ndarray]:
+  """Yields each new token of every row, int32 [B], as it is decided.
+
+  Takes `generate`'s arguments, checked when called (before iterating);
+  stops after max_new_tokens steps, or as soon as every row has produced an
+  eos token. One jitted decode step per token, each synced with the host
+  (for streaming); `generate` runs the same steps in one device-side loop.
+  """
+  args = _check_args(
+      model, input_ids, max_new_tokens=max_new_tokens,
+      prompt_lengths=prompt_lengths, temperature=temperature, top_k=top_k,
+      top_p=top_p, eos_token_id=eos_token_id, rng=rng, max_len=max_len,
+      prefill_chunk=prefill_chunk)
+  return _stream(model, max_new_tokens, args)
+
+
+def _stream(model, max_new_tokens, args) -> Iterator[np.ndarray]:
+  """`generate_stream`'s loop, on checked arguments."""
+  if max_new_tokens == 0:
+    return
+  graphdef, state, cache, token, position, done = _prefill(model, **args)
+  key, options = args["key"], args["options"]
   for step in range(1, max_new_tokens + 1):
     yield np.asarray(token)
     if step == max_new_tokens or (options["eos"] and np.asarray(done).all()):
@@ -193,26 +263,38 @@ def generate(model, input_ids, *, max_new_tokens: int, prompt_lengths=None,
     values are ignored); every row is a full-length prompt by default.
   temperature 0: greedy (argmax); > 0: sampled after top_k / top_p filtering
     (`swajax.sampling.sample_next_token`), from `rng` (a jax PRNG key;
-    default jax.random.key(0)).
+    default jax.random.key(0)); step s samples with fold_in(rng, s).
   eos_token_id: None (never stop) or an id (or ids): a row stops at its first
     eos, and its later tokens are all eos_token_id (the first, if several).
-  max_len: positions a full-attention layer's cache holds (default: the
-    longest prompt + max_new_tokens; sliding layers always hold W slots).
+  max_len: positions the cache is sized for (default: the longest prompt +
+    max_new_tokens). A sliding layer holds min(W, max_len) slots, a full
+    layer max_len; a layer with fewer slots than its window cannot go past
+    max_len, so max_len must cover the prompt and new tokens (a sliding layer
+    of W <= max_len is a ring with no length limit).
   prefill_chunk: longest prompt chunk prefilled at once (longer prompts are
     prefilled chunk by chunk; the logits are the same).
-  Returns input_ids followed by the new tokens, as a numpy array.
+  Returns input_ids followed by the new tokens, as a numpy array: the same
+  tokens as `generate_stream`, but after the prefill all decode steps run in
+  one jitted `lax.while_loop` on the device (no host sync per token), which
+  ends once every row has stopped.
   Raises ValueError/TypeError for max_new_tokens < 0, temperature < 0, top_k
-  < 1, top_p outside (0, 1], bad prompts, or max_len too short for the prompt
-  and new tokens on a model with a full-attention layer.
+  < 1, top_p outside (0, 1], bad prompts, prefill_chunk or max_len < 1, or
+  max_len too short for the prompt and new tokens on a model with a layer
+  whose cache holds fewer slots than its window.
   """
-  ids = np.asarray(input_ids)
-  steps = list(generate_stream(
+  args = _check_args(
       model, input_ids, max_new_tokens=max_new_tokens,
       prompt_lengths=prompt_lengths, temperature=temperature, top_k=top_k,
       top_p=top_p, eos_token_id=eos_token_id, rng=rng, max_len=max_len,
-      prefill_chunk=prefill_chunk))
-  pad = _check_eos(eos_token_id, model.config.vocab_size)[:1] or (0,)
-  new = np.full((ids.shape[0], max_new_tokens), pad[0], np.int32)
-  if steps:
-    new[:, :len(steps)] = np.stack(steps, axis=1)
-  return np.concatenate([ids.astype(np.int32), new], axis=1)
+      prefill_chunk=prefill_chunk)
+  ids = args["ids"]
+  if max_new_tokens == 0:
+    return ids
+  graphdef, state, cache, token, position, done = _prefill(model, **args)
+  if max_new_tokens == 1:
+    new = token[:, None]
+  else:
+    new, _ = _decode_loop(graphdef, state, cache, token, position, done,
+                          args["key"], max_new_tokens=max_new_tokens,
+                          **args["options"])
+  return np.concatenate([ids, np.asarray(new)], axis=1)

@@ -1,5 +1,6 @@
-"""`swajax.generate`: greedy parity with transformers, tracing, EOS, sampling,
-argument errors, and the `swajax generate` command end to end."""
+"""`swajax.generate`: greedy parity with transformers, the fused decode loop
+against the streamed one, tracing, EOS, sampling, argument errors, and the
+`swajax generate` command end to end."""
 
 import jax
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 from flax import nnx
 
 import models
-from swajax.generate import TRACE_COUNTS, generate, generate_stream
+from swajax.generate import (TRACE_COUNTS, _check_args, _decode_loop, _prefill,
+                             generate, generate_stream)
 from swajax.generate_cli import main as generate_main
 from swajax.hf_io import load_hf, save_hf
 from tests.test_hf_parity import WINDOW, random_hf_model
@@ -64,16 +66,91 @@ def test_greedy_equals_transformers_generate(hf_pair):
   np.testing.assert_array_equal(ours, expected)
 
 
-def test_decode_step_traces_once_per_generation(model):
+def streamed(model, ids, *, max_new_tokens, eos_token_id=None, **kwargs):
+  """`generate`'s result assembled from `generate_stream` (one program per
+  token), padded with the first eos id as documented."""
+  steps = list(generate_stream(model, ids, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos_token_id, **kwargs))
+  pad = np.ravel(eos_token_id if eos_token_id is not None else 0)[0]
+  new = np.full((ids.shape[0], max_new_tokens), pad, np.int32)
+  if steps:
+    new[:, :len(steps)] = np.stack(steps, axis=1)
+  return np.concatenate([ids, new], axis=1)
+
+
+def traces(fn):
+  """TRACE_COUNTS added by fn(), as a dict without zero entries."""
+  before = TRACE_COUNTS.copy()
+  fn()
+  return {k: v for k, v in (TRACE_COUNTS - before).items() if v}
+
+
+def test_decode_traces_once_per_shapes_and_options(model):
   ids, _ = left_padded_prompts(model.config.vocab_size, [4, 4, 2])  # B = 3
-  before = TRACE_COUNTS.copy()
-  first = generate(model, ids, prompt_lengths=[4, 4, 2], max_new_tokens=20)
-  assert TRACE_COUNTS["decode"] - before["decode"] == 1  # 19 steps, 1 trace
-  assert TRACE_COUNTS["prefill"] - before["prefill"] == 1
-  before = TRACE_COUNTS.copy()
-  again = generate(model, ids, prompt_lengths=[4, 4, 2], max_new_tokens=20)
-  assert TRACE_COUNTS == before
-  np.testing.assert_array_equal(first, again)
+  run = lambda fn, **kw: traces(lambda: fn(
+      model, ids, prompt_lengths=[4, 4, 2], max_new_tokens=20, **kw))
+  assert run(generate) == {"prefill": 1, "decode_loop": 1}  # 19 steps, 1 trace
+  assert run(generate) == {}
+  assert run(streamed) == {"decode": 1}  # the prefill program is shared
+  assert run(streamed) == {}
+  assert run(generate, temperature=0.5) == {"decode_loop": 1}  # new options
+  assert run(generate, temperature=0.5) == {}
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.0, top_p=0.8),
+    dict(temperature=1.3, top_k=10, top_p=0.9, prefill_chunk=3),
+], ids=["greedy", "temperature", "top_k", "top_p", "all_chunked"])
+def test_fused_loop_equals_streamed(model, options):
+  """Left-padded ragged batch, the ring wrapping three times."""
+  ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=NEW_TOKENS,
+                rng=jax.random.key(7), **options)
+  fused = generate(model, ids, **kwargs)
+  np.testing.assert_array_equal(fused, streamed(model, ids, **kwargs))
+  if options.get("temperature"):  # the rng is used: another gives another text
+    other = dict(kwargs, rng=jax.random.key(8))
+    assert (generate(model, ids, **other) != fused).any()
+
+
+@pytest.mark.parametrize("new_tokens", [0, 1, 2])
+def test_fused_loop_equals_streamed_for_few_tokens(model, new_tokens):
+  ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=new_tokens,
+                temperature=1.0, eos_token_id=3)
+  fused = generate(model, ids, **kwargs)
+  assert fused.shape == (len(PROMPT_LENGTHS), ids.shape[1] + new_tokens)
+  np.testing.assert_array_equal(fused, streamed(model, ids, **kwargs))
+
+
+def test_fused_loop_ends_once_every_row_has_stopped(model):
+  """eos = each row's greedy token at step 3: both rows stop there, and the
+  loop runs no further step (the cache holds no later position)."""
+  ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=NEW_TOKENS)
+  free = generate(model, ids, **kwargs)[:, ids.shape[1]:]
+  eos = [int(free[0, 3]), int(free[1, 3])]
+  fused = generate(model, ids, eos_token_id=eos, **kwargs)
+  np.testing.assert_array_equal(fused, streamed(model, ids, eos_token_id=eos,
+                                                **kwargs))
+  stop = max(int(np.flatnonzero(np.isin(row, eos))[0]) for row in free)
+  assert stop <= 3 and (fused[:, ids.shape[1] + stop + 1:] == eos[0]).all()
+
+  args = _check_args(
+      model, ids, max_new_tokens=NEW_TOKENS, prompt_lengths=PROMPT_LENGTHS,
+      temperature=0.0, top_k=None, top_p=None, eos_token_id=eos, rng=None,
+      max_len=None, prefill_chunk=256)
+  carry = _prefill(model, **args)
+  _, cache = _decode_loop(
+      *carry, args["key"], max_new_tokens=NEW_TOKENS, **args["options"])
+  # Step s feeds the token of column s - 1 at position length + s - 1; the
+  # last step runs when the last row's eos is at column `stop`.
+  last_fed = np.asarray(cache.layers[0].positions).max(axis=1)
+  np.testing.assert_array_equal(last_fed,
+                                np.asarray(PROMPT_LENGTHS) + stop - 1)
 
 
 def test_chunked_prefill_generates_the_same(model):
@@ -123,6 +200,7 @@ def test_sampling_follows_the_rng(model):
     (dict(top_p=1.5), ValueError, "top_p"),
     (dict(top_k=0), ValueError, "top_k"),
     (dict(max_len=8), ValueError, "max_len"),  # prompt 6 + 4 new > 8
+    (dict(max_len=0), ValueError, "max_len"),
     (dict(prompt_lengths=[7]), ValueError, "prompt_lengths"),
     (dict(eos_token_id=10**6), ValueError, "eos_token_id"),
     (dict(prefill_chunk=0), ValueError, "prefill_chunk"),
@@ -137,12 +215,29 @@ def test_bad_arguments(fn, kwargs, error, match):
 
 
 def test_sliding_only_model_generates_past_max_len(model):
-  """No full-attention layer: the rolling cache has no length limit."""
-  assert None not in model.config.layer_windows
+  """No full-attention layer and max_len >= W: rings, with no length limit."""
+  assert model.config.layer_windows == (WINDOW, WINDOW)
   ids, _ = left_padded_prompts(model.config.vocab_size, [6])
-  out = generate(model, ids, max_new_tokens=NEW_TOKENS, max_len=8)
+  out = generate(model, ids, max_new_tokens=NEW_TOKENS, max_len=WINDOW)
   np.testing.assert_array_equal(out, generate(model, ids,
                                               max_new_tokens=NEW_TOKENS))
+
+
+@pytest.mark.parametrize("fn", [generate, generate_stream])
+def test_sliding_only_model_with_max_len_below_window_raises(model, fn):
+  """max_len < W: linear buffers of max_len slots, too short for 6 + 4."""
+  ids, _ = left_padded_prompts(model.config.vocab_size, [6])
+  with pytest.raises(ValueError, match=r"max_len=7: .* needs 10 positions"):
+    fn(model, ids, max_new_tokens=4, max_len=WINDOW - 1)
+
+
+def test_short_generation_below_window_is_exact(model):
+  """Default max_len = 6 + 1 < W: linear buffers, and the same tokens as a
+  ring of W slots (max_len=W)."""
+  ids, _ = left_padded_prompts(model.config.vocab_size, [6, 3])
+  kwargs = dict(prompt_lengths=[6, 3], max_new_tokens=1)
+  np.testing.assert_array_equal(generate(model, ids, **kwargs),
+                                generate(model, ids, max_len=WINDOW, **kwargs))
 
 
 def test_cli_streams_a_continuation(tmp_path, capsys):
