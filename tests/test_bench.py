@@ -98,6 +98,28 @@ def test_train_bench_times_sliding_and_full(tmp_path):
   assert rows["full"]["speedup"] == 1.0
 
 
+def test_generate_bench_reports_stream_and_fused_decode(tmp_path, capsys):
+  out = tmp_path / "g.json"
+  assert bench.main([
+      "generate", "--prompt-len", "6", "--new-tokens", "3", "--window", "4",
+      "--repeats", "1", "--out", str(out), "--model-overrides", "num_layers=1",
+      "hidden_size=32", "intermediate_size=32", "num_q_heads=2",
+      "num_kv_heads=1", "head_dim=16"]) == 0
+  assert "fused vs stream" in capsys.readouterr().out
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["attention"] for r in rows] == ["sliding", "full"]
+  for row in rows:
+    for loop in ("stream", "fused"):
+      rate = row[f"{loop}_decode_tokens_per_s"]
+      assert rate > 0
+      np.testing.assert_allclose(row[f"{loop}_decode_ms_per_token"],
+                                 1e3 / rate)  # batch 1
+    np.testing.assert_allclose(row["fused_vs_stream"],
+                               row["fused_decode_tokens_per_s"]
+                               / row["stream_decode_tokens_per_s"])
+  assert rows[0]["cache_bytes"] < rows[1]["cache_bytes"]  # W=4 < 10 tokens
+
+
 def test_gpu_check_smoke_mode(tmp_path):
   env = dict(os.environ, SMOKE="1", PYTHON=sys.executable, PYTHONPATH=REPO)
   run = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)],

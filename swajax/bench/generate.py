@@ -1,14 +1,18 @@
-"""`swajax bench generate`: prefill and decode tokens/s, and KV cache bytes,
-with the rolling cache vs a full-length one.
+"""`swajax bench generate`: prefill and decode tokens/s (streamed and fused
+decode loops), and KV cache bytes, with the rolling cache vs a full-length one.
 
 The same random `mistral_tiny` twice: every layer windowed (a ring of W slots
 per layer), and `config.with_full_attention()` (max_len slots per layer). Each
-runs `swajax.generate` end to end (host loop included) on B random prompts of
-T tokens: prefill time is that of generate(max_new_tokens=1) (prefill + one
-sampled token), decode time the rest of generate(max_new_tokens=N + 1), both
-the median of `repeats` runs after a compiling warm-up. Cache bytes are those
-of the `KVCache` each model allocates for T + N + 1 tokens. Prints a table and
-writes JSON.
+runs on B random prompts of T tokens, greedy, no eos. Prefill time: that of
+generate(max_new_tokens=1), end to end (prefill + one sampled token, no
+decode step). Decode time: the N decode steps of max_new_tokens=N + 1 alone,
+timed after an untimed prefill, with `generate_stream`'s loop (one jitted
+step per token, synced with the host to yield it: "stream") and with
+`generate`'s (every step in one device-side while_loop: "fused"). Each time
+is the median of `repeats` runs after a compiling warm-up; fused vs stream is
+the ratio of the decode tokens/s.
+Cache bytes are those of the `KVCache` each model allocates for T + N + 1
+tokens. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -26,13 +30,17 @@ from flax import nnx
 import models
 from models.kv_cache import cache_bytes
 from swajax.bench import common
-from swajax.generate import generate
+from swajax.generate import (_check_args, _decode_loop, _prefill, generate,
+                             generate_stream)
 
 COLUMNS = [("attention", "attention"), ("window", "W"), ("prompt_len", "T"),
            ("new_tokens", "N"), ("batch", "B"), ("prefill_tokens_per_s",
                                                  "prefill tok/s"),
-           ("decode_tokens_per_s", "decode tok/s"),
-           ("decode_ms_per_token", "decode ms/token"),
+           ("stream_decode_tokens_per_s", "stream decode tok/s"),
+           ("stream_decode_ms_per_token", "stream ms/token"),
+           ("fused_decode_tokens_per_s", "fused decode tok/s"),
+           ("fused_decode_ms_per_token", "fused ms/token"),
+           ("fused_vs_stream", "fused vs stream"),
            ("cache_bytes", "cache bytes"), ("cache_ratio", "cache vs full")]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -55,15 +63,38 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def median_seconds(fn, repeats: int) -> float:
-  """fn() once to compile, then the median wall time of `repeats` calls."""
-  fn()
+def median_seconds(prepare, repeats: int) -> float:
+  """prepare() (untimed) returns the function to time: one call to compile,
+  then the median wall time of `repeats` calls."""
   times = []
-  for _ in range(repeats):
+  for _ in range(repeats + 1):
+    fn = prepare()
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(times[1:])
+
+
+def stream_decode(model, prompts, new_tokens, **kwargs):
+  """Prefills (untimed) with `generate_stream`; returns its per-token loop of
+  new_tokens decode steps."""
+  tokens = generate_stream(model, prompts, max_new_tokens=new_tokens + 1,
+                           **kwargs)
+  next(tokens)  # the prefill and the first token
+  return lambda: list(tokens)
+
+
+def fused_decode(model, prompts, new_tokens, *, max_len, prefill_chunk):
+  """Prefills (untimed) as `generate` does; returns its while_loop of
+  new_tokens decode steps, up to the tokens on the host."""
+  args = _check_args(model, prompts, max_new_tokens=new_tokens + 1,
+                     prompt_lengths=None, temperature=0.0, top_k=None,
+                     top_p=None, eos_token_id=None, rng=None, max_len=max_len,
+                     prefill_chunk=prefill_chunk)
+  carry = jax.block_until_ready(_prefill(model, **args))
+  return lambda: np.asarray(_decode_loop(
+      *carry, args["key"], max_new_tokens=new_tokens + 1,
+      **args["options"])[0])
 
 
 def measure(config, args, prompts) -> dict:
@@ -72,22 +103,26 @@ def measure(config, args, prompts) -> dict:
                           param_dtype=DTYPES[args.dtype],
                           attn_impl=args.attn_impl, rngs=nnx.Rngs(0))
   max_len = args.prompt_len + args.new_tokens + 1
-  run = lambda new: lambda: generate(model, prompts, max_new_tokens=new,
-                                     max_len=max_len,
-                                     prefill_chunk=args.prefill_chunk)
-  prefill_s = median_seconds(run(1), args.repeats)
-  total_s = median_seconds(run(args.new_tokens + 1), args.repeats)
-  decode_s = max(total_s - prefill_s, 1e-9)
-  cache = jax.eval_shape(lambda: model.init_cache(args.batch_size, max_len))
+  kwargs = dict(max_len=max_len, prefill_chunk=args.prefill_chunk)
+  prefill_s = median_seconds(
+      lambda: lambda: generate(model, prompts, max_new_tokens=1, **kwargs),
+      args.repeats)
   window = config.layer_windows[0]
-  return dict(
+  row = dict(
       attention="sliding" if window else "full", window=window,
       prompt_len=args.prompt_len, new_tokens=args.new_tokens,
       batch=args.batch_size,
-      prefill_tokens_per_s=args.batch_size * args.prompt_len / prefill_s,
-      decode_tokens_per_s=args.batch_size * args.new_tokens / decode_s,
-      decode_ms_per_token=1e3 * decode_s / args.new_tokens,
-      cache_bytes=cache_bytes(cache), repeats=args.repeats)
+      prefill_tokens_per_s=args.batch_size * args.prompt_len / prefill_s)
+  for loop, decode in (("stream", stream_decode), ("fused", fused_decode)):
+    decode_s = median_seconds(
+        lambda: decode(model, prompts, args.new_tokens, **kwargs), args.repeats)
+    row[f"{loop}_decode_tokens_per_s"] = (args.batch_size * args.new_tokens
+                                         / decode_s)
+    row[f"{loop}_decode_ms_per_token"] = 1e3 * decode_s / args.new_tokens
+  row["fused_vs_stream"] = (row["fused_decode_tokens_per_s"]
+                            / row["stream_decode_tokens_per_s"])
+  cache = jax.eval_shape(lambda: model.init_cache(args.batch_size, max_len))
+  return dict(row, cache_bytes=cache_bytes(cache), repeats=args.repeats)
 
 
 def main(argv: list[str]) -> int:
