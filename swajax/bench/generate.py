@@ -2,7 +2,8 @@
 decode loops), and KV cache bytes, with the rolling cache vs a full-length one.
 
 The same random `mistral_tiny` twice: every layer windowed (a ring of W slots
-per layer), and `config.with_full_attention()` (max_len slots per layer). Each
+per layer, or max_len slots when T + N + 1 < W), and
+`config.with_full_attention()` (max_len slots per layer). Each
 runs on B random prompts of T tokens, greedy, no eos. Prefill time: that of
 generate(max_new_tokens=1), end to end (prefill + one sampled token, no
 decode step). Decode time: the N decode steps of max_new_tokens=N + 1 alone,
