@@ -85,17 +85,19 @@ class LayerCache:
     query rows of a kv head in one tile, a size meant for decoding.
     Returns (out [B, T, N, H], the updated cache).
 
-    T = 1: the token is written first, then attended with the cache (in a
-    ring the overwritten slot held position p - C, out of the window).
-    T > 1: the queries attend to the cache's previous contents concatenated
-    with the new tokens (C + T keys), then only the last C are written, so a
-    chunk of any length sees all its in-window keys.
-    Linear buffer (`position_limit` not None): a query at a position >= C
-    returns NaN, as it would miss in-window keys, which are never dropped
-    silently. Its token is then dropped as a key (k, v zeroed, not written),
-    so the buffer keeps positions 0..C-1 and the earlier queries of a chunk
-    stay exact: only NaN queries could see it, and its k, v may be NaN
-    already (from the layer below).
+    Linear buffer (`position_limit` not None): the new tokens are written
+    first (token p to slot p, which no other position shares), then
+    attended with the cache. A query at a position >= C returns NaN, as it
+    would miss in-window keys, which are never dropped silently; its token
+    is dropped as a key (k, v zeroed, not written), so the buffer keeps
+    positions 0..C-1 and the earlier queries of a chunk stay exact (only NaN
+    queries could see it, and its k, v may be NaN already, from the layer
+    below).
+    Ring (C >= W): one token (T = 1) is written first, then attended (the
+    overwritten slot held position p - C, out of the window). A chunk
+    (T > 1) could overwrite keys its own earlier queries still see, so its
+    queries attend to the ring's previous contents concatenated with the
+    new tokens (C + T keys), and only then are the last C written.
     """
     if q.shape[1] > 1:
       impl = "reference" if impl == "reference" else "xla"
@@ -111,7 +113,7 @@ class LayerCache:
     attend = lambda keys, values, kv_pos: decode_attention(
         q, keys, values, q_positions=q_positions, kv_positions=kv_pos,
         window=window, impl=impl)
-    if q.shape[1] > 1:
+    if q.shape[1] > 1 and limit is None:
       out = attend(jnp.concatenate([self.k, k_new.astype(self.k.dtype)], 1),
                    jnp.concatenate([self.v, v_new.astype(self.v.dtype)], 1),
                    jnp.concatenate([self.positions, positions], 1))
