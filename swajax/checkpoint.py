@@ -75,10 +75,12 @@ class Checkpointer:
 def export_hf(model, directory: str | Path) -> Path:
   """Writes `model` as a Hugging Face checkpoint folder via `swajax.save_hf`.
 
-  Imported lazily: HF IO pulls in safetensors and the name tables.
+  Replaces an earlier export in `directory` (a resumed run exports its final
+  model over the one its first part wrote). Imported lazily: HF IO pulls in
+  safetensors and the name tables.
   """
   from swajax.hf_io import save_hf
 
   directory = Path(directory)
-  save_hf(model, directory)
+  save_hf(model, directory, overwrite=True)
   return directory

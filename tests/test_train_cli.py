@@ -101,3 +101,7 @@ def test_train_end_to_end(tmp_path, capsys):
       tiny_train_config(run))
   assert (run / "hf" / "config.json").is_file()
   assert (run / "sample.txt").read_text().startswith(train_cli.SAMPLE_PROMPT)
+  # Resuming the finished run for more steps re-exports over its hf/ folder.
+  assert train_cli.main(["--resume", str(run), "--steps", "7", "--sample-tokens", "0"]) == 0
+  assert "step 7/7" in capsys.readouterr().err
+  assert json.loads((run / "hf" / "config.json").read_text())["model_type"] == "mistral"
