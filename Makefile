@@ -1,5 +1,5 @@
 # `make test` on a fresh machine: builds .venv, installs swajax with its test
-# and HF extras (torch from the CPU wheel), then runs the default test suite.
+# and HF extras (torch pinned to 2.13.0), then runs the default test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
