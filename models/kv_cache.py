@@ -129,7 +129,8 @@ class LayerCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """The cache of every decoder layer, in layer order."""
+  """The cache of every decoder layer: `layers`, one `LayerCache` per decoder
+  layer in order (from `init_cache` / `CausalLM.init_cache`)."""
 
   layers: tuple[LayerCache, ...]
 

@@ -132,8 +132,8 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   softcap: c > 0 replaces each scaled score s by c * tanh(s / c).
   scale: multiplies q·k before the softcap; default 1 / sqrt(H).
 
-  A query row that sees no key (e.g. segments with T > S offsets) returns
-  out = 0, lse = -inf and zero gradients, never NaN.
+  A query row that sees no key (e.g. with T > S the first T - S queries sit
+  before every key) returns out = 0, lse = -inf and zero gradients, never NaN.
 
   impl: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla", "reference"
     (dense masked, O(T·S)), or "cudnn" (GPU only; causal windows, no

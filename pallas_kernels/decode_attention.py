@@ -4,9 +4,12 @@ Generation writes each new key/value into a cache slot and attends the new
 queries to every slot. Slots carry the absolute position they hold, so one op
 serves both cache layouts:
 
-  sliding layer: a ring buffer of C >= W slots, token p written at p % C;
-    slots hold out-of-order positions once it wraps, stale ones are masked.
-  full layer: a linear buffer of max_len slots, token p written at p.
+  ring (a sliding layer with C >= W slots): token p written at p % C; slots
+    hold out-of-order positions once it wraps, stale ones are masked.
+  linear buffer (a full layer, or a sliding layer with C < W, i.e. a cache
+    sized for max_len < W positions): token p written at p, for p < C.
+The op only reads positions; which layout a layer gets, and what happens
+past a linear buffer's end, is `models.kv_cache`'s business.
 
 File order: block sizes -> Pallas kernel -> its wrapper and the split combine
 -> the dense XLA path and the fp32 reference -> validation -> `decode_attention`.

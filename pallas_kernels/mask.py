@@ -91,9 +91,13 @@ def kv_block_range(q_block, *, block_q: int, block_k: int, q_len: int,
                    kv_len: int, band: Band):
   """Key blocks `[lo, hi)` that query block `q_block` must visit.
 
-  `q_block` may be a Python int or a traced int (a Pallas program id). The
-  range is exactly the key blocks that intersect the band of at least one query
-  of the block, clipped to `[0, cdiv(kv_len, block_k))`; it can be empty.
+  `q_block` may be a Python int, a traced int (a Pallas program id) or an int
+  array of block indices (the result broadcasts like it); query block i holds
+  queries i·block_q ... i·block_q + block_q - 1 of a [T] query axis, bottom-right
+  aligned to the [S] key axis (T = q_len, S = kv_len). Returns (lo, hi): the key
+  blocks that intersect the band of at least one query of the block, clipped
+  to `[0, cdiv(kv_len, block_k))`; it can be empty (lo == hi). An unbounded
+  side of the band gives a Python int. `visited_blocks` draws it as a map.
   """
   q_offset = kv_len - q_len
   num_kv_blocks = cdiv(kv_len, block_k)

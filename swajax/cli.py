@@ -22,7 +22,8 @@ def dispatch(prog: str, table: dict, argv) -> int:
   """Runs `table[argv[0]]`'s module `main(argv[1:])`; usage on no/unknown name.
 
   `table` maps a name to (module path, one-line help). Modules are imported
-  only when asked for, so `swajax bench attention` never loads the models.
+  only when asked for (the `swajax` package itself, and with it the models,
+  is always imported).
   """
   usage = "\n".join(
       [f"usage: {prog} {{{','.join(table)}}} [args...]", ""]

@@ -146,8 +146,11 @@ def _open(file: Path):
 def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM:
   """A `CausalLM` from a HF checkpoint directory (config.json + safetensors).
 
+  path: the folder (config.json, and model.safetensors or
+  model-*-of-*.safetensors with model.safetensors.index.json).
   dtype: parameter and compute dtype; None keeps the checkpoint's (the dtype of
   model.embed_tokens.weight).
+  attn_impl: the model's attention impl ("auto", "pallas", "xla", "reference").
   mesh: None puts every parameter on the default device (uncommitted, as
   `jnp.asarray`). A ("data", "fsdp") `jax.sharding.Mesh`
   (`swajax.sharding.make_mesh`) places each parameter directly with the

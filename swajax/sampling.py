@@ -2,7 +2,7 @@
 
 The options are static Python numbers (one compiled program per setting);
 logits and the rng are traced, so `sample_next_token` runs inside `jax.jit`
-and `lax.scan` decode loops.
+and inside `generate`'s device-side `lax.while_loop`.
 """
 
 from __future__ import annotations

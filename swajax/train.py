@@ -439,7 +439,11 @@ def default_run_dir() -> Path:
 
 def train(config: TrainConfig, *, resume: bool = False, until_step: int | None = None,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
-  """Trains per `config`; writes checkpoints, metrics.jsonl and loss.png.
+  """Trains per `config`; returns a `TrainResult` (run_dir, trained model, ...).
+
+  Writes into `config.out` (None: runs/<timestamp>) config.json, checkpoints/
+  (orbax, every `checkpoint_every` steps and after the last), metrics.jsonl
+  (one line per step) and loss.png; `swajax train` adds hf/ and sample.txt.
 
   resume: continue from the latest checkpoint in `config.out` (same data
     order, optimizer state and schedule: the losses continue exactly).

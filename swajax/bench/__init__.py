@@ -1,7 +1,7 @@
 """`swajax bench {attention,generate,train}`: one module per benchmark.
 
-Each module exposes `main(argv: list[str]) -> int`; they are imported only
-when asked for, so `swajax bench attention` never loads the model stack.
+Each module exposes `main(argv: list[str]) -> int` and is imported only when
+asked for.
 """
 
 from __future__ import annotations
