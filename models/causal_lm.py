@@ -59,7 +59,9 @@ class CausalLM(nnx.Module):
   dtype: compute dtype (activations, matmuls); param_dtype: stored weights.
   Norms, RoPE angles and softmax run in fp32; logits are fp32.
   attn_impl: passed to `sliding_window_attention` ("auto", "pallas", "xla",
-  "reference"). remat: "none", "full" or "dots_saveable", per decoder layer.
+  "reference", "cudnn"), and to `decode_attention` for cached single tokens
+  ("cudnn" becomes "auto" there). remat: "none", "full" or "dots_saveable",
+  per decoder layer (not applied to cached calls). rngs: initial parameters.
 
   Generation: `model(input_ids, positions=positions, cache=cache)` with a
   `KVCache` from `init_cache` returns (logits, updated cache); positions
