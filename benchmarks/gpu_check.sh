@@ -4,10 +4,12 @@
 #   PYTHONPATH=. benchmarks/gpu_check.sh OUT_DIR        # full check, < 8 min
 #   SMOKE=1 benchmarks/gpu_check.sh OUT_DIR             # tiny, runs on CPU too
 #
-# OUT_DIR (else $OUT) receives at most 6 flat files: env.txt (nvidia-smi,
+# OUT_DIR (else $OUT) receives at most 7 flat files: env.txt (nvidia-smi,
 # versions), gpu_check.log (everything), tests.xml (junit), attention.json,
-# attention.png, summary.txt (phase exit codes). Kernel tests run compiled
-# (interpret=None resolves to compiled on GPU), without the slow marker.
+# attention.png, tiles.json (Pallas BlockSizes sweep), summary.txt (phase
+# exit codes). Kernel tests run compiled (interpret=None resolves to compiled
+# on GPU), without the slow marker. The tile sweep gets what is left of
+# TOTAL_S seconds (default 450) after the tests and the benchmark.
 set -u
 OUT_DIR=${1:-${OUT:-}}
 if [[ -z "$OUT_DIR" ]]; then
@@ -47,6 +49,8 @@ if [[ "$SMOKE" == 1 ]]; then
   phase bench 120 "$PY" -m swajax.bench attention --smoke \
     --impls xla cudnn dense \
     --out "$OUT_DIR/attention.json" --plot "$OUT_DIR/attention.png"
+  phase tiles 120 "$PY" -m swajax.bench tiles --smoke --budget-s 0 \
+    --out "$OUT_DIR/tiles.json"
 else
   tests=()
   for f in tests/test_attention_grid.py tests/test_pallas_kernels.py \
@@ -62,6 +66,15 @@ else
     --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 \
     --impls pallas cudnn cudnn_causal dense tokamax --max-dense-bytes 4e10 \
     --out "$OUT_DIR/attention.json" --plot "$OUT_DIR/attention.png"
+  # bf16, T=16k, W=4096, GQA 32:8, H=128: the default tiles, then one field
+  # changed at a time, until the time left runs out (tuning data).
+  left=$(( ${TOTAL_S:-450} - SECONDS ))
+  if (( left > 60 )); then
+    phase tiles "$left" "$PY" -m swajax.bench tiles --budget-s $(( left - 45 )) \
+      --out "$OUT_DIR/tiles.json"
+  else
+    echo "tiles not run: ${left}s of TOTAL_S left" | tee -a "$LOG"
+  fi
 fi
 cat "$SUMMARY"
 ! grep -qv " rc=0 " "$SUMMARY"

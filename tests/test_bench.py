@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import Band, visible
+from pallas_kernels.flash_attention import BlockSizes
 from swajax import bench
-from swajax.bench import attention
+from swajax.bench import attention, tiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,6 +132,37 @@ def test_gpu_check_smoke_mode(tmp_path):
   assert len(names) <= 8, names
   assert all(os.path.isfile(tmp_path / n) for n in names), names
   assert {"env.txt", "gpu_check.log", "summary.txt", "tests.xml",
-          "attention.json", "attention.png"} <= set(names)
+          "attention.json", "attention.png", "tiles.json"} <= set(names)
   rows = json.loads((tmp_path / "attention.json").read_text())["results"]
   assert any(r["impl"] == "xla" and r["time_s"] for r in rows)
+
+
+def test_tiles_variants_change_one_field_each():
+  default = BlockSizes.default(128, jnp.bfloat16)
+  found = tiles.variants(default)
+  assert found[0] == ("default", default)
+  names = [name for name, _ in found]
+  assert len(set(names)) == len(names)
+  for name, blocks in found[1:]:
+    field, value = name.split("=")
+    changed = {f.name for f in dataclasses.fields(BlockSizes)
+               if getattr(blocks, f.name) != getattr(default, f.name)}
+    assert changed == {field} and getattr(blocks, field) == int(value)
+
+
+def test_tiles_smoke_stops_at_its_budget(tmp_path):
+  out = tmp_path / "tiles.json"
+  assert bench.main(["tiles", "--smoke", "--budget-s", "0",
+                     "--out", str(out)]) == 0
+  payload = json.loads(out.read_text())
+  assert payload["cut_at_budget_s"] == 0
+  [row] = payload["rows"]
+  assert row["variant"] == "default" and row["fwd_bwd_vs_default"] == 1.0
+  assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+
+
+def test_tiles_needs_a_gpu_without_smoke(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["tiles"])
+  assert exit_info.value.code == 2
+  assert "needs a GPU" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`swajax bench {attention,generate,train}`: one module per benchmark.
+"""`swajax bench {attention,generate,train,tiles}`: one module per benchmark.
 
 Each module exposes `main(argv: list[str]) -> int` and is imported only when
 asked for.
@@ -15,6 +15,8 @@ BENCHMARKS = {
                   "the op's impls vs dense and tokamax baselines"),
     "generate": ("swajax.bench.generate", "generation throughput"),
     "train": ("swajax.bench.train", "training step throughput"),
+    "tiles": ("swajax.bench.tiles", "Pallas kernel times per BlockSizes "
+              "variant (GPU tuning data)"),
 }
 
 

@@ -198,7 +198,8 @@ def attention_fn(impl: str, window: int, settings):
       implementation=choice)), None
 
 
-def _with_grad(fn):
+def with_grad(fn):
+  """fn(q, k, v) -> out  to  (q, k, v, d_out) -> (dq, dk, dv): fwd + bwd."""
   def fwd_bwd(q, k, v, d_out):
     out, vjp = jax.vjp(fn, q, k, v)
     return vjp(d_out.astype(out.dtype))
@@ -243,7 +244,7 @@ def run_case(impl, mode, seq_len, window, settings, inputs):
     if mode == "fwd":
       timing = common.time_fn(fn, q, k, v, repeats=settings.repeats)
     else:
-      timing = common.time_fn(_with_grad(fn), q, k, v, d_out,
+      timing = common.time_fn(with_grad(fn), q, k, v, d_out,
                               repeats=settings.repeats)
   except (NotImplementedError, ValueError, RuntimeError) as e:
     return dict(row, time_s=None, skipped=f"{type(e).__name__}: {e}"[:160])
