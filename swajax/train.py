@@ -94,6 +94,8 @@ class TrainConfig:
         raise ValueError(f"{field.name}={value!r}: expected {_type_name(hints[field.name])}")
     object.__setattr__(self, "model_overrides", tuple(
         (str(k), _hashable(v)) for k, v in dict(self.model_overrides).items()))
+    _check_field_names(models.ModelConfig, dict(self.model_overrides),
+                       "model_overrides.")
     if isinstance(self.model, models.ModelConfig) and self.model_overrides:
       raise ValueError(
           f"model_overrides={dict(self.model_overrides)!r} with a ModelConfig "

@@ -66,6 +66,9 @@ def test_config_from_dict():
   assert TrainConfig.from_dict(config.to_dict()) == config
   with pytest.raises(ValueError, match="stepz=10: not a TrainConfig field"):
     TrainConfig.from_dict({"stepz": 10})
+  with pytest.raises(ValueError, match="model_overrides.windows=8: not a "
+                     "ModelConfig field"):
+    TrainConfig(model_overrides={"windows": 8})
 
 
 def test_config_takes_a_model_config():

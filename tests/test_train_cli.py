@@ -61,6 +61,8 @@ def test_resume_reads_the_run_config(tmp_path):
     (["--lr", "-1"], "lr=-1.0: expected a float in (0.0, inf]"),
     (["--dtype", "fp8"], "dtype='fp8': expected one of"),
     (["--model-overrides", "num_layers"], "'num_layers': expected KEY=VALUE"),
+    (["--model-overrides", "num_layer=2"],
+     "model_overrides.num_layer=2: not a ModelConfig field"),
     (["--config", "{tmp}/missing.toml"], "No such file or directory"),
     (["--config", "{tmp}/bad.toml"], "not valid TOML"),
     (["--config", "{tmp}/bad.yaml"], "not valid YAML"),
