@@ -77,7 +77,9 @@ class LayerCache:
     """Writes the new tokens and attends their queries to everything visible.
 
     q [B, T, N, H], k_new, v_new [B, T, K, H] (after RoPE), positions int32
-    [B, T] (-1: a padding token: not written, its output row is 0).
+    [B, T] (-1: a padding token: its output row is 0, and it is no key: k,
+    v zeroed, not written, so even NaN padding activations never reach a
+    real query).
     window: None (full causal) or W; impl: the model's attn_impl, passed to
     `decode_attention` for a single token (T = 1; "cudnn", a prefill-only
     impl, becomes "auto"). Chunks (T > 1, prefill) run the dense "xla" path
@@ -108,8 +110,10 @@ class LayerCache:
     if limit is not None:
       past = positions >= limit  # (B, T)
       positions = jnp.where(past, -1, positions)
-      k_new, v_new = (jnp.where(past[:, :, None, None], 0, x)
-                      for x in (k_new, v_new))
+    # Tokens that are no key (padding, past the limit): k, v zeroed, as their
+    # activations may be NaN and a masked key still enters P·V as 0 * v.
+    unused = (positions < 0)[:, :, None, None]
+    k_new, v_new = (jnp.where(unused, 0, x) for x in (k_new, v_new))
     attend = lambda keys, values, kv_pos: decode_attention(
         q, keys, values, q_positions=q_positions, kv_positions=kv_pos,
         window=window, impl=impl)

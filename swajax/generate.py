@@ -128,22 +128,31 @@ def _decode_loop(graphdef, state, cache: KVCache, token, position, done, key,
   return tokens, cache
 
 
-def _check_prompts(input_ids, prompt_lengths):
-  """(ids int32 [B, T], lengths int [B]) as numpy, or a ValueError/TypeError."""
+def _check_prompts(input_ids, prompt_lengths, vocab_size):
+  """(ids int32 [B, T], lengths int [B]) as numpy, or a ValueError/TypeError.
+
+  Prompt tokens must be ids in [0, vocab_size); padding values are free.
+  """
   ids = np.asarray(input_ids)
   if ids.ndim != 2 or 0 in ids.shape or not np.issubdtype(ids.dtype,
                                                           np.integer):
     raise ValueError(f"input_ids: expected a non-empty int array [batch, "
                      f"prompt_len], got {ids.dtype} {ids.shape}")
   batch, seq = ids.shape
-  if prompt_lengths is None:
-    return ids.astype(np.int32), np.full((batch,), seq)
-  lengths = np.asarray(prompt_lengths)
-  if (lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer)
-      or lengths.min() < 1 or lengths.max() > seq):
-    raise ValueError(
-        f"prompt_lengths={prompt_lengths!r}: expected {batch} ints in "
-        f"[1, {seq}] (prompts are left-padded in input_ids)")
+  lengths = np.full((batch,), seq)
+  if prompt_lengths is not None:
+    lengths = np.asarray(prompt_lengths)
+    if (lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer)
+        or lengths.min() < 1 or lengths.max() > seq):
+      raise ValueError(
+          f"prompt_lengths={prompt_lengths!r}: expected {batch} ints in "
+          f"[1, {seq}] (prompts are left-padded in input_ids)")
+  real = np.arange(seq)[None, :] >= seq - lengths[:, None]  # (B, T)
+  bad = np.argwhere(real & ((ids < 0) | (ids >= vocab_size)))
+  if bad.size:
+    b, t = bad[0]
+    raise ValueError(f"input_ids[{b}, {t}]={ids[b, t]}: expected a token id "
+                     f"in [0, {vocab_size})")
   return ids.astype(np.int32), lengths.astype(np.int64)
 
 
@@ -163,8 +172,8 @@ def _check_args(model, input_ids, *, max_new_tokens, prompt_lengths,
                 prefill_chunk) -> dict:
   """`generate`'s arguments checked -> the keyword arguments of `_prefill`."""
   check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-  ids, lengths = _check_prompts(input_ids, prompt_lengths)
   config = model.config
+  ids, lengths = _check_prompts(input_ids, prompt_lengths, config.vocab_size)
   eos = _check_eos(eos_token_id, config.vocab_size)
   for name, value in (("prefill_chunk", prefill_chunk), ("max_len", max_len)):
     if value is None and name == "max_len":

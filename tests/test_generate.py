@@ -160,6 +160,27 @@ def test_chunked_prefill_generates_the_same(model):
                                 generate(model, ids, **kwargs))
 
 
+@pytest.mark.parametrize("pad", [-1, 10**6])
+def test_padding_values_are_ignored(model, pad):
+  """Out-of-vocab padding ids (NaN embeddings) change nothing: padding k, v
+  never reach a real query, not even as masked keys of a prefill chunk."""
+  ids, mask = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=NEW_TOKENS)
+  np.testing.assert_array_equal(
+      generate(model, np.where(mask, ids, pad), **kwargs)[:, ids.shape[1]:],
+      generate(model, ids, **kwargs)[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("token", [-1, 10**6])
+@pytest.mark.parametrize("fn", [generate, generate_stream])
+def test_prompt_tokens_outside_the_vocab_raise(model, fn, token):
+  ids, _ = left_padded_prompts(model.config.vocab_size, [6, 3])
+  ids[1, -1] = token
+  with pytest.raises(ValueError, match=rf"input_ids\[1, 5\]={token}: expected "
+                     rf"a token id in \[0, {model.config.vocab_size}\)"):
+    fn(model, ids, prompt_lengths=[6, 3], max_new_tokens=2)
+
+
 def expected_after_eos(tokens, eos):
   """Each row up to and including its first eos, then eos."""
   out = tokens.copy()

@@ -189,6 +189,27 @@ def test_chunk_write_keeps_last_slots_and_skips_padding():
                               jnp.asarray([[4, 5, 6, 3], [0, 1, -1, -1]]))
 
 
+def test_padding_with_nan_keys_does_not_reach_real_queries():
+  """Padding tokens (position -1) are neither written nor attended, even when
+  their k, v are NaN (here: an id past the vocab, whose embedding is NaN):
+  a masked key's NaN value would otherwise give 0 * NaN in P·V."""
+  model = tiny_model("qwen2")
+  graphdef, state = nnx.split(model)
+  ids = np.asarray([[0, 0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]],
+                   np.int32)
+  positions = np.asarray([[-1, -1, -1, 0, 1, 2, 3, 4], list(range(8))],
+                         np.int32)
+  logits = {}
+  for pad in (0, model.config.vocab_size):
+    padded = np.where(positions >= 0, ids, pad)
+    logits[pad], _ = cached_forward(graphdef, state, model.init_cache(2, 12),
+                                    padded, positions)
+  real = positions >= 0
+  assert np.isfinite(np.asarray(logits[0])[real]).all()
+  np.testing.assert_array_equal(np.asarray(logits[model.config.vocab_size])[real],
+                                np.asarray(logits[0])[real])
+
+
 @pytest.mark.parametrize("max_len, slots", [(3, 3), (W - 1, W - 1), (W, W),
                                              (10 * W, W), (1000 * W, W)])
 def test_sliding_layer_has_min_of_window_and_max_len_slots(max_len, slots):
