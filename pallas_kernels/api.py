@@ -116,7 +116,8 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   With causal=False:
     window=None: every key is visible.
     window=(left, right) (ints >= 0): visible iff i - left <= j <= i + right.
-  An int window with causal=False, or a tuple with causal=True, is an error.
+  An int window with causal=False, or a tuple with causal=True, is an error,
+  and so is a window (or side) above 2**30: positions are int32.
 
   Example, T = S = 6, causal=True, window=3 (row i = query, column j = key):
 
@@ -129,8 +130,8 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
 
   segment_ids: int32 [B, T] (requires T == S): a query sees only keys with
     its own id, on top of the window (packed sequences).
-  softcap: c > 0 replaces each scaled score s by c * tanh(s / c).
-  scale: multiplies q·k before the softcap; default 1 / sqrt(H).
+  softcap: finite c > 0 replaces each scaled score s by c * tanh(s / c).
+  scale: finite, multiplies q·k before the softcap; default 1 / sqrt(H).
 
   A query row that sees no key (e.g. with T > S the first T - S queries sit
   before every key) returns out = 0, lse = -inf and zero gradients, never NaN.

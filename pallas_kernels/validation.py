@@ -8,12 +8,16 @@ it should take.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
 from pallas_kernels.mask import Band
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Largest window (or band side): positions are int32, and position ± window
+# must not overflow (window=None is unbounded).
+MAX_WINDOW = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +42,22 @@ class AttentionProblem:
     return self.num_q_heads // self.num_kv_heads
 
 
-def _check_int(name, value, minimum):
+def _check_window_int(name, value, minimum):
+  expected = (f"expected an int in [{minimum}, {MAX_WINDOW}] (window=None "
+              "is unbounded)")
   if isinstance(value, bool) or not isinstance(value, int):
-    raise TypeError(f"{name}={value!r}: expected an int >= {minimum}")
-  if value < minimum:
-    raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+    raise TypeError(f"{name}={value!r}: {expected}")
+  if not minimum <= value <= MAX_WINDOW:
+    raise ValueError(f"{name}={value!r}: {expected}")
+
+
+def _check_finite(name, value, expected):
+  """A real number (not bool) that is finite; returns it as a float."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise TypeError(f"{name}={value!r}: expected {expected}")
+  if not math.isfinite(value):
+    raise ValueError(f"{name}={value!r}: expected {expected}")
+  return float(value)
 
 
 def check_window(window, causal) -> Band:
@@ -50,8 +65,10 @@ def check_window(window, causal) -> Band:
 
   causal=True takes `window=None` (full causal) or an int W >= 1 (W keys,
   itself included). causal=False takes `window=None` (full bidirectional) or
-  a tuple `(left, right)` of ints >= 0. The other combinations are refused
-  rather than guessed: an int window is causal-only, a tuple bidirectional-only.
+  a tuple `(left, right)` of ints >= 0; ints are at most MAX_WINDOW = 2**30,
+  so that no int32 position arithmetic overflows. The other combinations are
+  refused rather than guessed: an int window is causal-only, a tuple
+  bidirectional-only.
   """
   if not isinstance(causal, bool):
     raise TypeError(f"causal={causal!r}: expected True or False")
@@ -63,15 +80,15 @@ def check_window(window, causal) -> Band:
           f"window={window!r} with causal=True: a causal window is one int W "
           "(key j visible to query i iff i - W < j <= i); a (left, right) "
           "tuple needs causal=False")
-    _check_int("window", window, 1)
+    _check_window_int("window", window, 1)
   else:
     if not isinstance(window, (tuple, list)) or len(window) != 2:
       raise ValueError(
           f"window={window!r} with causal=False: expected a tuple "
           "(left, right) of ints >= 0 (key j visible to query i iff "
           "i - left <= j <= i + right), or None")
-    _check_int("window[0] (left)", window[0], 0)
-    _check_int("window[1] (right)", window[1], 0)
+    _check_window_int("window[0] (left)", window[0], 0)
+    _check_window_int("window[1] (right)", window[1], 0)
     window = (int(window[0]), int(window[1]))
   return Band.from_window(window, causal)
 
@@ -134,15 +151,14 @@ def check_attention_args(q, k, v, *, window, causal, segment_ids, softcap,
       raise TypeError(
           f"segment_ids.dtype={segment_ids.dtype}: expected int32")
   if softcap is not None:
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-      raise TypeError(f"softcap={softcap!r}: expected a float > 0 or None")
-    if not softcap > 0:
-      raise ValueError(f"softcap={softcap!r}: expected a float > 0 or None")
+    expected = "a finite float > 0 or None"
+    if not _check_finite("softcap", softcap, expected) > 0:
+      raise ValueError(f"softcap={softcap!r}: expected {expected}")
     softcap = float(softcap)
   if scale is None:
     scale = head_dim ** -0.5
-  elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-    raise TypeError(f"scale={scale!r}: expected a float or None")
+  else:
+    scale = _check_finite("scale", scale, "a finite float or None")
   return AttentionProblem(
       batch=batch, q_len=q_len, kv_len=kv_len, num_q_heads=num_q_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=jnp.dtype(q.dtype),

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from pallas_kernels import (Band, reference_attention, sliding_window_attention,
                             visited_blocks, window_mask)
 from pallas_kernels.mask import block_fully_visible, kv_block_range, q_block_range, visible
-from pallas_kernels.validation import check_window
+from pallas_kernels.validation import MAX_WINDOW, check_window
 from tests.attention_cases import make_inputs
 
 
@@ -234,6 +234,13 @@ Q, K, V, _ = make_inputs(2, q_len=8, num_q_heads=4, num_kv_heads=2)
     (dict(segment_ids=jnp.zeros((1, 8), jnp.float32)), TypeError, "segment_ids.dtype"),
     (dict(segment_ids=[0] * 8), TypeError, "segment_ids"),
     (dict(scale="x"), TypeError, "scale='x'"),
+    # Non-finite numbers would give NaN everywhere.
+    (dict(softcap=float("inf")), ValueError, "softcap=inf"),
+    (dict(scale=float("nan")), ValueError, "scale=nan"),
+    (dict(scale=float("-inf")), ValueError, "scale=-inf"),
+    # Past MAX_WINDOW, int32 position arithmetic would overflow.
+    (dict(window=2**31), ValueError, "window=2147483648"),
+    (dict(window=(0, 2**31 - 1), causal=False), ValueError, "right"),
 ])
 def test_bad_arguments_raise_clearly(kwargs, error, message):
   with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -253,6 +260,25 @@ def test_bad_arguments_raise_clearly(kwargs, error, message):
 def test_bad_arrays_raise_clearly(q, k, v, error, message):
   with pytest.raises(error, match=message):
     sliding_window_attention(q, k, v)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("window, causal, same", [
+    (MAX_WINDOW, True, None),
+    ((MAX_WINDOW, MAX_WINDOW), False, None),
+    ((MAX_WINDOW, 2), False, (16, 2)),  # T = 12, S = 5: |i - j| <= 11
+    ((0, MAX_WINDOW), False, (0, 16)),
+])
+def test_largest_windows_are_exact(impl, window, causal, same):
+  """MAX_WINDOW on either side overflows no int32 position, for queries
+  before the first key (T > S: negative positions) or after it."""
+  q, k, v, _ = make_inputs(4, q_len=12, kv_len=5)
+  np.testing.assert_array_equal(window_mask(12, 5, window=window, causal=causal),
+                                window_mask(12, 5, window=same, causal=causal))
+  chex.assert_trees_all_close(
+      sliding_window_attention(q, k, v, window=window, causal=causal, impl=impl),
+      sliding_window_attention(q, k, v, window=same, causal=causal, impl=impl),
+      atol=1e-6)
 
 
 def test_segment_ids_need_equal_lengths():
