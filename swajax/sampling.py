@@ -58,7 +58,12 @@ def sample_next_token(logits, rng, *, temperature=0.0, top_k=None, top_p=None):
         f"logits.shape={tuple(logits.shape)}: expected [batch, vocab]")
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
+  # Shifted so that the largest is 0 (kept 0 where a subnormal temperature is
+  # flushed to zero): a tiny temperature sends the others to -inf, the greedy
+  # limit, never several tokens to +inf.
+  shifted = logits.astype(jnp.float32)
+  shifted = shifted - shifted.max(axis=-1, keepdims=True)
+  logits = jnp.where(shifted == 0, 0.0, shifted / temperature)
   vocab = logits.shape[-1]
   if top_k is not None and top_k < vocab:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)

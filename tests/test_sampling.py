@@ -52,6 +52,18 @@ def test_top_k_1_or_tiny_top_p_is_greedy(temperature, top_k, top_p):
     np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45])
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_vanishing_temperature_is_greedy(temperature, top_p):
+  """logits / temperature overflows to inf for several tokens (and softmax to
+  NaN): the sample must still be the argmax, the temperature -> 0 limit."""
+  logits = random_logits(3)
+  for seed in range(3):
+    tokens = sample_next_token(logits, jax.random.key(seed),
+                               temperature=temperature, top_p=top_p)
+    np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+
+
 @given(seed=st.integers(0, 2**16),
        temperature=st.sampled_from([0.3, 1.0, 3.0]),
        top_k=st.one_of(st.none(), st.integers(1, 40)),
