@@ -85,7 +85,9 @@ class LayerCache:
     impl, becomes "auto"). Chunks (T > 1, prefill) run the dense "xla" path
     ("reference" if asked): the Pallas decode kernel holds all T * N / K
     query rows of a kv head in one tile, a size meant for decoding.
-    Returns (out [B, T, N, H], the updated cache).
+    Returns (out [B, T, N, H] in q.dtype, the updated cache). The attention
+    runs in the cache's dtype (`init_cache(dtype=)`, e.g. bfloat16 keys for a
+    float32 model).
 
     Linear buffer (`position_limit` not None): the new tokens are written
     first (token p to slot p, which no other position shares), then
@@ -114,9 +116,10 @@ class LayerCache:
     # activations may be NaN and a masked key still enters P·V as 0 * v.
     unused = (positions < 0)[:, :, None, None]
     k_new, v_new = (jnp.where(unused, 0, x) for x in (k_new, v_new))
+    # In the cache's dtype (which may be narrower than the model's), out in q's.
     attend = lambda keys, values, kv_pos: decode_attention(
-        q, keys, values, q_positions=q_positions, kv_positions=kv_pos,
-        window=window, impl=impl)
+        q.astype(self.k.dtype), keys, values, q_positions=q_positions,
+        kv_positions=kv_pos, window=window, impl=impl).astype(q.dtype)
     if q.shape[1] > 1 and limit is None:
       out = attend(jnp.concatenate([self.k, k_new.astype(self.k.dtype)], 1),
                    jnp.concatenate([self.v, v_new.astype(self.v.dtype)], 1),

@@ -299,6 +299,24 @@ def test_chunk_past_max_len_is_exact_then_nan(family):
     assert np.isfinite(np.asarray(layer.v)).all()
 
 
+def test_cache_in_another_dtype_than_the_model():
+  """`init_cache(dtype=bfloat16)` for a float32 model (half the memory): the
+  attention runs on the bfloat16 keys, the logits stay close to float32's."""
+  model = tiny_model("qwen2")
+  graphdef, state = nnx.split(model)
+  seqs = make_batch()[:1, :2 * W + 3]
+  positions = jnp.arange(seqs.shape[1], dtype=jnp.int32)[None]
+  cache = model.init_cache(1, seqs.shape[1] + 1, dtype=jnp.bfloat16)
+  prefill, cache = cached_forward(graphdef, state, cache, seqs[:, :-1],
+                                  positions[:, :-1])
+  decode, cache = cached_forward(graphdef, state, cache, seqs[:, -1:],
+                                 positions[:, -1:])
+  chex.assert_type([prefill, decode, cache.layers[0].k], [jnp.float32] * 2
+                   + [jnp.bfloat16])
+  logits = np.concatenate([prefill, decode], axis=1)
+  assert np.abs(logits - reference_logits(model, seqs)).max() < 5e-2
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(), "positions=None"),
     (dict(positions=jnp.zeros((1, 2), jnp.int32),
