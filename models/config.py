@@ -46,10 +46,12 @@ _ROPE_TYPES_WITH_ORIGINAL_LENGTH = ("llama3", "yarn")
 _HF_DEFAULTS = {
     "mistral": dict(num_key_value_heads=8, sliding_window=4096,
                     max_position_embeddings=131072),
-    "qwen2": dict(use_sliding_window=False, sliding_window=4096,
-                  max_window_layers=28, max_position_embeddings=32768),
-    "qwen3": dict(head_dim=128, use_sliding_window=False, sliding_window=4096,
-                  max_window_layers=28, max_position_embeddings=32768),
+    "qwen2": dict(num_key_value_heads=32, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=28,
+                  max_position_embeddings=32768),
+    "qwen3": dict(num_key_value_heads=32, head_dim=128, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=28,
+                  max_position_embeddings=32768),
     "llama": dict(max_position_embeddings=2048),
 }
 _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size",

@@ -202,6 +202,22 @@ def test_from_hf_windows(hf, windows):
   assert ModelConfig.from_hf(hf).layer_windows == windows
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "llama"])
+def test_from_hf_absent_keys_take_transformers_class_defaults(family):
+  """A config.json with only the required keys reads as transformers reads it."""
+  transformers = pytest.importorskip("transformers")
+  required = {"vocab_size": 128, "hidden_size": 128, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 64}
+  hf = transformers.AutoConfig.for_model(family, **required)
+  ours = ModelConfig.from_hf({"model_type": family, **required})
+  assert (ours.num_kv_heads, ours.head_dim, ours.rope_theta, ours.rms_norm_eps,
+          ours.tie_word_embeddings, ours.max_position_embeddings) == (
+              hf.num_key_value_heads,
+              getattr(hf, "head_dim", None) or 128 // 64,
+              hf.rope_parameters["rope_theta"], hf.rms_norm_eps,
+              hf.tie_word_embeddings, hf.max_position_embeddings)
+
+
 @pytest.mark.parametrize("hf, match", [
     (_hf("gemma2"), "model_type='gemma2'"),
     (_hf("mistral", hidden_act="gelu"), "hidden_act='gelu'"),
