@@ -157,14 +157,17 @@ def _check_prompts(input_ids, prompt_lengths, vocab_size):
 
 
 def _check_eos(eos_token_id, vocab_size) -> tuple[int, ...]:
-  ids = (() if eos_token_id is None else (eos_token_id,)
-         if isinstance(eos_token_id, (int, np.integer)) else tuple(eos_token_id))
-  for i in ids:
-    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not (
-        0 <= i < vocab_size):
-      raise ValueError(f"eos_token_id={eos_token_id!r}: expected None, or "
-                       f"ints in [0, {vocab_size})")
-  return tuple(int(i) for i in ids)
+  """None, an id or a sequence of ids (ints, numpy or jax) -> a tuple of ints."""
+  if eos_token_id is None:
+    return ()
+  items = (list(eos_token_id) if np.ndim(eos_token_id) == 1 else
+           [eos_token_id] if np.ndim(eos_token_id) == 0 else None)
+  if items is None or not all(
+      np.ndim(i) == 0 and np.issubdtype(np.asarray(i).dtype, np.integer)
+      and not isinstance(i, bool) and 0 <= i < vocab_size for i in items):
+    raise ValueError(f"eos_token_id={eos_token_id!r}: expected None, or "
+                     f"ints in [0, {vocab_size})")
+  return tuple(int(i) for i in items)
 
 
 def _check_args(model, input_ids, *, max_new_tokens, prompt_lengths,

@@ -191,6 +191,16 @@ def expected_after_eos(tokens, eos):
   return out
 
 
+@pytest.mark.parametrize("eos", [jax.numpy.int32(7), np.asarray([7, 9]), [7]])
+def test_eos_ids_as_arrays(model, eos):
+  """A jax/numpy scalar or array of ids is as good as Python ints."""
+  assert _check_args(model, np.ones((1, 3), np.int32), max_new_tokens=1,
+                     prompt_lengths=None, temperature=0.0, top_k=None,
+                     top_p=None, eos_token_id=eos, rng=None, max_len=None,
+                     prefill_chunk=4)["options"]["eos"] == tuple(
+                         np.asarray(eos).reshape(-1).tolist())
+
+
 def test_stops_at_eos_and_pads_with_it(model):
   ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
   kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=NEW_TOKENS)
@@ -224,6 +234,8 @@ def test_sampling_follows_the_rng(model):
     (dict(max_len=0), ValueError, "max_len"),
     (dict(prompt_lengths=[7]), ValueError, "prompt_lengths"),
     (dict(eos_token_id=10**6), ValueError, "eos_token_id"),
+    (dict(eos_token_id=[3, True]), ValueError, "eos_token_id"),
+    (dict(eos_token_id=2.0), ValueError, "eos_token_id"),
     (dict(prefill_chunk=0), ValueError, "prefill_chunk"),
 ])
 @pytest.mark.parametrize("fn", [generate, generate_stream])
