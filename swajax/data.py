@@ -166,7 +166,12 @@ def encode_example(tokenizer, prompt: str, completion: str, *,
 
 def _as_document(doc) -> Document:
   if isinstance(doc, Document):
-    return doc
+    tokens, trained = np.asarray(doc.tokens), np.asarray(doc.trained)
+    if tokens.ndim != 1 or trained.shape != tokens.shape:
+      raise ValueError(
+          f"Document: expected tokens [L] and trained [L], got tokens "
+          f"{tokens.shape} and trained {trained.shape}")
+    return Document(tokens.astype(np.int32), trained.astype(bool))
   tokens = np.asarray(doc, np.int32).reshape(-1)
   return Document(tokens, np.ones(tokens.shape, bool))
 

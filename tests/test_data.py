@@ -93,6 +93,16 @@ def test_packing_rejects_bad_seq_len(seq_len):
     data.pack_sequences([[1, 2]], seq_len, pad_id=0)
 
 
+@pytest.mark.parametrize("tokens, trained", [
+    ([1, 2, 3], [True, False]),
+    ([[1, 2], [3, 4]], [[True, True], [True, True]]),
+])
+def test_packing_rejects_mismatched_documents(tokens, trained):
+  doc = data.Document(np.asarray(tokens), np.asarray(trained))
+  with pytest.raises(ValueError, match="expected tokens \\[L\\] and trained"):
+    data.pack_sequences([doc], 4, pad_id=0)
+
+
 def test_packing_rejects_no_documents():
   with pytest.raises(data.DataError, match="no tokens"):
     data.pack_sequences([], 4, pad_id=0)
