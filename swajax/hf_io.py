@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -300,15 +301,20 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   {"metadata": {"total_size"}, "weight_map": {tensor: file}}.
 
   Parameters sharded over a mesh are gathered to the host one tensor at a
-  time (np.asarray: needs them addressable from this process); the host holds
-  at most one file's tensors. Written into a temporary directory next to
-  `path`, then renamed: a failure leaves no partial checkpoint. An existing
-  `path` raises FileExistsError unless overwrite=True.
+  time; the host holds at most one file's tensors. Written into a temporary
+  directory next to `path`, then renamed: a failure leaves no partial
+  checkpoint. An existing `path` raises FileExistsError unless overwrite=True.
+
+  Several processes (jax.distributed): every process must call save_hf with
+  the same model and arguments. A parameter spanning devices of several
+  processes is gathered by all of them together (`process_allgather`, in
+  `tensor_table` order), so every host holds at most one file's tensors;
+  only process 0 checks `path` and writes. No process returns before process
+  0 has renamed the folder (or failed): process 0 raises its own error, the
+  others an OSError naming `path`.
   """
   path = Path(path)
   limit = parse_size(max_shard_size, "max_shard_size")
-  if path.exists() and not overwrite:
-    raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
   config = model.config
   hf_config = config.to_hf()  # raises before anything is written
   table = tensor_table(config)
@@ -316,13 +322,49 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   sizes = {name: x.size * x.dtype.itemsize for name, x in arrays.items()}
   files = _split_into_files(table, sizes, limit)
   hf_config["dtype"] = str(arrays["model.embed_tokens.weight"].dtype)
+  # One file's tensors at a time, gathered (on every process) when drawn.
+  contents = ({spec.hf_name: _to_hf(spec, _host_array(arrays[spec.hf_name]))
+               for spec in specs} for specs in files.values())
+  error = None
+  if jax.process_index() == 0:
+    try:
+      _write_folder(path, overwrite, hf_config, files, sizes, contents)
+    except Exception as e:  # raised below, once the other processes know
+      error = e
+  if jax.process_count() > 1:
+    for _ in contents:  # the gathers process 0 did not draw
+      pass
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if failed and error is None:
+      raise OSError(f"{path}: process 0 failed to write the HF checkpoint "
+                    "(its error is raised there)")
+  if error is not None:
+    raise error
+  return path
+
+
+def _host_array(x) -> np.ndarray:
+  """A parameter as one numpy array on this host. An array spanning devices
+  of several processes (and not replicated on each) is gathered by all of
+  them: every process must call this for it, in the same order."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return multihost_utils.process_allgather(x, tiled=True)
+
+
+def _write_folder(path: Path, overwrite: bool, hf_config: dict,
+                  files: dict[str, list[TensorSpec]], sizes: dict[str, int],
+                  contents) -> None:
+  """Writes `save_hf`'s folder: `contents` yields each file's {name: array},
+  in the order of `files`."""
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
   try:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    for file, specs in files.items():
-      save_file({spec.hf_name: _to_hf(spec, np.asarray(arrays[spec.hf_name]))
-                 for spec in specs}, tmp / file, metadata={"format": "pt"})
+    for file, tensors in zip(files, contents):
+      save_file(tensors, tmp / file, metadata={"format": "pt"})
     if len(files) > 1:
       index = {"metadata": {"total_size": sum(sizes.values())},
                "weight_map": {spec.hf_name: file for file, specs in files.items()
@@ -338,7 +380,6 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return path
 
 
 def _split_into_files(table, sizes: dict[str, int], limit: int

@@ -180,11 +180,15 @@ def main(argv: list[str]) -> int:
 
 
 def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> None:
-  """Prints the run summary, exports the model for HF and writes a sample."""
+  """Prints the run summary, exports the model for HF and writes a sample.
+
+  Every process of a multi-process run calls it: the export gathers the
+  sharded parameters and the sample runs the sharded model on all of them
+  (each computes the same tokens); process 0 prints and writes the files.
+  """
   import jax
 
-  if jax.process_index() != 0:
-    return
+  lead = jax.process_index() == 0
   run_dir = result.run_dir
   final = result.evals[-1] if result.evals else None
   lines = [f"trained {config.steps} steps in {_duration(seconds)} "
@@ -194,10 +198,11 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
   lines.append(f"run folder {run_dir}: checkpoints/, metrics.jsonl, loss.png, config.json")
   hf_dir = _export(result.model, run_dir / "hf", lines)
   if sample_tokens > 0:
-    _sample(result, run_dir / "sample.txt", sample_tokens, lines)
+    _sample(result, run_dir / "sample.txt", sample_tokens, lines, write=lead)
   if hf_dir is not None:
     lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")
-  print("\n".join(lines))
+  if lead:
+    print("\n".join(lines))
 
 
 def _export(model, directory: Path, lines: list[str]) -> Path | None:
@@ -212,8 +217,9 @@ def _export(model, directory: Path, lines: list[str]) -> Path | None:
   return directory
 
 
-def _sample(result, path: Path, max_tokens: int, lines: list[str]) -> None:
-  """A short continuation of SAMPLE_PROMPT, sampled at temperature 0.8."""
+def _sample(result, path: Path, max_tokens: int, lines: list[str], *, write: bool) -> None:
+  """A short continuation of SAMPLE_PROMPT, sampled at temperature 0.8; written
+  to `path` when `write`."""
   try:
     from swajax.generate import generate
   except ImportError as e:
@@ -232,5 +238,6 @@ def _sample(result, path: Path, max_tokens: int, lines: list[str]) -> None:
   if tokenizer.eos_id in new:
     new = new[:new.index(tokenizer.eos_id)]
   text = SAMPLE_PROMPT + tokenizer.decode(new)
-  path.write_text(text)
+  if write:
+    path.write_text(text)
   lines.append(f"sample ({path}):\n" + "\n".join("  | " + l for l in text.splitlines()))
