@@ -1,5 +1,6 @@
-"""Mesh and shardings; 8 simulated devices and 2 joined processes train like 1 device;
-a HF checkpoint loads straight onto a 2 x 4 mesh."""
+"""Mesh and shardings; 8 simulated devices and 2 joined processes train like 1 device
+(the 2 processes through `swajax train`: checkpoints, HF export, resume); a HF checkpoint
+loads straight onto a 2 x 4 mesh."""
 
 import json
 import os
@@ -7,11 +8,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from swajax import sharding
@@ -56,27 +59,73 @@ def single_device_losses(tmp_path_factory):
   return [r["loss"] for r in result.history]
 
 
+def describe(result) -> dict:
+  """What a worker reports of its run: losses, devices, and how the trained
+  gate_proj kernel is laid out."""
+  kernel = result.model.layers[0].mlp.gate_proj.kernel[...]
+  return {
+      "losses": [r["loss"] for r in result.history],
+      "devices": jax.device_count(),
+      "spec": list(kernel.sharding.spec) + [None] * (kernel.ndim - len(kernel.sharding.spec)),
+      "mesh": dict(kernel.sharding.mesh.shape),
+      "shard_shapes": sorted({tuple(s.data.shape) for s in kernel.addressable_shards}),
+      "kernel_shape": list(kernel.shape),
+  }
+
+
+def param_checksums(model) -> dict[str, float]:
+  """{parameter path: position-weighted sum} over this process's shards with
+  replica_id 0: summed over the processes, each parameter's weighted sum
+  (unequal weights, so a transposed or misplaced block changes it)."""
+  sums = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    x = var.get_value()
+    weights = 1.0 + np.arange(x.size).reshape(x.shape) % 7
+    sums["/".join(map(str, path))] = sum(
+        float(np.sum(np.asarray(s.data, np.float64) * weights[s.index]))
+        for s in x.addressable_shards if s.replica_id == 0)
+  return sums
+
+
 # Runs in a fresh interpreter: the device count and jax.distributed must be set
 # before JAX starts. Prints one JSON line.
 WORKER = textwrap.dedent("""
     import json, sys
-    from swajax import sharding
+    from tests.test_sharding import describe
     from tests.test_train import tiny_train_config, train_lib
     args = json.loads(sys.argv[1])
-    if args.get("coordinator"):
-      sharding.maybe_initialize_distributed(args["coordinator"], 2, args["process_id"],
-                                            timeout_s=60)
-    import jax
-    result = train_lib.train(tiny_train_config(args["out"], fsdp=args["fsdp"]))
-    kernel = result.model.layers[0].mlp.gate_proj.kernel[...]
-    print(json.dumps({
-        "losses": [r["loss"] for r in result.history],
-        "devices": jax.device_count(),
-        "spec": list(kernel.sharding.spec) + [None] * (kernel.ndim - len(kernel.sharding.spec)),
-        "mesh": dict(kernel.sharding.mesh.shape),
-        "shard_shapes": sorted({tuple(s.data.shape) for s in kernel.addressable_shards}),
-        "kernel_shape": list(kernel.shape),
-    }))
+    print(json.dumps(describe(train_lib.train(tiny_train_config(args["out"],
+                                                                fsdp=args["fsdp"])))))
+""")
+
+# One process of `swajax train` run by 2 processes (--fsdp 2: 1 device each),
+# then --resume one step further. Prints one JSON line.
+CLI_WORKER = textwrap.dedent("""
+    import json, os, sys, traceback
+    def exit_at_once(*exc_info):  # jax.distributed's exit barrier would wait for the other
+      traceback.print_exception(*exc_info)
+      sys.stderr.flush()
+      os._exit(1)
+    sys.excepthook = exit_at_once
+    from swajax import train_cli
+    from tests.test_sharding import describe, param_checksums
+    from tests.test_train import tiny_train_config
+    from tests.test_train_cli import as_flags
+    args = json.loads(sys.argv[1])
+    results, report = [], train_cli.report
+    def keep_result(result, *rest):  # the trained model, for describe()
+      results.append(result)
+      report(result, *rest)
+    train_cli.report = keep_result
+    config = tiny_train_config(args["out"], fsdp=2)
+    assert train_cli.main(as_flags(config) + [
+        "--sample-tokens", "4", "--coordinator-address", args["coordinator"],
+        "--num-processes", "2", "--process-id", str(args["process_id"])]) == 0
+    # Joined already: the resumed run (same processes) takes no coordinator.
+    assert train_cli.main(["--resume", args["out"], "--steps", str(config.steps + 1),
+                           "--sample-tokens", "0"]) == 0
+    print(json.dumps({**describe(results[0]), "resumed": describe(results[1])["losses"],
+                      "checksums": param_checksums(results[1].model)}))
 """)
 
 
@@ -87,15 +136,33 @@ def run_worker(args: dict, env: dict, script: str = WORKER) -> subprocess.Popen:
                           text=True)
 
 
+def results_of(procs: list[subprocess.Popen]) -> list[dict]:
+  """Each worker's last stdout line as JSON. The first worker to fail, or the
+  timeout, kills them all (the others would wait for it in a collective)."""
+  deadline = time.monotonic() + TIMEOUT_S
+  outputs = {}
+  while len(outputs) < len(procs):
+    for i, proc in enumerate(procs):
+      if i in outputs:
+        continue
+      try:
+        out, err = proc.communicate(timeout=0.5)
+      except subprocess.TimeoutExpired:
+        if time.monotonic() < deadline:
+          continue
+        proc.kill()
+        out, err = proc.communicate()
+        err += f"\n(killed: timed out after {TIMEOUT_S}s)"
+      if proc.returncode != 0:
+        for other in procs:
+          other.kill()
+        pytest.fail(f"worker {i} exited with {proc.returncode}:\n{err[-3000:]}")
+      outputs[i] = out
+  return [json.loads(outputs[i].strip().splitlines()[-1]) for i in range(len(procs))]
+
+
 def result_of(proc: subprocess.Popen) -> dict:
-  try:
-    out, err = proc.communicate(timeout=TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    out, err = proc.communicate()
-    pytest.fail(f"worker timed out after {TIMEOUT_S}s:\n{err[-3000:]}")
-  assert proc.returncode == 0, err[-3000:]
-  return json.loads(out.strip().splitlines()[-1])
+  return results_of([proc])[0]
 
 
 def test_eight_devices_data_by_fsdp_match_one_device(tmp_path, single_device_losses):
@@ -116,21 +183,45 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path, single_device_losses):
+def test_two_processes_train_like_one_and_export_through_the_cli(
+    tmp_path, single_device_losses):
+  """`swajax train` in 2 processes, parameters split across them: the losses of
+  1 device, orbax checkpoints, an HF export equal to the trained parameters
+  (gathered by both processes), a sample, and --resume continuing the run."""
   if "jax_cpu_collectives_implementation" not in jax.config.values:
     pytest.skip(f"jaxlib {jax.__version__} has no CPU collectives option "
                 "(jax_cpu_collectives_implementation): processes cannot all-reduce on CPU")
+  from swajax import load_hf
+
+  run = tmp_path / "run"
   coordinator = f"localhost:{free_port()}"
   env = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
-  procs = [run_worker({"out": str(tmp_path / "run"), "fsdp": 2,
-                       "coordinator": coordinator, "process_id": i}, env)
+  procs = [run_worker({"out": str(run), "coordinator": coordinator, "process_id": i},
+                      env, script=CLI_WORKER)
            for i in range(2)]
-  results = [result_of(p) for p in procs]
+  results = results_of(procs)
   for got in results:
     assert got["devices"] == 2 and got["mesh"] == {"data": 1, "fsdp": 2}
     assert got["spec"] == ["fsdp", None]
     np.testing.assert_allclose(got["losses"], single_device_losses, rtol=1e-5, atol=1e-5)
+  records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == list(range(1, len(single_device_losses) + 2))
+  np.testing.assert_allclose([r["loss"] for r in records[:-1]], single_device_losses,
+                             rtol=1e-5, atol=1e-5)
+  assert records[-1]["loss"] == pytest.approx(results[0]["resumed"][0])
+  last = len(records)
+  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
+      last - 1, last]
+  assert (run / "sample.txt").read_text().startswith("def ")
+  # The export of the resumed run holds its parameters: the checksums of the
+  # two processes' shards add up to those of the loaded (one-device) model.
+  trained = {name: sum(got["checksums"][name] for got in results)
+             for name in results[0]["checksums"]}
+  loaded = param_checksums(load_hf(run / "hf"))
+  assert loaded.keys() == trained.keys()
+  for name, value in trained.items():
+    assert loaded[name] == pytest.approx(value, rel=1e-9), name
 
 
 # Loads one HF checkpoint unsharded and onto a 2 x 4 ("data", "fsdp") mesh.
