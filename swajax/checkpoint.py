@@ -76,8 +76,9 @@ def export_hf(model, directory: str | Path) -> Path:
   """Writes `model` as a Hugging Face checkpoint folder via `swajax.save_hf`.
 
   Replaces an earlier export in `directory` (a resumed run exports its final
-  model over the one its first part wrote). Imported lazily: HF IO pulls in
-  safetensors and the name tables.
+  model over the one its first part wrote). With several processes every
+  process calls it (they all gather the parameters; process 0 writes: see
+  `save_hf`). Imported lazily: HF IO pulls in safetensors and the name tables.
   """
   from swajax.hf_io import save_hf
 
