@@ -166,7 +166,9 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
   Raises FileNotFoundError (with the path) for a missing config or shard,
   TypeError for a mesh that is not a jax Mesh, ValueError for one without the
   ("data", "fsdp") axes, an unsupported config, an unreadable file, or the
-  first missing, unexpected, misshaped or non-float tensor.
+  first missing, unexpected, misshaped or non-float tensor. Extra tensors
+  transformers also ignores are skipped: RoPE `rotary_emb.inv_freq` buffers,
+  and a tied lm_head.weight equal to the embedding (`_ignorable`).
   """
   directory = Path(path)
   if mesh is not None:
@@ -179,7 +181,7 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
     if spec.hf_name not in files:
       raise ValueError(f"{directory}: tensor {spec.hf_name!r} is missing")
   for name in files:
-    if name not in expected:
+    if name not in expected and not _ignorable(name, files, config):
       raise ValueError(
           f"{files[name]}: unexpected tensor {name!r} for this "
           f"{config.model_type} config")
@@ -205,6 +207,34 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
         var.set_value(_read(file, f, spec, var.get_value().shape, dtype,
                             shardings.get(spec.path)))
   return model
+
+
+# RoPE inverse frequencies older transformers versions saved as buffers: they
+# follow from the config, and transformers ignores them too.
+ROTARY_BUFFER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _ignorable(name: str, files: dict[str, Path], config: ModelConfig) -> bool:
+  """Whether an extra tensor `name` may be left unread.
+
+  RoPE buffers may. So may lm_head.weight under tie_word_embeddings when it
+  equals model.embed_tokens.weight; when it differs, transformers unties the
+  two (a different model than the config names), so that raises here.
+  """
+  if ROTARY_BUFFER.search(name):
+    return True
+  if name != "lm_head.weight" or not config.tie_word_embeddings:
+    return False
+  embed = "model.embed_tokens.weight"
+  if embed not in files:
+    return False  # reported as missing
+  with _open(files[name]) as f, _open(files[embed]) as g:
+    if np.array_equal(f.get_tensor(name), g.get_tensor(embed)):
+      return True
+  raise ValueError(
+      f"{files[name]}: 'lm_head.weight' differs from {embed!r} but the "
+      "config says tie_word_embeddings=true (transformers would untie them: "
+      "set tie_word_embeddings to false in config.json to load it untied)")
 
 
 def _param_shardings(model, mesh) -> dict[tuple, jax.sharding.NamedSharding]:

@@ -237,9 +237,29 @@ def test_misshaped_tensor(saved):
 
 def test_unexpected_tensor(saved):
   directory, tensors = saved
-  _rewrite(directory, {**tensors, "lm_head.weight": tensors[
-      "model.embed_tokens.weight"]})  # the config says tied: no lm_head
-  with pytest.raises(ValueError, match="unexpected tensor 'lm_head.weight'"):
+  name = "model.layers.0.mlp.extra.weight"
+  _rewrite(directory, {**tensors, name: tensors["model.norm.weight"]})
+  with pytest.raises(ValueError, match=f"unexpected tensor '{name}'"):
+    load_hf(directory)
+
+
+def test_tensors_transformers_ignores_are_skipped(saved):
+  # RoPE buffers of older checkpoints, and a tied lm_head stored anyway.
+  directory, tensors = saved
+  original = forward(load_hf(directory), ids())
+  embed = tensors["model.embed_tokens.weight"]
+  _rewrite(directory, {
+      **tensors, "lm_head.weight": embed.copy(),
+      "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)})
+  np.testing.assert_array_equal(forward(load_hf(directory), ids()), original)
+
+
+def test_tied_lm_head_that_differs_raises(saved):
+  # transformers would untie them: a model the config does not describe.
+  directory, tensors = saved
+  embed = tensors["model.embed_tokens.weight"]
+  _rewrite(directory, {**tensors, "lm_head.weight": embed + 1})
+  with pytest.raises(ValueError, match="'lm_head.weight' differs"):
     load_hf(directory)
 
 
