@@ -252,6 +252,17 @@ def _empty_row(seq_len: int, pad_id: int) -> tuple[np.ndarray, ...]:
           np.zeros(seq_len, np.float32))
 
 
+def pad_rows(rows: dict[str, np.ndarray], multiple: int, *, pad_id: int
+             ) -> dict[str, np.ndarray]:
+  """`rows` followed by padding rows (no loss, segment 0) up to a multiple of
+  `multiple` rows: whole batches that weigh each real row once."""
+  count, seq_len = rows["input_ids"].shape
+  extra = -count % multiple
+  empty = _empty_row(seq_len, pad_id)
+  return {name: np.concatenate([rows[name], np.tile(empty[i], (extra, 1))])
+          for i, name in enumerate(ROW_FIELDS)}
+
+
 class PackedRows:
   """Packed rows served in a reshuffled order each epoch, addressable by position.
 

@@ -405,9 +405,12 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[data_lib.PackedRows, dict
   pack = lambda docs: data_lib.pack_sequences(
       docs, config.seq_len, pad_id=tokenizer.pad_id, split_documents=not whole)
   train_rows = data_lib.PackedRows(pack(train_docs), seed=config.seed)
-  val_rows = data_lib.PackedRows(pack(val_docs), seed=config.seed, shuffle=False).take(
-      0, config.eval_batches * config.batch_size)
-  return train_rows, val_rows
+  # Validation: the first eval_batches * batch_size rows, each once (a short
+  # validation set is not repeated to fill them), in whole batches.
+  val_rows = {k: v[:config.eval_batches * config.batch_size]
+              for k, v in pack(val_docs).items()}
+  return train_rows, data_lib.pad_rows(val_rows, config.batch_size,
+                                       pad_id=tokenizer.pad_id)
 
 
 def resolve_tokenizer(config: TrainConfig):

@@ -230,3 +230,24 @@ def test_fine_tune_from_hf_checkpoint(tmp_path, full_run):
       tmp_path / "run", init_from_hf=str(tmp_path / "hf"), model="ignored"), until_step=2)
   chex.assert_trees_all_close([r["loss"] for r in tuned.history],
                               [r["loss"] for r in full_run.history[:2]], rtol=1e-6)
+
+
+def test_validation_rows_are_each_counted_once(tmp_path):
+  """Fewer validation rows than eval_batches * batch_size: every row (every
+  target token) weighs once in the validation loss, none is repeated."""
+  for folder, n_docs in (("train", 4), ("val", 3)):
+    (tmp_path / folder).mkdir()
+    for i in range(n_docs):
+      (tmp_path / folder / f"{i}.txt").write_text(f"doc{i} " * 4)  # 22 tokens
+  config = tiny_train_config(tmp_path / "run", data=str(tmp_path / "train"),
+                             val_data=str(tmp_path / "val"), batch_size=4,
+                             eval_batches=2)
+  tokenizer = train_lib.resolve_tokenizer(config)
+  _, val_rows = train_lib.load_data(config, tokenizer)
+  docs = [data.encode_text(tokenizer, (tmp_path / "val" / f"{i}.txt").read_text())
+          for i in range(3)]
+  packed = data.pack_sequences(docs, 32, pad_id=tokenizer.pad_id)
+  assert len(packed["input_ids"]) == 3  # < 8 rows asked for
+  assert len(val_rows["input_ids"]) % config.batch_size == 0
+  assert val_rows["loss_mask"].sum() == packed["loss_mask"].sum()
+  np.testing.assert_array_equal(val_rows["input_ids"][:3], packed["input_ids"])
