@@ -483,6 +483,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     position, resumed_from = 0, None
     if resume:
       state, meta = checkpointer.restore(state)
+      _check_same_data(config, meta, checkpointer)
       position, resumed_from = meta["data_position"], int(state["step"])
     elif checkpointer.latest_step() is not None:
       checkpointer.close()
@@ -535,6 +536,25 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   if lead:
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
   return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from)
+
+
+# The fields that fix the training row stream (which rows, in which order):
+# a checkpoint's data position means nothing under other values.
+_DATA_FIELDS = ("seed", "seq_len", "data", "val_data", "val_percent", "tokenizer",
+                "train_prompt", "corpus_max_bytes")
+
+
+def _check_same_data(config: TrainConfig, meta: dict, checkpointer) -> None:
+  """Raises ValueError when a resumed run would read another data stream than
+  the one its checkpoint's data position counts rows of."""
+  saved = meta.get("config", {})
+  for name in _DATA_FIELDS:
+    if name in saved and saved[name] != getattr(config, name):
+      checkpointer.close()
+      raise ValueError(
+          f"{name}={getattr(config, name)!r}: the checkpoint was trained with "
+          f"{name}={saved[name]!r}, which fixes its data order; resume with the "
+          "same value (or start a new run)")
 
 
 def _open_metrics(path: Path, resumed_from: int | None):

@@ -205,6 +205,11 @@ def test_resume_is_exact(tmp_path, full_run):
                 if p.name.isdigit()) == ["3", "6"]
   with pytest.raises(ValueError, match="already holds checkpoints"):
     train_lib.train(config)
+  # The data order is fixed by the seed and the packing: a resume that changes
+  # them would silently train on another stream.
+  for change in (dict(seed=1), dict(seq_len=16)):
+    with pytest.raises(ValueError, match=f"{next(iter(change))}=.*checkpoint"):
+      train_lib.train(dataclasses.replace(config, steps=7, **change), resume=True)
 
 
 def test_model_config_run_resumes_from_its_config_json(tmp_path, full_run):
