@@ -250,8 +250,10 @@ def _backward(q, k, v, segment_ids, out, lse, d_out, d_lse, t: _Tiling):
   """
   p = t.problem
   qc, doc = _to_chunks(q, t), _to_chunks(d_out.astype(q.dtype), t)
+  # fp32 operands at HIGHEST whatever the input dtype (no TF32 on GPU).
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32),
-                     out.astype(jnp.float32))
+                     out.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
   # Empty rows (lse = -inf) have no visible pair: any finite stand-in works.
   lse_c = _rows_to_chunks(jnp.where(jnp.isfinite(lse), lse, 0.0), t)
   shift_c = _rows_to_chunks(delta - d_lse, t)

@@ -102,3 +102,35 @@ def test_memory_is_linear_in_seq_len(window):
   assert large < 2.5 * small, (small, large)
   assert large < 4 * 2048 * 2048 * 4 / 8, large
 
+
+
+def _dot_generals(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _dot_generals(sub)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fp32_dots_request_full_precision(dtype):
+  # On GPU an fp32 dot at DEFAULT precision may run in TF32: every dot with
+  # fp32 operands, forward and backward (delta = rowsum(dO * O) included),
+  # must ask for HIGHEST, as the Pallas kernels do.
+  q, k, v, _ = make_inputs(0, q_len=32, head_dim=16, dtype=dtype)
+
+  def loss(q, k, v):
+    out, lse = sliding_window_attention(q, k, v, window=8, impl="xla",
+                                        return_lse=True)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+  closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  dots = [e for e in _dot_generals(closed.jaxpr)
+          if all(x.aval.dtype == jnp.float32 for x in e.invars)]
+  assert dots
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  assert all(e.params["precision"] == highest for e in dots), [
+      e.params["precision"] for e in dots]
