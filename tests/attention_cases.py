@@ -125,3 +125,14 @@ def assert_matches_reference(q, k, v, *, impl, cotangent_scale=1.0, **kwargs):
     errors[name] = float(jnp.max(jnp.abs(g - g_ref)))
   errors["grad_max"] = max(float(jnp.max(jnp.abs(g))) for g in grads_ref)
   return errors
+
+
+def jaxpr_equations(jaxpr):
+  """Every equation of a jaxpr, those of nested jaxprs (kernels, loops) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from jaxpr_equations(sub)

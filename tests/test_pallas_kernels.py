@@ -18,7 +18,8 @@ from pallas_kernels.flash_attention import (
     BlockSizes, KernelConfig, visit_counts)
 from pallas_kernels.mask import visible
 from pallas_kernels.validation import check_attention_args
-from tests.attention_cases import assert_matches_reference, make_inputs
+from tests.attention_cases import (assert_matches_reference, jaxpr_equations,
+                                   make_inputs)
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
@@ -61,23 +62,12 @@ def test_kernels_lower_to_triton_for_gpu(head_dim, q_len, num_segments,
     assert name in grads, name
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr, those of nested jaxprs (kernels) included."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          yield from _eqns(sub)
-
-
 def test_fp32_dots_request_full_precision():
   # Triton dots default to TF32; fp32 inputs must ask for IEEE (HIGHEST).
   q, k, v, _ = make_inputs(0, q_len=32, head_dim=16)
   closed = jax.make_jaxpr(lambda q, k, v: sliding_window_attention(
       q, k, v, window=8, impl="pallas", block_sizes=SMALL))(q, k, v)
-  precisions = [e.params["precision"] for e in _eqns(closed.jaxpr)
+  precisions = [e.params["precision"] for e in jaxpr_equations(closed.jaxpr)
                 if e.primitive.name == "dot_general"]
   assert len(precisions) == 2, precisions  # q·kᵀ and p·v
   highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
@@ -98,7 +88,7 @@ def test_kernels_have_no_bool_to_bool_conversions(window, causal):
     return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
   closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  bad = [e for e in _eqns(closed.jaxpr)
+  bad = [e for e in jaxpr_equations(closed.jaxpr)
          if e.primitive.name == "convert_element_type"
          and e.params["new_dtype"] == jnp.bool_
          and e.invars[0].aval.dtype == jnp.bool_]

@@ -15,7 +15,8 @@ from hypothesis import given, settings, strategies as st
 
 from pallas_kernels import sliding_window_attention
 from pallas_kernels.xla_blockwise import BlockSizes
-from tests.attention_cases import assert_matches_reference, make_inputs
+from tests.attention_cases import (assert_matches_reference, jaxpr_equations,
+                                   make_inputs)
 
 
 @contextlib.contextmanager
@@ -103,18 +104,6 @@ def test_memory_is_linear_in_seq_len(window):
   assert large < 4 * 2048 * 2048 * 4 / 8, large
 
 
-
-def _dot_generals(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          yield from _dot_generals(sub)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_fp32_dots_request_full_precision(dtype):
   # On GPU an fp32 dot at DEFAULT precision may run in TF32: every dot with
@@ -128,8 +117,9 @@ def test_fp32_dots_request_full_precision(dtype):
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
   closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  dots = [e for e in _dot_generals(closed.jaxpr)
-          if all(x.aval.dtype == jnp.float32 for x in e.invars)]
+  dots = [e for e in jaxpr_equations(closed.jaxpr)
+          if e.primitive.name == "dot_general"
+          and all(x.aval.dtype == jnp.float32 for x in e.invars)]
   assert dots
   highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
   assert all(e.params["precision"] == highest for e in dots), [
