@@ -57,6 +57,9 @@ else
            tests/test_cudnn.py tests/test_decode*.py; do
     [[ -e "$f" ]] && tests+=("$f")
   done
+  # The models' decode steps through the compiled flash-decoding kernel.
+  tests+=(tests/test_kv_cache.py::test_pallas_decode_equals_full_forward
+          tests/test_generate.py::test_pallas_decode_steps_give_the_xla_tokens)
   phase tests 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
     --durations=15 --junitxml="$OUT_DIR/tests.xml" "${tests[@]}"
   # bf16, head_dim 128, GQA 32:8, W=4096. cudnn_causal = cuDNN causal flash

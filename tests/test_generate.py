@@ -116,6 +116,18 @@ def test_fused_loop_equals_streamed(model, options):
     assert (generate(model, ids, **other) != fused).any()
 
 
+def test_pallas_decode_steps_give_the_xla_tokens(model, tmp_path):
+  """The decode steps through the Pallas flash-decoding kernel (interpreted
+  on a CPU, compiled on a GPU: gpu_check.sh runs this test), fused and
+  streamed, past the ring's first wrap."""
+  pallas = load_hf(save_hf(model, tmp_path / "model"), attn_impl="pallas")
+  ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
+  kwargs = dict(prompt_lengths=PROMPT_LENGTHS, max_new_tokens=WINDOW + 2)
+  expected = generate(model, ids, **kwargs)
+  np.testing.assert_array_equal(generate(pallas, ids, **kwargs), expected)
+  np.testing.assert_array_equal(streamed(pallas, ids, **kwargs), expected)
+
+
 @pytest.mark.parametrize("new_tokens", [0, 1, 2])
 def test_fused_loop_equals_streamed_for_few_tokens(model, new_tokens):
   ids, _ = left_padded_prompts(model.config.vocab_size, PROMPT_LENGTHS)
