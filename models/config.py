@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any
 
+from pallas_kernels.validation import check_positive_int
+
 # model_type -> (HF architecture, q/k/v bias, q/k norm). The one place that says
 # which switches each family has; `__post_init__` enforces it so that every
 # config can be written back to a `config.json` that transformers reads the same.
@@ -102,9 +104,7 @@ class ModelConfig:
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "num_q_heads", "num_kv_heads", "head_dim",
                  "max_position_embeddings"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+      check_positive_int(name, getattr(self, name))
     if self.num_q_heads % self.num_kv_heads:
       raise ValueError(
           f"num_q_heads={self.num_q_heads}, num_kv_heads={self.num_kv_heads}: "

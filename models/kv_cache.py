@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_attention
 from pallas_kernels.decode_attention import IMPLS as DECODE_IMPLS
+from pallas_kernels.validation import check_positive_int
 
 
 @jax.tree_util.register_dataclass
@@ -166,9 +167,8 @@ def init_cache(config, batch_size: int, max_len: int, dtype) -> KVCache:
   window (every full layer, and a sliding one when max_len < W) holds
   positions 0..max_len-1 only (`position_limit`).
   """
-  for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name}={value!r}: expected an int >= 1")
+  check_positive_int("batch_size", batch_size)
+  check_positive_int("max_len", max_len)
   shape = (batch_size, config.num_kv_heads, config.head_dim)  # (B, K, H)
 
   def layer(window):

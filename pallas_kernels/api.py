@@ -11,7 +11,7 @@ import numpy as np
 
 from pallas_kernels.mask import cdiv, dense_mask, kv_block_range
 from pallas_kernels.validation import (AttentionProblem, check_attention_args,
-                                       check_window)
+                                       check_positive_int, check_window)
 
 # Features a call may need. `required_features` derives them from the problem;
 # an impl that lacks one raises NotImplementedError: it never falls back to a
@@ -164,8 +164,8 @@ def window_mask(q_len, kv_len=None, *, window=None, causal=True,
   `sliding_window_attention`). Dense O(T·S): for inspection and pictures.
   """
   kv_len = q_len if kv_len is None else kv_len
-  _check_length("q_len", q_len)
-  _check_length("kv_len", kv_len)
+  check_positive_int("q_len", q_len)
+  check_positive_int("kv_len", kv_len)
   band = check_window(window, causal)
   if segment_ids is not None:
     segment_ids = jnp.asarray(segment_ids)
@@ -196,7 +196,7 @@ def visited_blocks(q_len, kv_len=None, *, window=None, causal=True, block_q,
   kv_len = q_len if kv_len is None else kv_len
   for name, value in (("q_len", q_len), ("kv_len", kv_len),
                       ("block_q", block_q), ("block_k", block_k)):
-    _check_length(name, value)
+    check_positive_int(name, value)
   band = check_window(window, causal)
   q_blocks = np.arange(cdiv(q_len, block_q))
   lo, hi = kv_block_range(q_blocks, block_q=block_q, block_k=block_k,
@@ -206,11 +206,6 @@ def visited_blocks(q_len, kv_len=None, *, window=None, causal=True, block_q,
             for x in (lo, hi))
   kv_blocks = np.arange(cdiv(kv_len, block_k))[None, :]
   return (kv_blocks >= lo) & (kv_blocks < hi)
-
-
-def _check_length(name, value):
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name}={value!r}: expected an int >= 1")
 
 
 def reference_attention(q, k, v, *, window=None, causal=True, segment_ids=None,

@@ -30,7 +30,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.api import default_impl
 from pallas_kernels.flash_attention import MIN_BLOCK, padded_head_dim
 from pallas_kernels.mask import Band, cdiv, visible
-from pallas_kernels.validation import AttentionProblem, check_attention_args
+from pallas_kernels.validation import (AttentionProblem, check_attention_args,
+                                       check_positive_int)
 
 IMPLS = ("pallas", "xla", "reference")
 
@@ -64,12 +65,10 @@ class DecodeBlockSizes:
         or self.block_k < MIN_BLOCK or self.block_k & (self.block_k - 1)):
       raise ValueError(
           f"block_k={self.block_k!r}: expected a power of 2 >= {MIN_BLOCK}")
-    for name in ("num_splits", "num_warps", "num_stages"):
-      value = getattr(self, name)
-      if value is None and name == "num_splits":
-        continue
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+    if self.num_splits is not None:
+      check_positive_int("num_splits", self.num_splits)
+    check_positive_int("num_warps", self.num_warps)
+    check_positive_int("num_stages", self.num_stages)
 
   @classmethod
   def default(cls, problem: AttentionProblem) -> "DecodeBlockSizes":

@@ -42,6 +42,12 @@ class AttentionProblem:
     return self.num_q_heads // self.num_kv_heads
 
 
+def check_positive_int(name: str, value) -> None:
+  """Raises ValueError unless `value` is an int >= 1 (a bool is not)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}={value!r}: expected an int >= 1")
+
+
 def _check_window_int(name, value, minimum):
   expected = (f"expected an int in [{minimum}, {MAX_WINDOW}] (window=None "
               "is unbounded)")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.mask import (block_fully_visible, cdiv, kv_block_range,
                                  visible)
-from pallas_kernels.validation import AttentionProblem
+from pallas_kernels.validation import AttentionProblem, check_positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +47,7 @@ class BlockSizes:
 
   def __post_init__(self):
     for name in ("block_q", "block_k"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+      check_positive_int(name, getattr(self, name))
 
   @classmethod
   def default(cls, problem: AttentionProblem) -> "BlockSizes":

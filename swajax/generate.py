@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from models.kv_cache import KVCache, cache_slots, position_limit
+from pallas_kernels.validation import check_positive_int
 from swajax.sampling import check_sampling_args, sample_next_token
 
 # Traces of the jitted prefill chunk, single decode step and decode loop
@@ -178,11 +179,9 @@ def _check_args(model, input_ids, *, max_new_tokens, prompt_lengths,
   config = model.config
   ids, lengths = _check_prompts(input_ids, prompt_lengths, config.vocab_size)
   eos = _check_eos(eos_token_id, config.vocab_size)
-  for name, value in (("prefill_chunk", prefill_chunk), ("max_len", max_len)):
-    if value is None and name == "max_len":
-      continue
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name}={value!r}: expected an int >= 1")
+  check_positive_int("prefill_chunk", prefill_chunk)
+  if max_len is not None:
+    check_positive_int("max_len", max_len)
   needed = int(lengths.max()) + max_new_tokens
   max_len = needed if max_len is None else max_len
   limited = [w for w in config.layer_windows
