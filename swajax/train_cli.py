@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
       fields.add_argument(flag, action=argparse.BooleanOptionalAction,
                           default=argparse.SUPPRESS, help=shown)
     elif field.name == "model_overrides":
-      fields.add_argument(flag, nargs="+", metavar="KEY=VALUE", type=_override,
+      fields.add_argument(flag, nargs="+", metavar="KEY=VALUE", type=parse_override,
                           default=argparse.SUPPRESS,
                           help="ModelConfig fields, e.g. num_layers=2 'layer_windows=(64,64)'")
     else:
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
   """"key=value" -> (key, value), the value a Python literal or else a string."""
   import ast
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -135,6 +136,19 @@ def test_gpu_check_smoke_mode(tmp_path):
           "attention.json", "attention.png", "tiles.json"} <= set(names)
   rows = json.loads((tmp_path / "attention.json").read_text())["results"]
   assert any(r["impl"] == "xla" and r["time_s"] for r in rows)
+
+
+@pytest.mark.parametrize("benchmark", ["generate", "train"])
+@pytest.mark.parametrize("override, match", [
+    ("num_layers", "expected KEY=VALUE"),
+    ("num_layer=2", "--model-overrides: .*num_layer"),
+    ("num_layers=0", "--model-overrides: num_layers=0"),
+])
+def test_bad_model_overrides_exit_2(benchmark, override, match, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main([benchmark, "--model-overrides", override])
+  assert exit_info.value.code == 2
+  assert re.search(match, capsys.readouterr().err)
 
 
 def test_tiles_variants_change_one_field_each():

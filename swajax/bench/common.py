@@ -18,6 +18,9 @@ import time
 
 import jax
 
+import models
+from swajax.train_cli import parse_override
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -116,3 +119,23 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         cells.append(str(value))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def add_model_overrides(parser) -> None:
+  """--model-overrides KEY=VALUE ...: mistral_tiny fields, parsed as by
+  `swajax train` (a Python literal, else a string)."""
+  parser.add_argument("--model-overrides", nargs="+", default=[],
+                      type=parse_override, metavar="KEY=VALUE",
+                      help="mistral_tiny fields, e.g. num_layers=2")
+
+
+def sliding_and_full(parser, overrides, window: int, **defaults):
+  """(mistral_tiny(**defaults, **overrides) with every layer windowed by W,
+  the same config with every window removed); a bad override exits through
+  `parser.error` (status 2)."""
+  try:
+    base = models.mistral_tiny(**{**defaults, **dict(overrides)})
+  except (TypeError, ValueError) as e:
+    parser.error(f"--model-overrides: {e}")
+  sliding = dataclasses.replace(base, layer_windows=(window,) * base.num_layers)
+  return sliding, sliding.with_full_attention()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -47,6 +46,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def parse_args(argv):
+  """(the flags, (the sliding ModelConfig, its full-attention twin))."""
   parser = argparse.ArgumentParser(prog="swajax bench generate",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--prompt-len", type=int, default=1024)
@@ -56,12 +56,12 @@ def parse_args(argv):
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
   parser.add_argument("--attn-impl", default="auto")
   parser.add_argument("--prefill-chunk", type=int, default=256)
-  parser.add_argument("--model-overrides", nargs="+", default=[],
-                      metavar="KEY=INT", help="mistral_tiny fields, e.g. "
-                      "num_layers=2")
+  common.add_model_overrides(parser)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default="benchmarks/results/generate.json")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  return args, common.sliding_and_full(parser, args.model_overrides,
+                                       args.window)
 
 
 def median_seconds(prepare, repeats: int) -> float:
@@ -127,28 +127,17 @@ def measure(config, args, prompts) -> dict:
 
 
 def main(argv: list[str]) -> int:
-  args = parse_args(argv)
-  overrides = {}
-  for item in args.model_overrides:
-    key, _, value = item.partition("=")
-    if not value.lstrip("-").isdigit():
-      print(f"swajax bench generate: --model-overrides {item!r}: expected "
-            "KEY=INT", file=sys.stderr)
-      return 2
-    overrides[key] = int(value)
-  sliding = models.mistral_tiny(**overrides)
-  sliding = models.mistral_tiny(
-      **overrides, layer_windows=(args.window,) * sliding.num_layers)
+  args, (sliding, full) = parse_args(argv)
   prompts = np.random.default_rng(0).integers(
       0, sliding.vocab_size, (args.batch_size, args.prompt_len), np.int32)
-  rows = [measure(c, args, prompts)
-          for c in (sliding, sliding.with_full_attention())]
+  rows = [measure(c, args, prompts) for c in (sliding, full)]
   for row in rows:
     row["cache_ratio"] = row["cache_bytes"] / rows[1]["cache_bytes"]
   print(common.format_table(rows, COLUMNS))
   common.write_json(args.out, dict(
       benchmark="generate", machine=common.machine_info(),
-      args=vars(args), model=dict(overrides, family="mistral_tiny"),
+      args=vars(args),
+      model=dict(args.model_overrides, family="mistral_tiny"),
       rows=rows))
   print(f"wrote {args.out}")
   return 0

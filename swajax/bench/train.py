@@ -12,7 +12,6 @@ so the speedup grows with T / W and with the attention share of the model.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 
@@ -29,6 +28,7 @@ COLUMNS = [("attention", "attention"), ("window", "window"), ("seq_len", "T"),
 
 
 def parse_args(argv):
+  """(the flags, (the sliding ModelConfig, its full-attention twin))."""
   on_gpu = jax.default_backend() == "gpu"
   parser = argparse.ArgumentParser(prog="swajax bench train",
                                    description=__doc__.split("\n")[0])
@@ -42,11 +42,13 @@ def parse_args(argv):
                       "CPU, where XLA emulates bf16 matmuls)")
   parser.add_argument("--attn-impl", default="auto")
   parser.add_argument("--remat", choices=REMAT, default="none")
-  parser.add_argument("--model-overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                      help="mistral_tiny fields, e.g. num_layers=2")
+  common.add_model_overrides(parser)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default="benchmarks/results/train.json")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  return args, common.sliding_and_full(
+      parser, args.model_overrides, args.window,
+      max_position_embeddings=max(args.seq_len, 4096))
 
 
 def step_time(config: TrainConfig, repeats: int) -> common.Timing:
@@ -69,16 +71,8 @@ def step_time(config: TrainConfig, repeats: int) -> common.Timing:
 
 
 def main(argv: list[str]) -> int:
-  from swajax.train_cli import _override  # the KEY=VALUE parser of `swajax train`
-
-  args = parse_args(argv)
-  overrides = dict(_override(o) for o in args.model_overrides)
-  import models
-
-  base = models.mistral_tiny(
-      **{"max_position_embeddings": max(args.seq_len, 4096), **overrides})
-  sliding = dataclasses.replace(base, layer_windows=(args.window,) * base.num_layers)
-  variants = [("sliding", args.window, sliding), ("full", None, sliding.with_full_attention())]
+  args, (sliding, full) = parse_args(argv)
+  variants = [("sliding", args.window, sliding), ("full", None, full)]
   rows = []
   for name, window, model_config in variants:
     config = TrainConfig(
