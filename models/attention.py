@@ -9,8 +9,8 @@ from __future__ import annotations
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import (RMSNorm, apply_rope, param_init, rope_frequencies,
-                           sharded)
+from models.layers import RMSNorm, param_init, sharded
+from models.rope import apply_rope, rope_frequencies
 from pallas_kernels import sliding_window_attention
 
 

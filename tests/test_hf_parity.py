@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from models import CausalLM, ModelConfig
-from models.layers import rope_frequencies
+from models.rope import rope_frequencies
 from swajax.hf_io import load_hf
 
 torch = pytest.importorskip("torch")
