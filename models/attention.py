@@ -9,6 +9,7 @@ from __future__ import annotations
 from flax import nnx
 
 from models.config import ModelConfig
+from models.kv_cache import LayerCache
 from models.layers import RMSNorm, param_init, sharded
 from models.rope import apply_rope, rope_frequencies
 from pallas_kernels import sliding_window_attention
@@ -19,6 +20,8 @@ class Attention(nnx.Module):
 
   `window`: None (full causal) or W (query at position i sees keys i - W < j <= i),
   passed to the op unchanged: never dropped. `attn_impl` selects the op's impl.
+  `attn(x, positions, segment_ids)` -> out; `attn.forward_with_cache(x,
+  positions, cache)` -> (out, cache), for generation.
   """
 
   def __init__(self, config: ModelConfig, *, window: int | None, dtype,
@@ -49,14 +52,26 @@ class Attention(nnx.Module):
     self.window = window
     self.attn_impl = attn_impl
 
-  def __call__(self, x, positions, segment_ids=None, cache=None):
+  def __call__(self, x, positions, segment_ids=None):
     """x [B, T, D], positions int32 [B, T], segment_ids int32 [B, T] | None
-    -> [B, T, D].
+    -> [B, T, D]: attention of the T tokens among themselves."""
+    q, k, v = self._qkv(x, positions)
+    out = sliding_window_attention(  # (B, T, N, H)
+        q, k, v, window=self.window, causal=True, segment_ids=segment_ids,
+        impl=self.attn_impl)
+    return self.o_proj(out)  # (B, T, D)
 
-    With `cache` (this layer's `LayerCache`), the new tokens are written to
-    it and attend to it (positions -1 mark padding): returns
-    ([B, T, D], updated cache). See `LayerCache.attend`.
-    """
+  def forward_with_cache(self, x, positions, cache: LayerCache):
+    """x [B, T, D], positions int32 [B, T] (-1: padding), this layer's `cache`
+    -> ([B, T, D], the updated cache): the new tokens are written to the
+    cache and attend to it (`LayerCache.attend`)."""
+    q, k, v = self._qkv(x, positions)
+    out, cache = cache.attend(q, k, v, positions, window=self.window,  # (B, T, N, H)
+                              impl=self.attn_impl)
+    return self.o_proj(out), cache  # (B, T, D)
+
+  def _qkv(self, x, positions):
+    """q [B, T, N, H], k, v [B, T, K, H]: projected, q/k normed, q/k rotated."""
     q = self.q_proj(x)  # (B, T, N, H)
     k = self.k_proj(x)  # (B, T, K, H)
     v = self.v_proj(x)  # (B, T, K, H)
@@ -64,11 +79,4 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.inv_freq, self.rope_attention_factor)
     k = apply_rope(k, positions, self.inv_freq, self.rope_attention_factor)
-    if cache is not None:
-      out, cache = cache.attend(q, k, v, positions, window=self.window,
-                                impl=self.attn_impl)
-      return self.o_proj(out), cache
-    out = sliding_window_attention(  # (B, T, N, H)
-        q, k, v, window=self.window, causal=True, segment_ids=segment_ids,
-        impl=self.attn_impl)
-    return self.o_proj(out)  # (B, T, D)
+    return q, k, v

@@ -11,7 +11,7 @@ from flax import nnx
 
 from models.attention import Attention
 from models.config import ModelConfig
-from models.kv_cache import KVCache, init_cache
+from models.kv_cache import KVCache, LayerCache, init_cache
 from models.layers import MLP, RMSNorm, param_init
 
 # remat= -> jax checkpoint policy for each decoder layer ("none": no remat).
@@ -34,14 +34,20 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(config.hidden_size, **norm)
     self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids=None, cache=None):
-    """With `cache` (a `LayerCache`) returns (x, updated cache)."""
-    h = self.attn(self.input_norm(x), positions, segment_ids, cache=cache)
-    if cache is not None:
-      h, cache = h
-    x = x + h
-    x = x + self.mlp(self.post_attn_norm(x))
-    return x if cache is None else (x, cache)
+  def __call__(self, x, positions, segment_ids=None):
+    """x [B, T, D], positions int32 [B, T], segment_ids int32 [B, T] | None
+    -> [B, T, D]."""
+    x = x + self.attn(self.input_norm(x), positions, segment_ids)
+    return self._mlp_residual(x)
+
+  def forward_with_cache(self, x, positions, cache: LayerCache):
+    """x [B, T, D], positions int32 [B, T] (-1: padding), this layer's `cache`
+    -> ([B, T, D], the updated cache); see `Attention.forward_with_cache`."""
+    h, cache = self.attn.forward_with_cache(self.input_norm(x), positions, cache)
+    return self._mlp_residual(x + h), cache
+
+  def _mlp_residual(self, x):
+    return x + self.mlp(self.post_attn_norm(x))
 
 
 def _call_layer(layer, x, positions, segment_ids):
@@ -63,10 +69,11 @@ class CausalLM(nnx.Module):
   ("cudnn" becomes "auto" there). remat: "none", "full" or "dots_saveable",
   per decoder layer (not applied to cached calls). rngs: initial parameters.
 
-  Generation: `model(input_ids, positions=positions, cache=cache)` with a
-  `KVCache` from `init_cache` returns (logits, updated cache); positions
-  [B, T] int32 are required (-1 marks a padding token, which is neither
-  written nor attended to), segment_ids are not taken.
+  Generation: `model.forward_with_cache(input_ids, positions=positions,
+  cache=cache)` with a `KVCache` from `init_cache` returns (logits [B, T, V]
+  float32, the updated cache); positions [B, T] int32 are required (-1 marks
+  a padding token, which is neither written nor attended to); there are no
+  segment_ids (padding is marked by positions -1).
   """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32,
@@ -122,38 +129,43 @@ class CausalLM(nnx.Module):
     nnx.update(twin, nnx.state(self))
     return twin
 
-  def __call__(self, input_ids, *, positions=None, segment_ids=None,
-               cache=None):
+  def __call__(self, input_ids, *, positions=None, segment_ids=None):
+    """input_ids [B, T] int -> logits [B, T, V] float32 (see the class)."""
     batch, seq = _check_tokens(input_ids, positions, segment_ids)
-    if cache is not None:
-      _check_cache(cache, positions, segment_ids, len(self.layers))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     call = _call_layer
     if self.remat != "none":
       call = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
     x = self.embed(input_ids)  # (B, T, D)
-    if cache is None:
-      for layer in self.layers:
-        x = call(layer, x, positions, segment_ids)
-    else:
-      layer_caches = []
-      for layer, layer_cache in zip(self.layers, cache.layers):
-        x, layer_cache = layer(x, positions, cache=layer_cache)
-        layer_caches.append(layer_cache)
-      cache = KVCache(tuple(layer_caches))
+    for layer in self.layers:
+      x = call(layer, x, positions, segment_ids)
+    return self._logits(x)
+
+  def forward_with_cache(self, input_ids, *, positions, cache: KVCache):
+    """input_ids [B, T] int, positions int32 [B, T] (-1: padding), `cache`
+    -> (logits [B, T, V] float32, the updated `KVCache`) (see the class)."""
+    _check_tokens(input_ids, positions, None)
+    _check_cache(cache, positions, len(self.layers))
+    x = self.embed(input_ids)  # (B, T, D)
+    layer_caches = []
+    for layer, layer_cache in zip(self.layers, cache.layers):
+      x, layer_cache = layer.forward_with_cache(x, positions, layer_cache)
+      layer_caches.append(layer_cache)
+    return self._logits(x), KVCache(tuple(layer_caches))
+
+  def _logits(self, x):
+    """The final norm and LM head: x [B, T, D] -> logits [B, T, V] float32."""
     x = self.norm(x)
     if self.config.tie_word_embeddings:
-      logits = jnp.einsum("BTD,VD->BTV", x,  # (B, T, V)
-                          self.embed.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = self.lm_head(x).astype(jnp.float32)  # (B, T, V)
-    return logits if cache is None else (logits, cache)
+      return jnp.einsum("BTD,VD->BTV", x,  # (B, T, V)
+                        self.embed.embedding[...].astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return self.lm_head(x).astype(jnp.float32)  # (B, T, V)
 
 
-def _check_cache(cache, positions, segment_ids, num_layers):
-  """A cached call needs explicit positions, no segments, a cache per layer."""
+def _check_cache(cache, positions, num_layers):
+  """A cached call needs explicit positions and a cache per layer."""
   if not isinstance(cache, KVCache) or len(cache.layers) != num_layers:
     layers = len(getattr(cache, "layers", ()))
     raise ValueError(f"cache: expected a KVCache of {num_layers} layers "
@@ -162,9 +174,6 @@ def _check_cache(cache, positions, segment_ids, num_layers):
   if positions is None:
     raise ValueError("positions=None with a cache: expected int32 [B, T] "
                      "absolute positions (-1 for padding)")
-  if segment_ids is not None:
-    raise ValueError("segment_ids with a cache: expected None (padding is "
-                     "marked by positions -1)")
 
 
 def _check_tokens(input_ids, positions, segment_ids):

@@ -98,23 +98,16 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, config) -> "ModelConfig":
-    """From a HF config dict, a `config.json` path, or a checkpoint directory.
-
-    Follows transformers 5.24: absent keys take the family's class defaults;
-    Mistral windows every layer with `sliding_window`; Qwen2/Qwen3 take
-    `layer_types` when given, else layer i slides iff `use_sliding_window` and
-    i >= `max_window_layers`. Raises ValueError for anything it cannot honour
-    exactly (other model types, activations, dropout, biases, RoPE variants).
-    The rules: `models.hf_config.fields_from_hf`.
+    """From a HF config dict, a `config.json` path, or a checkpoint directory,
+    as transformers 5.24 reads it; ValueError for anything it cannot honour
+    exactly. The rules, one `Family` per model type: `models.hf_config`.
     """
     return cls(**fields_from_hf(config))
 
   def to_hf(self) -> dict:
-    """The `config.json` dict transformers loads as this exact model.
-
-    Raises ValueError when the family cannot express `layer_windows` (Mistral:
-    one window for all layers; Qwen: one window size; Llama: none). The
-    rules: `models.hf_config.config_to_hf`.
+    """The `config.json` dict transformers loads as this exact model;
+    ValueError when the family cannot express `layer_windows`
+    (`models.hf_config.config_to_hf`).
     """
     return config_to_hf(self)
 

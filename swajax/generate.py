@@ -59,8 +59,8 @@ def _pick(logits, done, key, *, temperature, top_k, top_p, eos):
 def _prefill_chunk(graphdef, state, cache: KVCache, ids, positions):
   """One prompt chunk ids, positions [B, T] -> (last logits [B, V], cache)."""
   TRACE_COUNTS["prefill"] += 1
-  logits, cache = nnx.merge(graphdef, state)(ids, positions=positions,
-                                             cache=cache)
+  logits, cache = nnx.merge(graphdef, state).forward_with_cache(
+      ids, positions=positions, cache=cache)
   return logits[:, -1], cache
 
 
@@ -76,7 +76,7 @@ def _step(graphdef, state, cache: KVCache, token, position, done, key, step,
   """One decode step: feeds token [B] at position [B], samples the next one
   with fold_in(key, step). Returns (next token [B], cache, position + 1,
   done [B]). Shared by `_decode_step` and the body of `_decode_loop`."""
-  logits, cache = nnx.merge(graphdef, state)(
+  logits, cache = nnx.merge(graphdef, state).forward_with_cache(
       token[:, None], positions=position[:, None], cache=cache)
   token, done = _pick(logits[:, -1], done, jax.random.fold_in(key, step),
                       temperature=temperature, top_k=top_k, top_p=top_p,

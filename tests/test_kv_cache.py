@@ -67,7 +67,8 @@ def full_forward(graphdef, state, ids):
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def cached_forward(graphdef, state, cache, ids, positions):
-  return nnx.merge(graphdef, state)(ids, positions=positions, cache=cache)
+  return nnx.merge(graphdef, state).forward_with_cache(ids, positions=positions,
+                                                      cache=cache)
 
 
 def make_batch(seed=0):
@@ -317,17 +318,26 @@ def test_cache_in_another_dtype_than_the_model():
   assert np.abs(logits - reference_logits(model, seqs)).max() < 5e-2
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(), "positions=None"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(), TypeError, "positions"),  # a required argument of the cached call
+    (dict(positions=None), ValueError, "positions=None"),
     (dict(positions=jnp.zeros((1, 2), jnp.int32),
-          segment_ids=jnp.zeros((1, 2), jnp.int32)), "segment_ids"),
-    (dict(positions=jnp.zeros((1, 2), jnp.int32), layers=1), "KVCache of 3"),
+          segment_ids=jnp.zeros((1, 2), jnp.int32)), TypeError, "segment_ids"),
+    (dict(positions=jnp.zeros((1, 2), jnp.int32), layers=1), ValueError,
+     "KVCache of 3"),
 ])
-def test_cached_call_errors(kwargs, match):
+def test_cached_call_errors(kwargs, error, match):
   model = tiny_model("qwen2")
   cache = model.init_cache(1, 16)
   if "layers" in kwargs:
     cache = KVCache(cache.layers[:kwargs.pop("layers")])
-  with pytest.raises(ValueError, match=match):  # raised while tracing
-    jax.eval_shape(lambda: model(jnp.zeros((1, 2), jnp.int32), cache=cache,
-                                 **kwargs))
+  with pytest.raises(error, match=match):  # raised while tracing
+    jax.eval_shape(lambda: model.forward_with_cache(
+        jnp.zeros((1, 2), jnp.int32), cache=cache, **kwargs))
+
+
+def test_uncached_call_takes_no_cache():
+  """`model(...)` returns logits only; the cache goes to `forward_with_cache`."""
+  model = tiny_model("qwen2")
+  with pytest.raises(TypeError, match="cache"):
+    model(jnp.zeros((1, 2), jnp.int32), cache=model.init_cache(1, 16))
