@@ -4,9 +4,9 @@ generation), and attention of new tokens against it.
 
 Design: an explicit pytree (frozen dataclasses registered with
 `jax.tree_util.register_dataclass`), not an nnx variable collection. The cache
-is passed into and returned from the model call, so prefill and decode are pure
-functions of (parameters, cache, tokens) with static shapes: `jax.jit` traces
-the decode step once and can donate the cache buffers.
+is passed into and returned from `CausalLM.forward_with_cache`, so prefill and
+decode are pure functions of (parameters, cache, tokens) with static shapes:
+`jax.jit` traces the decode step once and can donate the cache buffers.
 
 Every slot stores its token's absolute position (-1 = empty), and token p is
 written to slot p % C, with C = `cache_slots(window, max_len)`: min(W, max_len)
