@@ -66,8 +66,8 @@ class Attention(nnx.Module):
     -> ([B, T, D], the updated cache): the new tokens are written to the
     cache and attend to it (`LayerCache.attend`)."""
     q, k, v = self._qkv(x, positions)
-    out, cache = cache.attend(q, k, v, positions, window=self.window,  # (B, T, N, H)
-                              impl=self.attn_impl)
+    out, cache = cache.attend(  # out (B, T, N, H)
+        q, k, v, positions, window=self.window, impl=self.attn_impl)
     return self.o_proj(out), cache  # (B, T, D)
 
   def _qkv(self, x, positions):
