@@ -12,11 +12,11 @@ from pallas_kernels.api import (reference_attention, sliding_window_attention,
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.mask import Band, kv_block_range
 from swajax.data import ByteTokenizer, pack_sequences
-# `swajax.generate` is then the function, as `swajax.train` below.
-from swajax.generate import generate, generate_stream
+from swajax.generation import generate, generate_stream
 from swajax.hf_io import load_hf, save_hf
 from swajax.sampling import sample_next_token
-from swajax.train import TrainConfig, train  # `swajax.train` is then the function
+from swajax.train_config import TrainConfig
+from swajax.training import train
 
 __all__ = [
     "Band",

@@ -1,4 +1,4 @@
-"""Resumable training checkpoints (orbax) and export to a Hugging Face folder.
+"""Resumable training checkpoints (orbax).
 
 A checkpoint holds the whole train state pytree (parameters, optimizer state,
 step) as one flat {path: array} dict, plus JSON metadata: the data stream
@@ -25,8 +25,7 @@ def flatten_state(state) -> dict[str, jax.Array]:
 class Checkpointer:
   """Saves and restores train states under `directory`, keeping the last `keep`.
 
-  Saving is asynchronous: call `close()` (or `wait()`) before reading the
-  files or exiting.
+  Saving is asynchronous: call `close()` before reading the files or exiting.
   """
 
   def __init__(self, directory: str | Path, *, keep: int):
@@ -39,9 +38,6 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
     """state: a pytree of jax.Arrays; meta: JSON-serialisable dict."""
@@ -64,24 +60,6 @@ class Checkpointer:
     state = jax.tree.unflatten(treedef, [restored.state[name] for name in flat_like])
     return state, dict(restored.meta)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def export_hf(model, directory: str | Path) -> Path:
-  """Writes `model` as a Hugging Face checkpoint folder via `swajax.save_hf`.
-
-  Replaces an earlier export in `directory` (a resumed run exports its final
-  model over the one its first part wrote). With several processes every
-  process calls it (they all gather the parameters; process 0 writes: see
-  `save_hf`). Imported lazily: HF IO pulls in safetensors and the name tables.
-  """
-  from swajax.hf_io import save_hf
-
-  directory = Path(directory)
-  save_hf(model, directory, overwrite=True)
-  return directory

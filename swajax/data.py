@@ -7,6 +7,8 @@ document piece (segment ids) and no loss crosses a document boundary.
 
 The embedded default corpus is the Python standard library's own `.py`
 sources (found via `sysconfig`), so `swajax train` needs no download.
+`load_data` and `resolve_tokenizer` turn a `TrainConfig` into a run's rows
+and tokenizer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from swajax.train_config import TrainConfig
 
 # Row fields produced by `pack_sequences`, all [R, T].
 ROW_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -75,7 +79,9 @@ class HFTokenizer:
   """
 
   def __init__(self, path: str | Path):
-    from tokenizers import Tokenizer  # lazy: only this class needs it
+    # Lazy: `tokenizers` is not a swajax dependency (it comes with the `hf`
+    # extra, transformers); only this class needs it.
+    from tokenizers import Tokenizer
 
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
@@ -279,10 +285,6 @@ class PackedRows:
     self.shuffle = shuffle
     self._orders: dict[int, np.ndarray] = {}
 
-  @property
-  def num_tokens(self) -> int:
-    return int(self.rows["loss_mask"].sum())
-
   def _order(self, epoch: int) -> np.ndarray:
     if epoch not in self._orders:
       self._orders = {epoch: (
@@ -398,7 +400,7 @@ def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
                       "'text', or 'prompt' and 'completion' strings")
 
 
-def split_documents(keyed: Sequence[tuple[str, Document]], val_percent: float
+def split_train_val(keyed: Sequence[tuple[str, Document]], val_percent: float
                     ) -> tuple[list[Document], list[Document]]:
   """(train, validation) documents by `is_validation` on their keys.
 
@@ -415,3 +417,43 @@ def split_documents(keyed: Sequence[tuple[str, Document]], val_percent: float
   if not train:
     raise DataError("data: every document fell into validation; lower --val-percent")
   return train, val
+
+
+# ----------------------------------------------------------------------------
+# A training run's data
+# ----------------------------------------------------------------------------
+
+def load_data(config: TrainConfig, tokenizer) -> tuple[PackedRows, dict]:
+  """(training rows, validation rows [R, T] dict) for `config`."""
+  if config.data is None:
+    train_docs = [encode_text(tokenizer, text) for text in stdlib_corpus(
+        "train", max_bytes=config.corpus_max_bytes, val_percent=config.val_percent)]
+    val_docs = [encode_text(tokenizer, text) for text in stdlib_corpus(
+        "validation", max_bytes=max(config.corpus_max_bytes // 10, 1),
+        val_percent=config.val_percent)]
+  else:
+    keyed = read_documents(config.data, tokenizer, train_prompt=config.train_prompt)
+    if config.val_data is None:
+      train_docs, val_docs = split_train_val(keyed, config.val_percent)
+    else:
+      train_docs = [doc for _, doc in keyed]
+      val_docs = [doc for _, doc in read_documents(
+          config.val_data, tokenizer, train_prompt=config.train_prompt)]
+  # Prompt/completion records stay whole; plain text streams end to end.
+  whole = config.data is not None and config.data.endswith(".jsonl")
+  pack = lambda docs: pack_sequences(
+      docs, config.seq_len, pad_id=tokenizer.pad_id, split_documents=not whole)
+  train_rows = PackedRows(pack(train_docs), seed=config.seed)
+  # Validation: the first eval_batches * batch_size rows, each once (a short
+  # validation set is not repeated to fill them), in whole batches.
+  val_rows = {k: v[:config.eval_batches * config.batch_size]
+              for k, v in pack(val_docs).items()}
+  return train_rows, pad_rows(val_rows, config.batch_size, pad_id=tokenizer.pad_id)
+
+
+def resolve_tokenizer(config: TrainConfig):
+  """config.tokenizer, else the HF folder's tokenizer.json, else bytes."""
+  if config.tokenizer is None and config.init_from_hf is not None:
+    candidate = Path(config.init_from_hf) / "tokenizer.json"
+    return load_tokenizer(candidate if candidate.is_file() else None)
+  return load_tokenizer(config.tokenizer)

@@ -16,6 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from swajax.data import load_tokenizer
+from swajax.generation import generate_stream
+from swajax.hf_io import load_hf
 from swajax.sampling import check_sampling_args
 
 
@@ -52,8 +58,6 @@ def resolve_model_dir(directory: Path) -> Path:
 
 def load_tokenizer_for(model_dir: Path, run_dir: Path):
   """tokenizer.json from the model folder or the run folder, else bytes."""
-  from swajax.data import load_tokenizer
-
   for folder in (model_dir, run_dir):
     if (folder / "tokenizer.json").is_file():
       return load_tokenizer(folder / "tokenizer.json")
@@ -87,12 +91,6 @@ def main(argv: list[str]) -> int:
   try:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p)
-    import jax
-    import numpy as np
-
-    from swajax.generate import generate_stream
-    from swajax.hf_io import load_hf
-
     model_dir = resolve_model_dir(args.checkpoint_dir)
     tokenizer = load_tokenizer_for(model_dir, args.checkpoint_dir)
     model = load_hf(model_dir, attn_impl=args.attn_impl)

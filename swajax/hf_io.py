@@ -29,10 +29,10 @@ from safetensors.numpy import save_file
 
 from models import CausalLM, ModelConfig
 from swajax import sharding as sharding_lib
+from swajax.dtypes import DTYPES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 SAFETENSORS_DTYPES = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16}
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -311,7 +311,7 @@ def _runs(shape, oriented) -> list[list[int]]:
 
 
 def _check_float(dtype, name):
-  if not any(jnp.dtype(dtype) == d for d in FLOAT_DTYPES):
+  if not any(jnp.dtype(dtype) == d for d in DTYPES.values()):
     raise ValueError(f"{name}={dtype}: expected float32, bfloat16 or float16")
   return jnp.dtype(dtype)
 

@@ -1,14 +1,19 @@
 """Next-token sampling for generation: greedy, temperature, top-k, top-p.
 
-The options are static Python numbers (one compiled program per setting);
+The options are static Python numbers (one compiled program per setting;
+`SamplingOptions` holds them, with the stop ids, as one hashable value);
 logits and the rng are traced, so `sample_next_token` runs inside `jax.jit`
 and inside `generate`'s device-side `lax.while_loop`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _check_options(temperature, top_k, top_p):
@@ -27,6 +32,54 @@ def _check_options(temperature, top_k, top_p):
       raise TypeError(f"top_p={top_p!r}: expected a float in (0, 1] or None")
     if not 0 < top_p <= 1:
       raise ValueError(f"top_p={top_p!r}: expected a float in (0, 1] or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How generation picks each next token: a static jit argument.
+
+  temperature, top_k, top_p: as `sample_next_token` takes them (checked
+  here; temperature and top_p stored as floats). eos_token_ids: the stop
+  ids, () = never stop; a row stops at its first one and repeats
+  eos_token_ids[0] from then on. `for_vocab` builds one from `generate`'s
+  arguments.
+  """
+
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+  eos_token_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    _check_options(self.temperature, self.top_k, self.top_p)
+    if not isinstance(self.eos_token_ids, tuple) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0
+        for i in self.eos_token_ids):
+      raise TypeError(f"eos_token_ids={self.eos_token_ids!r}: expected a tuple "
+                      "of ints >= 0")
+    object.__setattr__(self, "temperature", float(self.temperature))
+    if self.top_p is not None:
+      object.__setattr__(self, "top_p", float(self.top_p))
+
+  @classmethod
+  def for_vocab(cls, vocab_size: int, *, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None,
+                eos_token_id: int | Sequence[int] | None = None) -> SamplingOptions:
+    """The options of `generate(temperature=, top_k=, top_p=, eos_token_id=)`.
+
+    eos_token_id: None, an id or a sequence of ids (Python, numpy or jax
+    ints), each in [0, vocab_size); else a ValueError.
+    """
+    _check_options(temperature, top_k, top_p)
+    eos = () if eos_token_id is None else (
+        list(eos_token_id) if np.ndim(eos_token_id) == 1 else
+        [eos_token_id] if np.ndim(eos_token_id) == 0 else None)
+    if eos is None or not all(
+        np.ndim(i) == 0 and np.issubdtype(np.asarray(i).dtype, np.integer)
+        and not isinstance(i, bool) and 0 <= i < vocab_size for i in eos):
+      raise ValueError(f"eos_token_id={eos_token_id!r}: expected None, or "
+                       f"ints in [0, {vocab_size})")
+    return cls(temperature, top_k, top_p, tuple(int(i) for i in eos))
 
 
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p):

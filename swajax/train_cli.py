@@ -11,15 +11,25 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
 import sys
 import time
+import tomllib
 import typing
 from pathlib import Path
 
-from swajax.train import TrainConfig
+import jax
+import numpy as np
+import yaml
+
+from swajax.generation import generate
+from swajax.hf_io import save_hf
+from swajax.sharding import maybe_initialize_distributed
+from swajax.train_config import TrainConfig
+from swajax.training import default_run_dir, train
 
 SAMPLE_PROMPT = "def "
 
@@ -70,8 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_override(text: str) -> tuple[str, object]:
   """"key=value" -> (key, value), the value a Python literal or else a string."""
-  import ast
-
   key, sep, value = text.partition("=")
   if not sep or not key:
     raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
@@ -84,15 +92,11 @@ def parse_override(text: str) -> tuple[str, object]:
 def read_config_file(path: Path) -> dict:
   """The mapping in a TOML or YAML file."""
   if path.suffix == ".toml":
-    import tomllib
-
     try:
       return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
       raise ValueError(f"config={str(path)!r}: not valid TOML ({e})") from e
   if path.suffix in (".yaml", ".yml"):
-    import yaml
-
     try:
       values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -119,8 +123,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
   values.update({k: v for k, v in vars(args).items() if k in names})
   config = TrainConfig.from_dict(values)
   if config.out is None:
-    from swajax.train import default_run_dir
-
     config = dataclasses.replace(config, out=str(default_run_dir()))
   return config
 
@@ -161,12 +163,8 @@ def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   try:
     config = resolve_config(args)
-    from swajax.sharding import maybe_initialize_distributed
-
     maybe_initialize_distributed(args.coordinator_address, args.num_processes,
                                  args.process_id)
-    from swajax.train import train
-
     started = time.perf_counter()
     result = train(config, resume="resume" in args,
                    on_step=ProgressBar(config.steps, config.out))
@@ -186,8 +184,6 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
   sharded parameters and the sample runs the sharded model on all of them
   (each computes the same tokens); process 0 prints and writes the files.
   """
-  import jax
-
   lead = jax.process_index() == 0
   run_dir = result.run_dir
   final = result.evals[-1] if result.evals else None
@@ -196,38 +192,21 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
   if final is not None:
     lines.append(f"validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.3f})")
   lines.append(f"run folder {run_dir}: checkpoints/, metrics.jsonl, loss.png, config.json")
-  hf_dir = _export(result.model, run_dir / "hf", lines)
+  # The run's Hugging Face export; a resumed run replaces the one its first
+  # part wrote. Every process gathers the parameters; process 0 writes (see
+  # `save_hf`).
+  save_hf(result.model, run_dir / "hf", overwrite=True)
+  lines.append(f"Hugging Face export {run_dir / 'hf'}")
   if sample_tokens > 0:
     _sample(result, run_dir / "sample.txt", sample_tokens, lines, write=lead)
-  if hf_dir is not None:
-    lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")
+  lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")
   if lead:
     print("\n".join(lines))
-
-
-def _export(model, directory: Path, lines: list[str]) -> Path | None:
-  from swajax.checkpoint import export_hf
-
-  try:
-    export_hf(model, directory)
-  except ImportError as e:
-    lines.append(f"(no HF export: swajax.hf_io is not available: {e})")
-    return None
-  lines.append(f"Hugging Face export {directory}")
-  return directory
 
 
 def _sample(result, path: Path, max_tokens: int, lines: list[str], *, write: bool) -> None:
   """A short continuation of SAMPLE_PROMPT, sampled at temperature 0.8; written
   to `path` when `write`."""
-  try:
-    from swajax.generate import generate
-  except ImportError as e:
-    lines.append(f"(no sample: swajax.generate is not available: {e})")
-    return
-  import jax
-  import numpy as np
-
   tokenizer = result.tokenizer
   prompt = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + list(
       tokenizer.encode(SAMPLE_PROMPT))

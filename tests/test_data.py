@@ -206,13 +206,13 @@ def test_read_documents_folder_and_split(tmp_path):
     (tmp_path / f"f{i}.txt").write_text(f"text {i}")
   keyed = data.read_documents(tmp_path, data.ByteTokenizer())
   assert [k for k, _ in keyed] == [f"f{i}.txt" for i in range(5)]
-  train, val = data.split_documents(keyed, val_percent=0.0)
+  train, val = data.split_train_val(keyed, val_percent=0.0)
   assert len(train) == 4 and len(val) == 1  # the last one held out
   (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
   with pytest.raises(data.DataError, match="UTF-8"):
     data.read_documents(tmp_path, data.ByteTokenizer())
   with pytest.raises(data.DataError, match="cannot be split"):
-    data.split_documents(keyed[:1], val_percent=0.0)
+    data.split_train_val(keyed[:1], val_percent=0.0)
 
 
 def test_packed_rows_stream_positions():

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import models
-from swajax.generate import (TRACE_COUNTS, _check_args, _decode_loop, _prefill,
-                             generate, generate_stream)
+from swajax.generation import (TRACE_COUNTS, check_request, decode, generate,
+                               generate_stream, prefill)
 from swajax.generate_cli import main as generate_main
 from swajax.hf_io import load_hf, save_hf
 from tests.test_hf_parity import WINDOW, random_hf_model
@@ -151,13 +151,11 @@ def test_fused_loop_ends_once_every_row_has_stopped(model):
   stop = max(int(np.flatnonzero(np.isin(row, eos))[0]) for row in free)
   assert stop <= 3 and (fused[:, ids.shape[1] + stop + 1:] == eos[0]).all()
 
-  args = _check_args(
+  request = check_request(
       model, ids, max_new_tokens=NEW_TOKENS, prompt_lengths=PROMPT_LENGTHS,
       temperature=0.0, top_k=None, top_p=None, eos_token_id=eos, rng=None,
       max_len=None, prefill_chunk=256)
-  carry = _prefill(model, **args)
-  _, cache = _decode_loop(
-      *carry, args["key"], max_new_tokens=NEW_TOKENS, **args["options"])
+  _, cache = decode(request, prefill(model, request))
   # Step s feeds the token of column s - 1 at position length + s - 1; the
   # last step runs when the last row's eos is at column `stop`.
   last_fed = np.asarray(cache.layers[0].positions).max(axis=1)
@@ -206,11 +204,11 @@ def expected_after_eos(tokens, eos):
 @pytest.mark.parametrize("eos", [jax.numpy.int32(7), np.asarray([7, 9]), [7]])
 def test_eos_ids_as_arrays(model, eos):
   """A jax/numpy scalar or array of ids is as good as Python ints."""
-  assert _check_args(model, np.ones((1, 3), np.int32), max_new_tokens=1,
-                     prompt_lengths=None, temperature=0.0, top_k=None,
-                     top_p=None, eos_token_id=eos, rng=None, max_len=None,
-                     prefill_chunk=4)["options"]["eos"] == tuple(
-                         np.asarray(eos).reshape(-1).tolist())
+  assert check_request(model, np.ones((1, 3), np.int32), max_new_tokens=1,
+                       prompt_lengths=None, temperature=0.0, top_k=None,
+                       top_p=None, eos_token_id=eos, rng=None, max_len=None,
+                       prefill_chunk=4).sampling.eos_token_ids == tuple(
+                           np.asarray(eos).reshape(-1).tolist())
 
 
 def test_stops_at_eos_and_pads_with_it(model):

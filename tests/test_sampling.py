@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from swajax.sampling import check_sampling_args, sample_next_token
+from swajax.sampling import SamplingOptions, check_sampling_args, sample_next_token
 
 
 def random_logits(seed, batch=4, vocab=32):
@@ -136,3 +136,16 @@ def test_bad_args_raise(kwargs, message):
 def test_bad_logits_shape_raises():
   with pytest.raises(ValueError, match=r"logits.shape=\(32,\)"):
     sample_next_token(jnp.zeros(32), jax.random.key(0))
+
+
+def test_sampling_options_are_checked_and_hashable():
+  """One static jit argument: equal settings are one key (0 and 0.0 alike)."""
+  assert SamplingOptions(0, top_p=1) == SamplingOptions(0.0, top_p=1.0)
+  assert hash(SamplingOptions(0)) == hash(SamplingOptions(0.0))
+  assert SamplingOptions.for_vocab(10, eos_token_id=np.int32(3)).eos_token_ids == (3,)
+  with pytest.raises(ValueError, match="top_k=0"):
+    SamplingOptions(top_k=0)
+  with pytest.raises(TypeError, match=r"eos_token_ids=\(True,\)"):
+    SamplingOptions(eos_token_ids=(True,))
+  with pytest.raises(ValueError, match=r"eos_token_id=10: expected None, or ints in \[0, 10\)"):
+    SamplingOptions.for_vocab(10, eos_token_id=10)

@@ -1,7 +1,6 @@
 """TrainConfig checks, the masked loss, the optimizer, and short training runs."""
 
 import dataclasses
-import importlib
 import json
 import math
 
@@ -14,10 +13,9 @@ from flax import nnx
 
 import models
 from swajax import data
+from swajax import training as train_lib
 from swajax.sharding import make_mesh
-from swajax.train import TrainConfig
-
-train_lib = importlib.import_module("swajax.train")  # the module (swajax.train is the function)
+from swajax.train_config import TrainConfig
 
 # A one-layer model whose window (16) is shorter than the rows (32).
 TINY_MODEL = dict(num_layers=1, hidden_size=64, intermediate_size=128, num_q_heads=4,
@@ -106,17 +104,18 @@ def test_masked_loss_sums_literal():
 
 def test_schedule_warmup_then_cosine():
   config = TrainConfig(lr=1.0, warmup_steps=4, steps=12, min_lr_ratio=0.1)
-  schedule = train_lib.make_schedule(config)
+  schedule = train_lib.make_schedule(train_lib.StepOptions.from_config(config))
   chex.assert_trees_all_close([float(schedule(s)) for s in (0, 2, 4, 8, 12)],
                               [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
-  short = train_lib.make_schedule(dataclasses.replace(config, steps=3))
+  short = train_lib.make_schedule(
+      train_lib.StepOptions.from_config(dataclasses.replace(config, steps=3)))
   assert float(short(2)) == 1.0  # warmup capped at steps - 1
 
 
 def test_optimizer_decays_matrices_only():
   config = TrainConfig(lr=0.1, warmup_steps=0, steps=2, weight_decay=0.5)
   params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
-  tx = train_lib.make_optimizer(config, params)
+  tx = train_lib.make_optimizer(train_lib.StepOptions.from_config(config), params)
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)
   chex.assert_trees_all_close(updates["kernel"], -0.1 * 0.5 * params["kernel"])
@@ -164,9 +163,10 @@ def test_grad_accumulation_matches_one_big_batch():
     with jax.set_mesh(mesh):
       _, graphdef, rest, state = train_lib.init_model(config, mesh)
       batch = {k: jnp.asarray(v.reshape(accum, 4 // accum, 32)) for k, v in rows.items()}
-      state, metrics = train_lib.train_step(state, rest, batch, graphdef=graphdef,
-                                            config=train_lib.compile_key(config), mesh=mesh)
-    results.append((state["params"], metrics["loss"], metrics["grad_norm"]))
+      state, metrics = train_lib.train_step(
+          state, rest, batch, graphdef=graphdef,
+          options=train_lib.StepOptions.from_config(config), mesh=mesh)
+    results.append((state.params, metrics["loss"], metrics["grad_norm"]))
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
@@ -247,8 +247,8 @@ def test_validation_rows_are_each_counted_once(tmp_path):
   config = tiny_train_config(tmp_path / "run", data=str(tmp_path / "train"),
                              val_data=str(tmp_path / "val"), batch_size=4,
                              eval_batches=2)
-  tokenizer = train_lib.resolve_tokenizer(config)
-  _, val_rows = train_lib.load_data(config, tokenizer)
+  tokenizer = data.resolve_tokenizer(config)
+  _, val_rows = data.load_data(config, tokenizer)
   docs = [data.encode_text(tokenizer, (tmp_path / "val" / f"{i}.txt").read_text())
           for i in range(3)]
   packed = data.pack_sequences(docs, 32, pad_id=tokenizer.pad_id)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from swajax import train_cli
-from swajax.train import TrainConfig
+from swajax.train_config import TrainConfig
 from tests.test_train import tiny_train_config
 
 

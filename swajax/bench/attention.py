@@ -34,11 +34,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import sliding_window_attention
 from swajax.bench import common
+from swajax.dtypes import DTYPES
 
 ALL_IMPLS = ("xla", "pallas", "cudnn", "reference", "dense", "cudnn_causal",
              "tokamax")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "float16": jnp.float16}
 MODES = ("fwd", "fwd+bwd")
 # The sizes that depend on the backend: long bf16 sequences on a GPU, short
 # fp32 ones on a CPU.
@@ -188,6 +187,7 @@ def attention_fn(impl: str, window: int, settings):
   choice = _tokamax_impl()
   if choice is None:
     return None, "tokamax not installed (pip install tokamax)"
+  # Lazy: tokamax is optional (the `bench` extra) and brings absl with it.
   import tokamax  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   # tokamax reads its absl flags from sys.argv, which holds our own flags.
@@ -325,7 +325,9 @@ COLUMNS = [("impl", "impl"), ("mode", "mode"), ("seq_len", "T"),
 
 def plot(payload: dict, path: str) -> None:
   """Log-log fwd+bwd (else fwd) time vs seq_len, one line per impl/window."""
-  # A pyplot-free Figure: no global backend switch (safe inside notebooks).
+  # Lazy: matplotlib takes ~0.8 s to import, which only --plot needs (this
+  # module is imported by every `swajax` command). A pyplot-free Figure: no
+  # global backend switch (safe inside notebooks).
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
   rows = [r for r in payload["results"] if r["time_s"] is not None]

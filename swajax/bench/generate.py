@@ -23,15 +23,15 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import models
 from models.kv_cache import cache_bytes
 from swajax.bench import common
-from swajax.generate import (_check_args, _decode_loop, _prefill, generate,
-                             generate_stream)
+from swajax.dtypes import DTYPES
+from swajax.generation import (check_request, decode, generate,
+                               generate_stream, prefill)
 
 COLUMNS = [("attention", "attention"), ("window", "W"), ("prompt_len", "T"),
            ("new_tokens", "N"), ("batch", "B"), ("prefill_tokens_per_s",
@@ -42,7 +42,7 @@ COLUMNS = [("attention", "attention"), ("window", "W"), ("prompt_len", "T"),
            ("fused_decode_ms_per_token", "fused ms/token"),
            ("fused_vs_stream", "fused vs stream"),
            ("cache_bytes", "cache bytes"), ("cache_ratio", "cache vs full")]
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPE_CHOICES = ("bfloat16", "float32")  # --dtype: of `DTYPES`, no float16
 
 
 def parse_args(argv):
@@ -53,7 +53,7 @@ def parse_args(argv):
   parser.add_argument("--new-tokens", type=int, default=256)
   parser.add_argument("--window", type=int, default=128)
   parser.add_argument("--batch-size", type=int, default=1)
-  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+  parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
   parser.add_argument("--attn-impl", default="auto")
   parser.add_argument("--prefill-chunk", type=int, default=256)
   common.add_model_overrides(parser)
@@ -88,14 +88,11 @@ def stream_decode(model, prompts, new_tokens, **kwargs):
 def fused_decode(model, prompts, new_tokens, *, max_len, prefill_chunk):
   """Prefills (untimed) as `generate` does; returns its while_loop of
   new_tokens decode steps, up to the tokens on the host."""
-  args = _check_args(model, prompts, max_new_tokens=new_tokens + 1,
-                     prompt_lengths=None, temperature=0.0, top_k=None,
-                     top_p=None, eos_token_id=None, rng=None, max_len=max_len,
-                     prefill_chunk=prefill_chunk)
-  carry = jax.block_until_ready(_prefill(model, **args))
-  return lambda: np.asarray(_decode_loop(
-      *carry, args["key"], max_new_tokens=new_tokens + 1,
-      **args["options"])[0])
+  request = check_request(model, prompts, max_new_tokens=new_tokens + 1,
+                          max_len=max_len, prefill_chunk=prefill_chunk)
+  start = prefill(model, request)
+  jax.block_until_ready((start.cache, start.token))
+  return lambda: np.asarray(decode(request, start)[0])
 
 
 def measure(config, args, prompts) -> dict:

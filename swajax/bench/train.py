@@ -20,7 +20,9 @@ import numpy as np
 
 from swajax import sharding as sharding_lib
 from swajax.bench import common
-from swajax.train import DTYPES, REMAT, TrainConfig, compile_key, init_model, train_step
+from swajax.dtypes import DTYPES
+from swajax.train_config import REMAT, TrainConfig
+from swajax.training import StepOptions, init_model, train_step
 
 COLUMNS = [("attention", "attention"), ("window", "window"), ("seq_len", "T"),
            ("batch", "B"), ("step_ms", "step ms"), ("tokens_per_s", "tokens/s"),
@@ -66,7 +68,7 @@ def step_time(config: TrainConfig, repeats: int) -> common.Timing:
     batch = {k: sharding_lib.global_array(np.ascontiguousarray(v), batch_sharding)
              for k, v in rows.items()}
     step = functools.partial(train_step, graphdef=graphdef,
-                             config=compile_key(config), mesh=mesh)
+                             options=StepOptions.from_config(config), mesh=mesh)
     return common.time_fn(step, state, rest, batch, repeats=repeats)
 
 

@@ -6,9 +6,12 @@ of a call has one static shape, so one compile). Then one decode step
 (`_step`: the model on the last token, then `_pick`) per new token:
 `generate_stream` runs it as a jitted single-token program, syncing with the
 host to yield each token; `generate` runs all steps in one jitted
-`lax.while_loop` on the device, writing into a [B, max_new_tokens] buffer.
-Both trace once per (shapes, options) (`TRACE_COUNTS` records the traces, for
-the tests) and give the same tokens.
+`lax.while_loop` on the device (`decode`), writing into a
+[B, max_new_tokens] buffer. Both trace once per (shapes, `SamplingOptions`)
+(`TRACE_COUNTS` records the traces, for the tests) and give the same tokens.
+The parts, for benchmarks and tests: `check_request` (the checked
+arguments), `prefill` (the prompts into the cache, and the first token),
+`decode` (the fused loop).
 
 Padding: a batch of prompts of different lengths is LEFT-padded (the usual
 choice for decoder-only generation): row b holds its prompt_lengths[b] tokens
@@ -27,8 +30,9 @@ Dimension letters: B batch, T prompt length, V vocab.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,17 +41,43 @@ from flax import nnx
 
 from models.kv_cache import KVCache, cache_slots, position_limit
 from pallas_kernels.validation import check_positive_int
-from swajax.sampling import check_sampling_args, sample_next_token
+from swajax.sampling import SamplingOptions, check_sampling_args, sample_next_token
 
 # Traces of the jitted prefill chunk, single decode step and decode loop
 # ("prefill", "decode", "decode_loop").
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
-def _pick(logits, done, key, *, temperature, top_k, top_p, eos):
+@dataclasses.dataclass(frozen=True, eq=False)
+class GenerationRequest:
+  """`generate`'s arguments, checked (`check_request`)."""
+
+  ids: np.ndarray      # int32 [B, T], prompts left-padded
+  lengths: np.ndarray  # int64 [B], each row's prompt length
+  max_new_tokens: int
+  max_len: int         # positions the cache is sized for
+  prefill_chunk: int
+  rng: jax.Array       # step s samples with fold_in(rng, s)
+  sampling: SamplingOptions
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DecodeState:
+  """Where decoding stands after `prefill`: the carry of the decode steps."""
+
+  graphdef: Any       # the model's nnx graphdef (static)
+  state: Any          # its nnx.State
+  cache: KVCache      # holds every position before `position`
+  token: jax.Array    # int32 [B], the last token picked, not yet fed
+  position: jax.Array  # int32 [B], the position `token` is fed at
+  done: jax.Array     # bool [B], rows that have produced an eos
+
+
+def _pick(logits, done, key, sampling: SamplingOptions):
   """The next token [B] from last-position logits [B, V]; eos once done."""
-  token = sample_next_token(logits, key, temperature=temperature, top_k=top_k,
-                            top_p=top_p)
+  token = sample_next_token(logits, key, temperature=sampling.temperature,
+                            top_k=sampling.top_k, top_p=sampling.top_p)
+  eos = sampling.eos_token_ids
   if eos:
     token = jnp.where(done, eos[0], token)
     done = done | jnp.isin(token, jnp.asarray(eos, jnp.int32))
@@ -64,53 +94,40 @@ def _prefill_chunk(graphdef, state, cache: KVCache, ids, positions):
   return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p",
-                                             "eos"))
-def _first_token(logits, done, key, *, temperature, top_k, top_p, eos):
-  return _pick(logits, done, key, temperature=temperature, top_k=top_k,
-               top_p=top_p, eos=eos)
+_first_token = jax.jit(_pick, static_argnames=("sampling",))
 
 
 def _step(graphdef, state, cache: KVCache, token, position, done, key, step,
-          *, temperature, top_k, top_p, eos):
+          sampling: SamplingOptions):
   """One decode step: feeds token [B] at position [B], samples the next one
   with fold_in(key, step). Returns (next token [B], cache, position + 1,
   done [B]). Shared by `_decode_step` and the body of `_decode_loop`."""
   logits, cache = nnx.merge(graphdef, state).forward_with_cache(
       token[:, None], positions=position[:, None], cache=cache)
   token, done = _pick(logits[:, -1], done, jax.random.fold_in(key, step),
-                      temperature=temperature, top_k=top_k, top_p=top_p,
-                      eos=eos)
+                      sampling)
   return token, cache, position + 1, done
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature",
-                                             "top_k", "top_p", "eos"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"),
                    donate_argnames=("cache",))
 def _decode_step(graphdef, state, cache: KVCache, token, position, done, key,
-                 step, *, temperature, top_k, top_p, eos):
+                 step, *, sampling: SamplingOptions):
   """`_step` as its own program: the per-token loop of `generate_stream`."""
   TRACE_COUNTS["decode"] += 1
   return _step(graphdef, state, cache, token, position, done, key, step,
-               temperature=temperature, top_k=top_k, top_p=top_p, eos=eos)
+               sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens",
-                                             "temperature", "top_k", "top_p",
-                                             "eos"),
+                                             "sampling"),
                    donate_argnames=("cache",))
 def _decode_loop(graphdef, state, cache: KVCache, token, position, done, key,
-                 *, max_new_tokens, temperature, top_k, top_p, eos):
-  """Every decode step of `generate` in one program (a `lax.while_loop`).
-
-  token [B]: the first new token (from the prefill logits). Runs `_step` for
-  steps 1 .. max_new_tokens - 1, or until every row is done. Returns (the new
-  tokens int32 [B, max_new_tokens], columns never reached = the pad value:
-  the first eos id, or 0 without eos, when the loop always runs to the end;
-  the final cache, returned so that the donated one is updated in place).
-  """
+                 *, max_new_tokens: int, sampling: SamplingOptions):
+  """Every decode step of `generate` in one program (a `lax.while_loop`);
+  see `decode`."""
   TRACE_COUNTS["decode_loop"] += 1
-  options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos=eos)
+  eos = sampling.eos_token_ids
   tokens = jnp.full((token.shape[0], max_new_tokens), eos[0] if eos else 0,
                     jnp.int32).at[:, 0].set(token)
 
@@ -121,7 +138,7 @@ def _decode_loop(graphdef, state, cache: KVCache, token, position, done, key,
   def body(carry):
     step, token, cache, position, done, tokens = carry
     token, cache, position, done = _step(graphdef, state, cache, token,
-                                         position, done, key, step, **options)
+                                         position, done, key, step, sampling)
     return step + 1, token, cache, position, done, tokens.at[:, step].set(token)
 
   carry = (jnp.int32(1), token, cache, position, done, tokens)
@@ -157,28 +174,20 @@ def _check_prompts(input_ids, prompt_lengths, vocab_size):
   return ids.astype(np.int32), lengths.astype(np.int64)
 
 
-def _check_eos(eos_token_id, vocab_size) -> tuple[int, ...]:
-  """None, an id or a sequence of ids (ints, numpy or jax) -> a tuple of ints."""
-  if eos_token_id is None:
-    return ()
-  items = (list(eos_token_id) if np.ndim(eos_token_id) == 1 else
-           [eos_token_id] if np.ndim(eos_token_id) == 0 else None)
-  if items is None or not all(
-      np.ndim(i) == 0 and np.issubdtype(np.asarray(i).dtype, np.integer)
-      and not isinstance(i, bool) and 0 <= i < vocab_size for i in items):
-    raise ValueError(f"eos_token_id={eos_token_id!r}: expected None, or "
-                     f"ints in [0, {vocab_size})")
-  return tuple(int(i) for i in items)
-
-
-def _check_args(model, input_ids, *, max_new_tokens, prompt_lengths,
-                temperature, top_k, top_p, eos_token_id, rng, max_len,
-                prefill_chunk) -> dict:
-  """`generate`'s arguments checked -> the keyword arguments of `_prefill`."""
+def check_request(model, input_ids, *, max_new_tokens: int,
+                  prompt_lengths=None, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  eos_token_id: int | Sequence[int] | None = None, rng=None,
+                  max_len: int | None = None,
+                  prefill_chunk: int = 256) -> GenerationRequest:
+  """`generate`'s arguments (see there) checked against `model`, with the
+  defaults filled in; raises the ValueError/TypeError `generate` documents."""
   check_sampling_args(max_new_tokens, temperature, top_k, top_p)
   config = model.config
   ids, lengths = _check_prompts(input_ids, prompt_lengths, config.vocab_size)
-  eos = _check_eos(eos_token_id, config.vocab_size)
+  sampling = SamplingOptions.for_vocab(
+      config.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
+      eos_token_id=eos_token_id)
   check_positive_int("prefill_chunk", prefill_chunk)
   if max_len is not None:
     check_positive_int("max_len", max_len)
@@ -192,37 +201,55 @@ def _check_args(model, input_ids, *, max_new_tokens, prompt_lengths,
         f"tokens) + max_new_tokens={max_new_tokens} needs {needed} positions, "
         f"but the cache of {len(limited)} layer(s) (full attention, or a "
         f"window W > max_len) holds only max_len: pass max_len >= {needed}")
-  options = dict(temperature=float(temperature), top_k=top_k,
-                 top_p=None if top_p is None else float(top_p), eos=eos)
-  return dict(ids=ids, lengths=lengths, max_len=max_len,
-              prefill_chunk=prefill_chunk,
-              key=jax.random.key(0) if rng is None else rng, options=options)
+  return GenerationRequest(
+      ids=ids, lengths=lengths, max_new_tokens=max_new_tokens, max_len=max_len,
+      prefill_chunk=prefill_chunk,
+      rng=jax.random.key(0) if rng is None else rng, sampling=sampling)
 
 
-def _prefill(model, *, ids, lengths, max_len, prefill_chunk, key, options):
-  """Prefills the prompts and picks the first new token.
+def prefill(model, request: GenerationRequest) -> DecodeState:
+  """Prefills `request`'s prompts into a new cache and picks the first new
+  token (with fold_in(rng, 0)).
 
-  Returns (graphdef, state, cache, token [B], position [B] of that token,
-  done [B]): the carry of the decode steps.
+  The prompts [B, T] are left-padded to a whole number of chunks of
+  min(prefill_chunk, T) tokens and run chunk by chunk (one compiled program
+  for every chunk); padding gets position -1 and never enters the cache.
   """
-  batch, seq = ids.shape
+  batch, seq = request.ids.shape
   # Left-pad the prompt to a whole number of chunks; per-row positions.
-  chunk = min(prefill_chunk, seq)
+  chunk = min(request.prefill_chunk, seq)
   padded = -(-seq // chunk) * chunk
-  ids = np.pad(ids, ((0, 0), (padded - seq, 0)))
-  positions = np.arange(padded)[None, :] - (padded - lengths[:, None])
+  ids = np.pad(request.ids, ((0, 0), (padded - seq, 0)))
+  positions = np.arange(padded)[None, :] - (padded - request.lengths[:, None])
   positions = np.where(positions >= 0, positions, -1).astype(np.int32)
 
   graphdef, state = nnx.split(model)
-  cache = model.init_cache(batch, max_len)
+  cache = model.init_cache(batch, request.max_len)
   for start in range(0, padded, chunk):
     logits, cache = _prefill_chunk(graphdef, state, cache,
                                    jnp.asarray(ids[:, start:start + chunk]),
                                    jnp.asarray(positions[:, start:start + chunk]))
-  done = jnp.zeros((batch,), bool)
-  token, done = _first_token(logits, done, jax.random.fold_in(key, 0),
-                             **options)
-  return graphdef, state, cache, token, jnp.asarray(lengths, jnp.int32), done
+  token, done = _first_token(logits, jnp.zeros((batch,), bool),
+                             jax.random.fold_in(request.rng, 0),
+                             sampling=request.sampling)
+  return DecodeState(graphdef, state, cache, token,
+                     jnp.asarray(request.lengths, jnp.int32), done)
+
+
+def decode(request: GenerationRequest, start: DecodeState) -> tuple[jax.Array, KVCache]:
+  """`generate`'s decode steps after `prefill(model, request)`, in one jitted
+  `lax.while_loop` on the device.
+
+  Runs steps 1 .. max_new_tokens - 1 (step s samples with fold_in(rng, s)),
+  or until every row is done. Returns (the new tokens int32 [B,
+  max_new_tokens], column 0 = start.token; columns never reached hold the
+  pad value: the first eos id, or 0 without eos, when the loop always runs to
+  the end; the final cache). start.cache is donated: use `start` once.
+  """
+  return _decode_loop(start.graphdef, start.state, start.cache, start.token,
+                      start.position, start.done, request.rng,
+                      max_new_tokens=request.max_new_tokens,
+                      sampling=request.sampling)
 
 
 def generate_stream(model, input_ids, *, max_new_tokens: int,
@@ -238,27 +265,28 @@ def generate_stream(model, input_ids, *, max_new_tokens: int,
   eos token. One jitted decode step per token, each synced with the host
   (for streaming); `generate` runs the same steps in one device-side loop.
   """
-  args = _check_args(
+  request = check_request(
       model, input_ids, max_new_tokens=max_new_tokens,
       prompt_lengths=prompt_lengths, temperature=temperature, top_k=top_k,
       top_p=top_p, eos_token_id=eos_token_id, rng=rng, max_len=max_len,
       prefill_chunk=prefill_chunk)
-  return _stream(model, max_new_tokens, args)
+  return _stream(model, request)
 
 
-def _stream(model, max_new_tokens, args) -> Iterator[np.ndarray]:
-  """`generate_stream`'s loop, on checked arguments."""
-  if max_new_tokens == 0:
+def _stream(model, request: GenerationRequest) -> Iterator[np.ndarray]:
+  """`generate_stream`'s loop, on a checked request."""
+  if request.max_new_tokens == 0:
     return
-  graphdef, state, cache, token, position, done = _prefill(model, **args)
-  key, options = args["key"], args["options"]
-  for step in range(1, max_new_tokens + 1):
+  carry = prefill(model, request)
+  token, cache, position, done = carry.token, carry.cache, carry.position, carry.done
+  for step in range(1, request.max_new_tokens + 1):
     yield np.asarray(token)
-    if step == max_new_tokens or (options["eos"] and np.asarray(done).all()):
+    if step == request.max_new_tokens or (
+        request.sampling.eos_token_ids and np.asarray(done).all()):
       return
     token, cache, position, done = _decode_step(
-        graphdef, state, cache, token, position, done, key, np.int32(step),
-        **options)
+        carry.graphdef, carry.state, cache, token, position, done, request.rng,
+        np.int32(step), sampling=request.sampling)
 
 
 def generate(model, input_ids, *, max_new_tokens: int, prompt_lengths=None,
@@ -293,19 +321,13 @@ def generate(model, input_ids, *, max_new_tokens: int, prompt_lengths=None,
   max_len too short for the prompt and new tokens on a model with a layer
   whose cache holds fewer slots than its window.
   """
-  args = _check_args(
+  request = check_request(
       model, input_ids, max_new_tokens=max_new_tokens,
       prompt_lengths=prompt_lengths, temperature=temperature, top_k=top_k,
       top_p=top_p, eos_token_id=eos_token_id, rng=rng, max_len=max_len,
       prefill_chunk=prefill_chunk)
-  ids = args["ids"]
   if max_new_tokens == 0:
-    return ids
-  graphdef, state, cache, token, position, done = _prefill(model, **args)
-  if max_new_tokens == 1:
-    new = token[:, None]
-  else:
-    new, _ = _decode_loop(graphdef, state, cache, token, position, done,
-                          args["key"], max_new_tokens=max_new_tokens,
-                          **args["options"])
-  return np.concatenate([ids, np.asarray(new)], axis=1)
+    return request.ids
+  start = prefill(model, request)
+  new = start.token[:, None] if max_new_tokens == 1 else decode(request, start)[0]
+  return np.concatenate([request.ids, np.asarray(new)], axis=1)

@@ -1,0 +1,180 @@
+"""`TrainConfig`: every setting of a training run, each a `swajax train` flag.
+
+A flat frozen dataclass whose fields are type-checked on construction (ints
+stay ints, an int is accepted for a float, a ModelConfig or a preset name for
+`model`), with `from_dict` / `to_dict` for config files and the run's
+config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+import models
+from models.causal_lm import REMAT_POLICIES
+from pallas_kernels import IMPLS
+from swajax.dtypes import DTYPES
+
+REMAT = ("none", *REMAT_POLICIES)  # "none": no remat
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a training run depends on; every field is a `swajax train` flag."""
+
+  # Model: the name of a preset function of `models` plus ModelConfig field
+  # overrides; or a ModelConfig itself (Python, or a table of its fields in a
+  # config file), which takes no overrides (use dataclasses.replace); or a
+  # Hugging Face checkpoint folder to fine-tune (then `model` is ignored).
+  model: str | models.ModelConfig = "mistral_tiny"
+  model_overrides: tuple[tuple[str, Any], ...] = ()
+  init_from_hf: str | None = None
+  attn_impl: str = "auto"
+  dtype: str = "bfloat16"          # compute
+  param_dtype: str = "float32"     # parameters and optimizer state
+  remat: str = "none"              # "none" | "full" | "dots_saveable"
+  # Data: None = the embedded Python-stdlib corpus; else a folder, a text file
+  # or a .jsonl ({"text"} or {"prompt", "completion"}) file.
+  data: str | None = None
+  val_data: str | None = None      # None: hold out val_percent of `data`
+  val_percent: float = 5.0
+  tokenizer: str | None = None     # tokenizer.json; None: bytes (or the HF folder's)
+  train_prompt: bool = False       # also train on JSONL prompts
+  corpus_max_bytes: int = 4_000_000
+  seq_len: int = 256               # T
+  batch_size: int = 8              # B: rows per micro-batch, global
+  grad_accum: int = 1              # A: micro-batches per optimizer step
+  # Optimizer: AdamW, linear warmup (capped at steps - 1) then cosine decay
+  # to lr * min_lr_ratio; global-norm clipping; no decay on norms/biases.
+  lr: float = 2e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 30
+  weight_decay: float = 0.1
+  beta1: float = 0.9
+  beta2: float = 0.95
+  clip_norm: float = 1.0
+  # Loop.
+  steps: int = 250
+  seed: int = 0
+  eval_every: int = 100            # also after the last step
+  eval_batches: int = 8
+  # Parallelism: devices on the "fsdp" mesh axis; the rest go to "data".
+  fsdp: int = 1
+  # Output: run folder (None: runs/<timestamp>) and checkpoints.
+  out: str | None = None
+  checkpoint_every: int = 100      # also after the last step
+  keep_checkpoints: int = 2
+
+  def __post_init__(self):
+    hints = typing.get_type_hints(type(self))
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if hints[field.name] is float and _is_int(value):
+        object.__setattr__(self, field.name, float(value))
+      elif not _has_type(value, hints[field.name]):
+        raise ValueError(f"{field.name}={value!r}: expected {_type_name(hints[field.name])}")
+    object.__setattr__(self, "model_overrides", tuple(
+        (str(k), _hashable(v)) for k, v in dict(self.model_overrides).items()))
+    _check_field_names(models.ModelConfig, dict(self.model_overrides),
+                       "model_overrides.")
+    if isinstance(self.model, models.ModelConfig) and self.model_overrides:
+      raise ValueError(
+          f"model_overrides={dict(self.model_overrides)!r} with a ModelConfig "
+          "model: expected none (overrides apply to a preset name; change the "
+          "ModelConfig with dataclasses.replace)")
+    for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
+                 "eval_batches", "fsdp", "checkpoint_every", "keep_checkpoints",
+                 "corpus_max_bytes"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 1")
+    for name in ("warmup_steps", "seed"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 0")
+    for name, lo, hi in (("lr", 0.0, math.inf), ("min_lr_ratio", 0.0, 1.0),
+                         ("weight_decay", 0.0, math.inf), ("beta1", 0.0, 1.0),
+                         ("beta2", 0.0, 1.0), ("clip_norm", 0.0, math.inf),
+                         ("val_percent", 0.0, 100.0)):
+      value = getattr(self, name)
+      if not lo <= value <= hi or (name in ("lr", "clip_norm") and value == 0):
+        raise ValueError(f"{name}={value!r}: expected a float in "
+                         f"{'(' if name in ('lr', 'clip_norm') else '['}{lo}, {hi}]")
+    for name, choices in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                          ("remat", REMAT), ("attn_impl", ("auto", *IMPLS))):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {sorted(choices)}")
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "TrainConfig":
+    """From a TOML/YAML/JSON mapping (e.g. a run's config.json); unknown keys
+    are errors. A mapping under `model` is the fields of a ModelConfig."""
+    _check_field_names(cls, values, "")
+    values = dict(values)
+    if isinstance(values.get("model_overrides"), dict):
+      values["model_overrides"] = tuple(values["model_overrides"].items())
+    if isinstance(values.get("model"), dict):
+      _check_field_names(models.ModelConfig, values["model"], "model.")
+      values["model"] = models.ModelConfig(**values["model"])
+    return cls(**values)
+
+  def to_dict(self) -> dict:
+    """JSON-ready: model_overrides as a mapping, a ModelConfig model as the
+    mapping of its fields; `from_dict` rebuilds an equal config."""
+    out = dataclasses.asdict(self)  # a ModelConfig model becomes its fields
+    out["model_overrides"] = dict(self.model_overrides)
+    return out
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.grad_accum * self.batch_size * self.seq_len
+
+
+def _check_field_names(cls, values: dict, prefix: str) -> None:
+  """Raises ValueError for a key of `values` that is not a field of `cls`."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"{prefix}{unknown[0]}={values[unknown[0]]!r}: not a "
+                     f"{cls.__name__} field (fields: {', '.join(sorted(names))})")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_type(value, hint) -> bool:
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    return any(_has_type(value, arg) for arg in typing.get_args(hint))
+  if hint is type(None):
+    return value is None
+  if hint is int:
+    return _is_int(value)
+  if hint is float:
+    return isinstance(value, float)
+  if hint is bool:
+    return isinstance(value, bool)
+  if hint is str:
+    return isinstance(value, str)
+  if hint is models.ModelConfig:
+    return isinstance(value, models.ModelConfig)
+  if typing.get_origin(hint) is tuple:  # model_overrides: pairs or a dict
+    try:
+      return all(isinstance(k, str) for k in dict(value))
+    except (TypeError, ValueError):
+      return False
+  raise TypeError(f"TrainConfig: no check for type {hint!r}")
+
+
+def _type_name(hint) -> str:
+  if typing.get_origin(hint) is tuple:
+    return "a mapping of ModelConfig field names to values"
+  names = {int: "an int", float: "a float", str: "a string", bool: "a bool",
+           type(None): "None", models.ModelConfig: "a ModelConfig"}
+  return " or ".join(names[a] for a in (typing.get_args(hint) or (hint,)))
+
+
+def _hashable(value):
+  return tuple(_hashable(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,405 @@
+"""Training: the masked next-token loss, AdamW, the jitted steps and the loop.
+
+One optimizer step: the global batch [A, B, T] (A gradient-accumulation
+micro-batches of B packed rows) is split over the ("data", "fsdp") mesh;
+`lax.scan` sums the loss and gradients of the micro-batches; the mean over
+all target tokens of the step is the loss; AdamW (fp32 state, like the fp32
+parameters) applies the clipped update. Compute runs in `dtype` (bf16 by
+default), parameters are stored in `param_dtype` (fp32). The settings come
+from a `swajax.train_config.TrainConfig`; the jitted programs take only the
+parts they depend on (`StepOptions`, `ModelSpec`) as static arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import models
+from swajax import data as data_lib
+from swajax import sharding as sharding_lib
+from swajax.dtypes import DTYPES
+from swajax.hf_io import load_hf
+from swajax.metrics import MetricsLog, plot_losses
+from swajax.train_config import TrainConfig
+
+
+# ----------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------
+
+def masked_loss_sums(logits, targets, loss_mask):
+  """(sum of token losses, number of target tokens), both fp32 scalars.
+
+  logits [B, T, V] (any float dtype, upcast to fp32); targets [B, T] int;
+  loss_mask [B, T] (1 = a target). Cross-entropy of each target under the
+  logits of its position; positions with mask 0 contribute nothing.
+  Returning sums, not a mean, lets micro-batches and devices combine exactly.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def batch_loss_sums(model, batch):
+  """`masked_loss_sums` of `model` on packed rows (a dict of [B, T] arrays)."""
+  logits = model(batch["input_ids"], positions=batch["positions"],
+                 segment_ids=batch["segment_ids"])
+  return masked_loss_sums(logits, batch["targets"], batch["loss_mask"])
+
+
+# ----------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """The `TrainConfig` fields the jitted train step reads: the optimizer and
+  its schedule (the model's own settings travel in its graphdef).
+
+  A static jit argument: runs that differ in anything else (a resumed run,
+  another folder or data set, tests, benchmarks) share compilations within a
+  process. Checked by `TrainConfig`, of which `from_config` takes the values.
+  """
+
+  lr: float
+  min_lr_ratio: float
+  warmup_steps: int
+  weight_decay: float
+  beta1: float
+  beta2: float
+  clip_norm: float
+  steps: int
+
+  @classmethod
+  def from_config(cls, config: TrainConfig) -> StepOptions:
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def make_schedule(options: StepOptions) -> optax.Schedule:
+  """Linear warmup from 0 to lr over min(warmup_steps, steps - 1) steps, then
+  cosine decay to lr * min_lr_ratio at `steps`."""
+  warmup = min(options.warmup_steps, options.steps - 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=options.lr, warmup_steps=warmup,
+      decay_steps=options.steps, end_value=options.lr * options.min_lr_ratio)
+
+
+def make_optimizer(options: StepOptions, params) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW; weight decay only on matrices (ndim >= 2)."""
+  decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(options.clip_norm),
+      optax.adamw(make_schedule(options), b1=options.beta1, b2=options.beta2,
+                  weight_decay=options.weight_decay, mask=decay_mask))
+
+
+# ----------------------------------------------------------------------------
+# Model and train state
+# ----------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """What an optimizer step updates (a pytree; a checkpoint holds all of it)."""
+
+  params: Any     # nnx.State of the model's nnx.Param leaves
+  opt_state: Any  # the optax state of `make_optimizer`
+  step: jax.Array  # int32 scalar: optimizer steps done
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything that builds a fresh `CausalLM`: hashable, a static jit argument."""
+
+  config: models.ModelConfig
+  seed: int
+  dtype: str        # compute, a `DTYPES` name
+  param_dtype: str  # parameters, a `DTYPES` name
+  attn_impl: str
+  remat: str
+
+  @classmethod
+  def from_config(cls, config: TrainConfig, model_config: models.ModelConfig) -> ModelSpec:
+    return cls(model_config, config.seed, config.dtype, config.param_dtype,
+               config.attn_impl, config.remat)
+
+  def create(self):
+    """(graphdef, params, rest) of a new model: nnx.split(model, nnx.Param, ...)."""
+    model = models.CausalLM(self.config, rngs=nnx.Rngs(self.seed),
+                            dtype=DTYPES[self.dtype],
+                            param_dtype=DTYPES[self.param_dtype],
+                            attn_impl=self.attn_impl, remat=self.remat)
+    return nnx.split(model, nnx.Param, ...)
+
+
+def model_config_for(config: TrainConfig) -> models.ModelConfig:
+  """The `models.ModelConfig` of a fresh run: `config.model` when it is one,
+  else preset(**model_overrides)."""
+  if isinstance(config.model, models.ModelConfig):
+    return config.model
+  preset = getattr(models, config.model, None)
+  if not config.model.endswith("_tiny") or not callable(preset):
+    presets = sorted(n for n in dir(models) if n.endswith("_tiny"))
+    raise ValueError(f"model={config.model!r}: expected a preset, one of {presets}")
+  return preset(**dict(config.model_overrides))
+
+
+def init_model(config: TrainConfig, mesh):
+  """(model, graphdef, rest, state): parameters and optimizer state on `mesh`.
+
+  state: a `TrainState`; rest = the model's non-parameter state. A fresh
+  model is initialised inside jit straight into its shardings; an HF
+  checkpoint is read by `load_hf(mesh=)` straight into the shardings.
+  """
+  if config.init_from_hf is not None:
+    # load_hf takes one dtype: load the weights in param_dtype, each device
+    # reading its own block, then use them in a model built with this run's
+    # compute dtype, remat and attn_impl.
+    loaded = load_hf(config.init_from_hf, dtype=DTYPES[config.param_dtype],
+                     attn_impl=config.attn_impl, mesh=mesh)
+    spec = ModelSpec.from_config(config, loaded.config)
+    graphdef = nnx.eval_shape(spec.create)[0]
+    _, params, rest = nnx.split(loaded, nnx.Param, ...)
+    rest = jax.tree.map(lambda x: sharding_lib.global_array(
+        np.asarray(x), NamedSharding(mesh, P())), rest)
+  else:
+    spec = ModelSpec.from_config(config, model_config_for(config))
+    graphdef = nnx.eval_shape(spec.create)[0]
+    params, rest = _fresh_params(spec=spec, mesh=mesh)
+  state = TrainState(
+      params=params,
+      opt_state=_init_opt_state(params, options=StepOptions.from_config(config),
+                                mesh=mesh),
+      step=jax.device_put(jnp.zeros([], jnp.int32), NamedSharding(mesh, P())))
+  return nnx.merge(graphdef, params, rest), graphdef, rest, state
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "mesh"))
+def _fresh_params(*, spec: ModelSpec, mesh):
+  """(params, rest) of a fresh model, params sharded per their annotations."""
+  _, params, rest = spec.create()
+  replicated = NamedSharding(mesh, P())
+  return (jax.lax.with_sharding_constraint(
+              params, sharding_lib.state_shardings(params, mesh)),
+          jax.lax.with_sharding_constraint(rest, jax.tree.map(lambda _: replicated, rest)))
+
+
+def train_state_shardings(params, tx, mesh) -> TrainState:
+  """The shardings of a `TrainState`: parameters per their annotations, every
+  params-like optimizer subtree like the parameters, the rest (counts, step)
+  replicated."""
+  replicated = NamedSharding(mesh, P())
+  param_shardings = sharding_lib.state_shardings(params, mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: replicated)
+  return TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated)
+
+
+@functools.partial(jax.jit, static_argnames=("options", "mesh"))
+def _init_opt_state(params, *, options: StepOptions, mesh):
+  tx = make_optimizer(options, params)
+  return jax.lax.with_sharding_constraint(
+      tx.init(params), train_state_shardings(params, tx, mesh).opt_state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "options", "mesh"),
+                   donate_argnames="state")
+def train_step(state: TrainState, rest, batch, *, graphdef, options: StepOptions, mesh):
+  """One optimizer step: (state, metrics); the new state keeps its shardings.
+
+  batch: dict of [A, B, T] arrays (A micro-batches).
+  metrics: loss (mean over the step's target tokens), grad_norm (before
+  clipping), lr (of this step), tokens (target count).
+  """
+  params = state.params
+  tx = make_optimizer(options, params)
+
+  def accumulate(carry, micro):
+    loss_fn = lambda p: batch_loss_sums(nnx.merge(graphdef, p, rest), micro)
+    (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
+
+  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.float32),
+           jnp.zeros([], jnp.float32))
+  (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, batch)
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  new_state = TrainState(params=optax.apply_updates(params, updates),
+                         opt_state=opt_state, step=state.step + 1)
+  new_state = jax.lax.with_sharding_constraint(
+      new_state, train_state_shardings(params, tx, mesh))
+  metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
+             "lr": make_schedule(options)(state.step), "tokens": count}
+  return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def eval_step(params, rest, batch, *, graphdef):
+  """(loss sum, target count) of the model on a batch of [B, T] rows."""
+  return batch_loss_sums(nnx.merge(graphdef, params, rest), batch)
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a run produced: its folder, the trained model and its figures."""
+
+  run_dir: Path
+  model: Any                # the trained CausalLM (params on the mesh)
+  tokenizer: Any
+  history: list[dict]       # one dict per step: step, loss, grad_norm, lr, ...
+  evals: list[dict]         # step, val_loss, val_ppl
+  tokens_per_s: float       # mean over the run's steps after the first (compile)
+  resumed_from: int | None  # the checkpoint step this run started from
+
+
+def default_run_dir() -> Path:
+  return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def train(config: TrainConfig, *, resume: bool = False, until_step: int | None = None,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+  """Trains per `config`; returns a `TrainResult` (run_dir, trained model, ...).
+
+  Writes into `config.out` (None: runs/<timestamp>) config.json, checkpoints/
+  (orbax, every `checkpoint_every` steps and after the last), metrics.jsonl
+  (one line per step) and loss.png; `swajax train` adds hf/ and sample.txt.
+
+  resume: continue from the latest checkpoint in `config.out` (same data
+    order, optimizer state and schedule: the losses continue exactly).
+  until_step: stop after this step (with a checkpoint), as if preempted.
+  on_step: called on process 0 after every step with that step's metrics
+    (and val_loss/val_ppl on eval steps).
+  """
+  run_dir = Path(config.out) if config.out is not None else default_run_dir()
+  tokenizer = data_lib.resolve_tokenizer(config)
+  train_rows, val_rows = data_lib.load_data(config, tokenizer)
+  mesh = sharding_lib.make_mesh(config.fsdp)
+  rows_per_step = config.grad_accum * config.batch_size
+  if config.batch_size % mesh.size:
+    raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the "
+                     f"device count {mesh.size} (mesh {dict(mesh.shape)})")
+  # Lazy: orbax takes ~0.5 s to import (-X importtime, on top of the ~2.6 s of
+  # `import swajax`), which only a training run needs.
+  from swajax.checkpoint import Checkpointer
+
+  lead = jax.process_index() == 0
+  with jax.set_mesh(mesh):
+    model, graphdef, rest, state = init_model(config, mesh)
+    if model.config.vocab_size < tokenizer.vocab_size:
+      raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
+                       f"{model.config.vocab_size}: pick a matching tokenizer or model")
+    if lead:
+      run_dir.mkdir(parents=True, exist_ok=True)
+      (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+      copy = run_dir / "tokenizer.json"  # `swajax generate` reads it
+      if isinstance(tokenizer, data_lib.HFTokenizer) and not (
+          copy.exists() and copy.samefile(tokenizer.file)):
+        shutil.copyfile(tokenizer.file, copy)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
+    position, resumed_from = 0, None
+    if resume:
+      state, meta = checkpointer.restore(state)
+      _check_same_data(config, meta, checkpointer)
+      position, resumed_from = meta["data_position"], int(state.step)
+    elif checkpointer.latest_step() is not None:
+      checkpointer.close()
+      raise ValueError(f"out={str(run_dir)!r} already holds checkpoints: resume it "
+                       "(--resume) or choose another --out")
+    options = StepOptions.from_config(config)
+    step_sharding = sharding_lib.batch_sharding(mesh, 3, batch_dim=1)
+    eval_sharding = sharding_lib.batch_sharding(mesh, 2)
+    metrics_log = (MetricsLog(run_dir / "metrics.jsonl", resumed_from=resumed_from)
+                   if lead else None)
+    history, evals, step_times = [], [], []
+    first = int(state.step)
+    last = config.steps if until_step is None else min(until_step, config.steps)
+    try:
+      for step in range(first + 1, last + 1):
+        t0 = time.perf_counter()
+        host = train_rows.take(position, rows_per_step)
+        batch = {k: sharding_lib.global_array(
+            v.reshape(config.grad_accum, config.batch_size, config.seq_len), step_sharding)
+            for k, v in host.items()}
+        state, metrics = train_step(state, rest, batch, graphdef=graphdef,
+                                    options=options, mesh=mesh)
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        position += rows_per_step
+        elapsed = time.perf_counter() - t0
+        step_times.append(elapsed)
+        record["tokens_per_s"] = config.tokens_per_step / elapsed
+        if step % config.eval_every == 0 or step == last:
+          val_loss = evaluate(graphdef, state.params, rest, val_rows,
+                              config.batch_size, eval_sharding)
+          evaluation = {"step": step, "val_loss": val_loss,
+                        "val_ppl": math.exp(min(val_loss, 700.0))}
+          evals.append(evaluation)
+          record.update(evaluation)
+        history.append(record)
+        if lead:
+          metrics_log.write(record)
+          if on_step is not None:
+            on_step(record)
+        if step % config.checkpoint_every == 0 or step == last:
+          checkpointer.save(step, state, {"data_position": position, "seed": config.seed,
+                                          "config": config.to_dict()})
+    finally:
+      checkpointer.close()
+      if metrics_log is not None:
+        metrics_log.close()
+    nnx.update(model, state.params)
+  timed = step_times[1:] or step_times
+  tokens_per_s = config.tokens_per_step * len(timed) / max(sum(timed), 1e-9)
+  if lead:
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+  return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from)
+
+
+# The fields that fix the training row stream (which rows, in which order):
+# a checkpoint's data position means nothing under other values.
+_DATA_FIELDS = ("seed", "seq_len", "data", "val_data", "val_percent", "tokenizer",
+                "train_prompt", "corpus_max_bytes")
+
+
+def _check_same_data(config: TrainConfig, meta: dict, checkpointer) -> None:
+  """Raises ValueError when a resumed run would read another data stream than
+  the one its checkpoint's data position counts rows of."""
+  saved = meta.get("config", {})
+  for name in _DATA_FIELDS:
+    if name in saved and saved[name] != getattr(config, name):
+      checkpointer.close()
+      raise ValueError(
+          f"{name}={getattr(config, name)!r}: the checkpoint was trained with "
+          f"{name}={saved[name]!r}, which fixes its data order; resume with the "
+          "same value (or start a new run)")
+
+
+def evaluate(graphdef, params, rest, rows: dict, batch_size: int, sharding) -> float:
+  """Mean target-token loss of `params` over validation rows, in batches."""
+  total = count = 0.0
+  for start in range(0, len(rows["input_ids"]), batch_size):
+    batch = {k: sharding_lib.global_array(v[start:start + batch_size], sharding)
+             for k, v in rows.items()}
+    loss_sum, n = eval_step(params, rest, batch, graphdef=graphdef)
+    total, count = total + float(loss_sum), count + float(n)
+  return total / max(count, 1.0)
