@@ -20,15 +20,12 @@ from pallas_kernels.mask import visible
 from pallas_kernels.validation import check_attention_args
 from tests.attention_cases import (assert_matches_reference, jaxpr_equations,
                                    make_inputs)
+from tests.cuda_lowering import lowered_cuda_text
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
 HEAD_DIMS = [64, 80, 96, 128, 256]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-
-
-def _lowered_cuda_text(fn, *args):
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("head_dim, q_len, num_segments, softcap", [
@@ -51,10 +48,10 @@ def test_kernels_lower_to_triton_for_gpu(head_dim, q_len, num_segments,
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
   if num_segments is None and head_dim == 128:
-    forward = _lowered_cuda_text(attend, q, k, v)
+    forward = lowered_cuda_text(attend, q, k, v)
     assert forward.count(TRITON_CALL) == 1
     assert "swa_flash_forward" in forward
-  grads = _lowered_cuda_text(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+  grads = lowered_cuda_text(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
   # Forward (residuals), dQ, dK/dV.
   assert grads.count(TRITON_CALL) == 3
   for name in ("swa_flash_forward", "swa_flash_backward_dq",
