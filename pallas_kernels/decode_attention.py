@@ -32,7 +32,7 @@ from pallas_kernels.features import resolve_impl
 from pallas_kernels.flash_tiles import MIN_BLOCK, padded_head_dim
 from pallas_kernels.mask import Band, cdiv, visible
 from pallas_kernels.numerics import matmul_precision, soft_cap
-from pallas_kernels.reference import dense_attention
+from pallas_kernels.reference import dense_attention, fp32_dense_attention
 from pallas_kernels.validation import (AttentionProblem, check_attention_args,
                                        check_positive_int, is_power_of_two)
 
@@ -277,12 +277,9 @@ def xla_decode(q, k_cache, v_cache, q_positions, kv_positions,
 def reference_decode(q, k_cache, v_cache, q_positions, kv_positions,
                      problem: AttentionProblem):
   """impl="reference": the same masked softmax in fp32 at HIGHEST precision."""
-  f32 = lambda x: x.astype(jnp.float32)
-  out, lse = dense_attention(
-      f32(q), f32(k_cache), f32(v_cache),
-      _slot_mask(q_positions, kv_positions, problem), problem,
-      precision=lax.Precision.HIGHEST, probs_dtype=jnp.float32)
-  return out.astype(q.dtype), lse
+  return fp32_dense_attention(q, k_cache, v_cache,
+                              _slot_mask(q_positions, kv_positions, problem),
+                              problem)
 
 
 def _check_positions(name, positions, shape):

@@ -42,8 +42,20 @@ def dense_attention(q, k, v, mask, problem: AttentionProblem, *, precision,
   return out.astype(q.dtype), lse
 
 
+def fp32_dense_attention(q, k, v, mask, problem: AttentionProblem):
+  """`dense_attention` in fp32 at HIGHEST precision: the oracle's arithmetic.
+
+  Same shapes as `dense_attention`; out is cast back to q.dtype.
+  """
+  f32 = lambda x: x.astype(jnp.float32)
+  out, lse = dense_attention(f32(q), f32(k), f32(v), mask, problem,
+                             precision=jax.lax.Precision.HIGHEST,
+                             probs_dtype=jnp.float32)
+  return out.astype(q.dtype), lse
+
+
 def reference_forward(q, k, v, segment_ids, problem: AttentionProblem):
-  """Dense fp32 attention at HIGHEST precision.
+  """Dense fp32 attention at HIGHEST precision, masked by `mask.dense_mask`.
 
   q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: [B, T] or None.
   Returns (out [B, T, N, H] in q.dtype, lse [B, N, T] fp32). Rows that see no
@@ -52,11 +64,7 @@ def reference_forward(q, k, v, segment_ids, problem: AttentionProblem):
   p = problem
   mask = dense_mask(p.q_len, p.kv_len, p.band, segment_ids)  # (T, S) | (B, T, S)
   mask = mask.reshape(-1, 1, 1, p.q_len, p.kv_len)  # (B|1, 1, 1, T, S)
-  f32 = lambda x: x.astype(jnp.float32)
-  out, lse = dense_attention(f32(q), f32(k), f32(v), mask, p,
-                             precision=jax.lax.Precision.HIGHEST,
-                             probs_dtype=jnp.float32)
-  return out.astype(q.dtype), lse
+  return fp32_dense_attention(q, k, v, mask, p)
 
 
 def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
