@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from pallas_kernels import decode_attention, reference_attention
-from pallas_kernels.decode_attention import DecodeBlockSizes
+from pallas_kernels import (DecodeBlockSizes, decode_attention,
+                            reference_attention)
 from tests.attention_cases import tolerance
 from tests.cuda_lowering import lowered_cuda_text
 
