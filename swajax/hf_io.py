@@ -166,7 +166,8 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
   Raises FileNotFoundError (with the path) for a missing config or shard,
   TypeError for a mesh that is not a jax Mesh, ValueError for one without the
   ("data", "fsdp") axes, an unsupported config, an unreadable file, or the
-  first missing, unexpected, misshaped or non-float tensor. Extra tensors
+  first missing, unexpected, misshaped, non-float or non-finite (NaN/inf,
+  checked per tensor as it is read) tensor. Extra tensors
   transformers also ignores are skipped: RoPE `rotary_emb.inv_freq` buffers,
   and a tied lm_head.weight equal to the embedding (`_ignorable`).
   """
@@ -262,7 +263,14 @@ def _read(file: Path, f, spec: TensorSpec, shape, dtype, sharding) -> jax.Array:
         f"{file}: tensor {spec.hf_name!r} has shape {tuple(stored.get_shape())}: "
         f"expected {spec.hf_shape}")
   _stored_dtype(file, stored, spec.hf_name)
-  read = lambda index: _read_block(stored, spec, shape, index).astype(dtype)
+
+  def read(index):
+    block = _read_block(stored, spec, shape, index)
+    if not np.isfinite(block).all():
+      raise ValueError(f"{file}: tensor {spec.hf_name!r} has non-finite values "
+                       f"({int(np.sum(~np.isfinite(block)))} NaN/inf): a broken checkpoint")
+    return block.astype(dtype)
+
   try:
     if sharding is None:
       return jnp.asarray(read((slice(None),) * len(shape)))

@@ -1,8 +1,9 @@
-"""A run's metrics.jsonl (one JSON record per step) and its loss.png plot."""
+"""A run's metrics.jsonl (one strict-JSON record per step) and its loss.png plot."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -22,7 +23,10 @@ class MetricsLog:
     self._file.writelines(line + "\n" for line in kept)
 
   def write(self, record: dict) -> None:
-    self._file.write(json.dumps(record) + "\n")
+    """One line of strict JSON: a NaN or infinite value is written as null."""
+    strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+              for k, v in record.items()}
+    self._file.write(json.dumps(strict, allow_nan=False) + "\n")
     self._file.flush()
 
   def close(self) -> None:
@@ -39,7 +43,9 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
   records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
   fig = Figure(figsize=(7, 4))
   ax = fig.subplots()
-  ax.plot([r["step"] for r in records], [r["loss"] for r in records],
+  nan = float("nan")  # null (a non-finite loss) leaves a gap
+  ax.plot([r["step"] for r in records], [nan if r["loss"] is None else r["loss"]
+                                         for r in records],
           label="train loss", lw=1)
   val = [r for r in records if "val_loss" in r]
   ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-",

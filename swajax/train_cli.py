@@ -5,7 +5,9 @@ Mistral) on the embedded Python-stdlib corpus, in a few minutes on a CPU.
 Settings come from TrainConfig's defaults, then `--config FILE` (TOML or
 YAML, keys = TrainConfig fields), then flags: every field is a flag
 (`seq_len` -> `--seq-len`). Bad settings or unreadable data print one line
-and exit with status 2.
+and exit with status 2; SIGINT/SIGTERM save a checkpoint at the current step
+and exit with 128 + the signal number (130, 143), printing the --resume
+command.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ast
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -29,7 +32,7 @@ from swajax.generation import generate
 from swajax.hf_io import save_hf
 from swajax.sharding import maybe_initialize_distributed
 from swajax.train_config import TrainConfig
-from swajax.training import default_run_dir, train
+from swajax.training import TrainingInterrupted, train
 
 SAMPLE_PROMPT = "def "
 
@@ -50,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--resume", type=Path, default=argparse.SUPPRESS, metavar="RUN_DIR",
                       help="continue the run in RUN_DIR from its latest checkpoint "
                       "(its config.json, then --config and flags)")
-  parser.add_argument("--sample-tokens", type=int, default=200,
-                      help="length of the sample generated at the end (0: none)")
   group = parser.add_argument_group("multi-process (jax.distributed; default: env "
                                     "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
   group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT")
@@ -115,40 +116,53 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     saved = args.resume / "config.json"
     if not saved.is_file():
       raise ValueError(f"resume={str(args.resume)!r}: no config.json (not a run folder)")
-    values.update(json.loads(saved.read_text()))
+    try:
+      values.update(json.loads(saved.read_text()))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{saved}: not valid JSON ({e})") from None
     values["out"] = str(args.resume)
   if "config" in args:
     values.update(read_config_file(args.config))
   names = {f.name for f in dataclasses.fields(TrainConfig)}
   values.update({k: v for k, v in vars(args).items() if k in names})
-  config = TrainConfig.from_dict(values)
-  if config.out is None:
-    config = dataclasses.replace(config, out=str(default_run_dir()))
-  return config
+  return TrainConfig.from_dict(values)
 
 
 class ProgressBar:
-  """One self-rewriting line: step, loss, tokens/s, ETA; eval results on their own line."""
+  """Step, loss, tokens/s, ETA: one self-rewriting line on a terminal, else
+  (a log file) one line every `total // 20` steps; eval results on their own
+  line; `log` notes too."""
 
-  def __init__(self, total_steps: int, run_dir: str, stream=None):
+  def __init__(self, total_steps: int, stream=None):
     self.total = total_steps
-    self.run_dir = run_dir
     self.stream = sys.stderr if stream is None else stream
+    self.tty = self.stream.isatty()
+    self.every = max(1, total_steps // 20)
     self.start = None
+    self.open = False  # a \r line waits for its newline
 
   def __call__(self, record: dict) -> None:
     now = time.perf_counter()
     if self.start is None:  # the first step includes compilation: time from its end
       self.start, self.first = now, record["step"]
-      self.stream.write(f"run folder {self.run_dir}\n")
     done = record["step"] - self.first
     eta = (now - self.start) / done * (self.total - record["step"]) if done else None
     line = (f"step {record['step']}/{self.total} | loss {record['loss']:.3f} | "
             f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | ETA {_duration(eta)}")
-    self.stream.write("\r" + line.ljust(70))
+    if self.tty:
+      self.stream.write("\r" + line.ljust(70))
+      self.open = True
+    elif done % self.every == 0 or record["step"] == self.total or "val_loss" in record:
+      self.stream.write(line + "\n")
     if "val_loss" in record:
-      self.stream.write(f"\n  validation: loss {record['val_loss']:.3f}, "
-                        f"perplexity {record['val_ppl']:.2f}\n")
+      self.log(f"  validation: loss {record['val_loss']:.3f}, "
+               f"perplexity {record['val_ppl']:.2f}")
+    self.stream.flush()
+
+  def log(self, line: str) -> None:
+    """`line` on its own line (after an open progress line)."""
+    self.stream.write(("\n" if self.open else "") + line + "\n")
+    self.open = False
     self.stream.flush()
 
 
@@ -161,23 +175,33 @@ def _duration(seconds: float | None) -> str:
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
+  progress = None
   try:
     config = resolve_config(args)
     maybe_initialize_distributed(args.coordinator_address, args.num_processes,
                                  args.process_id)
     started = time.perf_counter()
-    result = train(config, resume="resume" in args,
-                   on_step=ProgressBar(config.steps, config.out))
+    progress = ProgressBar(config.steps)
+    result = train(config, resume="resume" in args, on_step=progress,
+                   log=progress.log)
+  except TrainingInterrupted as e:
+    progress.log(f"swajax train: {e}\nresume: swajax train --resume {e.run_dir}")
+    return 128 + e.signum
+  except KeyboardInterrupt:  # before the first step: nothing was trained
+    print("\nswajax train: interrupted before the first step (nothing saved)",
+          file=sys.stderr)
+    return 128 + signal.SIGINT
   except (ValueError, OSError) as e:
     if os.environ.get("SWAJAX_TRACEBACK"):
       raise
-    print(f"swajax train: error: {e}", file=sys.stderr)
+    message = f"swajax train: error: {e}"
+    progress.log(message) if progress else print(message, file=sys.stderr)
     return 2
-  report(result, config, time.perf_counter() - started, args.sample_tokens)
+  report(result, config, time.perf_counter() - started)
   return 0
 
 
-def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> None:
+def report(result, config: TrainConfig, seconds: float) -> None:
   """Prints the run summary, exports the model for HF and writes a sample.
 
   Every process of a multi-process run calls it: the export gathers the
@@ -187,7 +211,7 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
   lead = jax.process_index() == 0
   run_dir = result.run_dir
   final = result.evals[-1] if result.evals else None
-  lines = [f"trained {config.steps} steps in {_duration(seconds)} "
+  lines = [f"trained {len(result.history)} steps in {_duration(seconds)} "
            f"({result.tokens_per_s / 1e3:.1f}k tokens/s)"]
   if final is not None:
     lines.append(f"validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.3f})")
@@ -197,8 +221,8 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
   # `save_hf`).
   save_hf(result.model, run_dir / "hf", overwrite=True)
   lines.append(f"Hugging Face export {run_dir / 'hf'}")
-  if sample_tokens > 0:
-    _sample(result, run_dir / "sample.txt", sample_tokens, lines, write=lead)
+  if config.sample_tokens > 0:
+    _sample(result, run_dir / "sample.txt", config.sample_tokens, lines, write=lead)
   lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")
   if lead:
     print("\n".join(lines))

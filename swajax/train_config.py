@@ -57,6 +57,8 @@ class TrainConfig:
   beta1: float = 0.9
   beta2: float = 0.95
   clip_norm: float = 1.0
+  schedule_steps: int | None = None  # the cosine's length; None: steps (a
+                                     # resume keeps the run's, see `train`)
   # Loop.
   steps: int = 250
   seed: int = 0
@@ -68,6 +70,7 @@ class TrainConfig:
   out: str | None = None
   checkpoint_every: int = 100      # also after the last step
   keep_checkpoints: int = 2
+  sample_tokens: int = 200         # `swajax train`'s sample.txt length (0: none)
 
   def __post_init__(self):
     hints = typing.get_type_hints(type(self))
@@ -91,7 +94,9 @@ class TrainConfig:
                  "corpus_max_bytes"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 1")
-    for name in ("warmup_steps", "seed"):
+    if self.schedule_steps is not None and self.schedule_steps < 1:
+      raise ValueError(f"schedule_steps={self.schedule_steps!r}: expected an int >= 1 or None")
+    for name in ("warmup_steps", "seed", "sample_tokens"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 0")
     for name, lo, hi in (("lr", 0.0, math.inf), ("min_lr_ratio", 0.0, 1.0),
@@ -117,6 +122,14 @@ class TrainConfig:
       values["model_overrides"] = tuple(values["model_overrides"].items())
     if isinstance(values.get("model"), dict):
       _check_field_names(models.ModelConfig, values["model"], "model.")
+      missing = [f.name for f in dataclasses.fields(models.ModelConfig)
+                 if f.name not in values["model"] and f.default is dataclasses.MISSING
+                 and f.default_factory is dataclasses.MISSING]
+      if missing:
+        raise ValueError(
+            f"model: missing ModelConfig fields {', '.join(missing)} (a [model] table "
+            "gives a whole ModelConfig; to change a few fields of a preset, set "
+            "model = \"<preset>\" and a [model_overrides] table)")
       values["model"] = models.ModelConfig(**values["model"])
     return cls(**values)
 

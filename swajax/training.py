@@ -12,11 +12,17 @@ parts they depend on (`StepOptions`, `ModelSpec`) as static arguments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
+import os
 import shutil
+import signal
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -83,20 +89,23 @@ class StepOptions:
   beta1: float
   beta2: float
   clip_norm: float
-  steps: int
+  schedule_steps: int  # the cosine's length: config.schedule_steps or config.steps
 
   @classmethod
   def from_config(cls, config: TrainConfig) -> StepOptions:
-    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
+              if f.name != "schedule_steps"}
+    return cls(**values, schedule_steps=config.schedule_steps or config.steps)
 
 
 def make_schedule(options: StepOptions) -> optax.Schedule:
-  """Linear warmup from 0 to lr over min(warmup_steps, steps - 1) steps, then
-  cosine decay to lr * min_lr_ratio at `steps`."""
-  warmup = min(options.warmup_steps, options.steps - 1)
+  """Linear warmup from 0 to lr over min(warmup_steps, schedule_steps - 1)
+  steps, then cosine decay to lr * min_lr_ratio at `schedule_steps`; constant
+  after it."""
+  warmup = min(options.warmup_steps, options.schedule_steps - 1)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=options.lr, warmup_steps=warmup,
-      decay_steps=options.steps, end_value=options.lr * options.min_lr_ratio)
+      decay_steps=options.schedule_steps, end_value=options.lr * options.min_lr_ratio)
 
 
 def make_optimizer(options: StepOptions, params) -> optax.GradientTransformation:
@@ -273,69 +282,259 @@ class TrainResult:
   resumed_from: int | None  # the checkpoint step this run started from
 
 
+class TrainingInterrupted(Exception):
+  """SIGINT or SIGTERM stopped a run after `step`, whose checkpoint is saved."""
+
+  def __init__(self, run_dir: Path, step: int, signum: int):
+    self.run_dir, self.step, self.signum = run_dir, step, signum
+    super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step} "
+                     f"(checkpoint {step} saved in {run_dir / 'checkpoints'})")
+
+
+class NonFiniteLoss(ValueError):
+  """A step's loss or gradient norm was NaN or infinite; the run stopped."""
+
+
 def default_run_dir() -> Path:
+  """runs/<timestamp>: the base name of a run folder claimed by `claim_run_dir`."""
   return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+def claim_run_dir(out: str | None) -> Path:
+  """Creates a new run folder and its config.json atomically; returns it.
+
+  out None: runs/<timestamp>, or runs/<timestamp>-2, -3, ... when a run
+  started in the same second holds it (os.mkdir either creates or fails).
+  Else `out`, created, or taken as it is when empty. The exclusive creation
+  of config.json is the claim: two runs never share a folder.
+  """
+  if out is None:
+    base = default_run_dir()
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+      path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+      try:
+        path.mkdir()
+        break
+      except FileExistsError:
+        continue
+  else:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / "checkpoints").exists():
+      raise ValueError(f"out={out!r} already holds checkpoints: resume it "
+                       "(--resume) or choose another --out")
+    if any(path.iterdir()):
+      raise ValueError(f"out={out!r} is not empty: a run folder is never reused "
+                       "(choose a new --out, or --resume a run)")
+  try:
+    (path / "config.json").open("x").close()
+  except FileExistsError:
+    raise ValueError(f"out={str(path)!r}: claimed by another run just now "
+                     "(choose another --out)") from None
+  return path
+
+
+def check_writable(out: str | None) -> None:
+  """Raises OSError (one line) when the run folder cannot be written: a small
+  file is written (and removed) in its nearest existing ancestor."""
+  folder = Path("runs" if out is None else out).absolute()
+  while not folder.exists():
+    folder = folder.parent
+  try:
+    with tempfile.TemporaryFile(dir=folder) as probe:
+      probe.write(b"\0" * 4096)
+      probe.flush()
+      os.fsync(probe.fileno())
+  except OSError as e:
+    raise OSError(f"out={out!r}: cannot write in {folder} ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def deferred_signals():
+  """While open, SIGINT and SIGTERM are recorded in the yielded list instead of
+  acting; the first one restores the previous handlers, so a second one acts
+  at once. A no-op (an empty list) outside the main thread."""
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = {}
+
+  def record(signum, frame):
+    received.append(signum)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+  for s in (signal.SIGINT, signal.SIGTERM):
+    previous[s] = signal.signal(s, record)
+  try:
+    yield received
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def check_resume(config: TrainConfig, saved: dict,
+                 checkpoint_step: int) -> tuple[TrainConfig, str | None]:
+  """(the config a resume runs, a one-line note or None), or ValueError
+  before anything is written.
+
+  saved: the checkpoint's own config (its metadata). The data stream must be
+  the same (`_DATA_FIELDS`), `steps` beyond the checkpoint. A changed `steps`
+  keeps the run's LR schedule unless schedule_steps is set: the note says which.
+  """
+  for name in _DATA_FIELDS:
+    if name in saved and saved[name] != getattr(config, name):
+      raise ValueError(
+          f"{name}={getattr(config, name)!r}: the checkpoint was trained with "
+          f"{name}={saved[name]!r}, which fixes its data order; resume with the "
+          "same value (or start a new run)")
+  if config.steps <= checkpoint_step:
+    raise ValueError(
+        f"steps={config.steps}: the run's latest checkpoint is at step "
+        f"{checkpoint_step}, so nothing would be trained; pass --steps above "
+        f"{checkpoint_step} (the step to reach, not a count to add)")
+  saved_steps = saved.get("steps", config.steps)
+  saved_schedule = saved.get("schedule_steps") or saved_steps
+  note = None
+  if config.steps != saved_steps:
+    if config.schedule_steps is None:
+      config = dataclasses.replace(config, schedule_steps=saved_schedule)
+    if config.schedule_steps == saved_schedule:
+      note = (f"resume: steps {saved_steps} -> {config.steps}, the LR schedule stays the "
+              f"run's (cosine over {saved_schedule} steps, then lr * min_lr_ratio); "
+              "--schedule-steps N sets a new one")
+    else:
+      note = (f"resume: steps {saved_steps} -> {config.steps}, a new LR schedule over "
+              f"{config.schedule_steps} steps (was {saved_schedule})")
+  return config, note
+
+
 def train(config: TrainConfig, *, resume: bool = False, until_step: int | None = None,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
   """Trains per `config`; returns a `TrainResult` (run_dir, trained model, ...).
 
-  Writes into `config.out` (None: runs/<timestamp>) config.json, checkpoints/
-  (orbax, every `checkpoint_every` steps and after the last), metrics.jsonl
-  (one line per step) and loss.png; `swajax train` adds hf/ and sample.txt.
+  Writes into a new run folder (`claim_run_dir(config.out)`) config.json,
+  checkpoints/ (orbax, every `checkpoint_every` steps and after the last),
+  metrics.jsonl (one strict-JSON line per step) and loss.png; `swajax train`
+  adds hf/ and sample.txt.
 
   resume: continue from the latest checkpoint in `config.out` (same data
-    order, optimizer state and schedule: the losses continue exactly).
+    order, optimizer state and schedule: the losses continue exactly). Every
+    check (`check_resume`, the checkpoint's tensor shapes) runs before
+    anything is written: a refused resume leaves the folder as it was.
   until_step: stop after this step (with a checkpoint), as if preempted.
   on_step: called on process 0 after every step with that step's metrics
     (and val_loss/val_ppl on eval steps).
+  log: called on process 0 with one-line notes (the run folder, a kept
+    schedule).
+
+  Raises TrainingInterrupted after SIGINT/SIGTERM (the current step finishes,
+  then a checkpoint, metrics.jsonl and loss.png are written), NonFiniteLoss
+  at the first NaN/inf loss or gradient norm (that step is not saved: the
+  last checkpoint holds the last good state), ValueError/OSError (one line)
+  for bad settings, data, or a checkpoint that cannot be written.
   """
-  run_dir = Path(config.out) if config.out is not None else default_run_dir()
-  tokenizer = data_lib.resolve_tokenizer(config)
-  train_rows, val_rows = data_lib.load_data(config, tokenizer)
-  mesh = sharding_lib.make_mesh(config.fsdp)
-  rows_per_step = config.grad_accum * config.batch_size
-  if config.batch_size % mesh.size:
-    raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the "
-                     f"device count {mesh.size} (mesh {dict(mesh.shape)})")
+  log = log or (lambda line: None)
+  lead = jax.process_index() == 0
   # Lazy: orbax takes ~0.5 s to import (-X importtime, on top of the ~2.6 s of
   # `import swajax`), which only a training run needs.
   from swajax.checkpoint import Checkpointer
 
-  lead = jax.process_index() == 0
-  with jax.set_mesh(mesh):
-    model, graphdef, rest, state = init_model(config, mesh)
-    if model.config.vocab_size < tokenizer.vocab_size:
-      raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
-                       f"{model.config.vocab_size}: pick a matching tokenizer or model")
-    if lead:
-      run_dir.mkdir(parents=True, exist_ok=True)
-      (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-      copy = run_dir / "tokenizer.json"  # `swajax generate` reads it
-      if isinstance(tokenizer, data_lib.HFTokenizer) and not (
-          copy.exists() and copy.samefile(tokenizer.file)):
-        shutil.copyfile(tokenizer.file, copy)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
-    position, resumed_from = 0, None
-    if resume:
-      state, meta = checkpointer.restore(state)
-      _check_same_data(config, meta, checkpointer)
-      position, resumed_from = meta["data_position"], int(state.step)
-    elif checkpointer.latest_step() is not None:
-      checkpointer.close()
-      raise ValueError(f"out={str(run_dir)!r} already holds checkpoints: resume it "
-                       "(--resume) or choose another --out")
-    options = StepOptions.from_config(config)
-    step_sharding = sharding_lib.batch_sharding(mesh, 3, batch_dim=1)
-    eval_sharding = sharding_lib.batch_sharding(mesh, 2)
-    metrics_log = (MetricsLog(run_dir / "metrics.jsonl", resumed_from=resumed_from)
-                   if lead else None)
-    history, evals, step_times = [], [], []
-    first = int(state.step)
-    last = config.steps if until_step is None else min(until_step, config.steps)
+  checkpointer, note = None, None
+  if resume:
+    if config.out is None:
+      raise ValueError("resume=True: expected config.out, the run folder to resume")
+    run_dir = Path(config.out)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints,
+                                create=False)
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is None:
+      raise ValueError(f"resume: no checkpoint in {run_dir / 'checkpoints'}")
     try:
-      for step in range(first + 1, last + 1):
+      config, note = check_resume(
+          config, checkpointer.read_meta(resumed_from).get("config", {}), resumed_from)
+    except ValueError:
+      checkpointer.close()
+      raise
+  else:
+    if jax.process_count() > 1 and config.out is None:
+      raise ValueError("out=None: a multi-process run needs --out (one folder every "
+                       "process sees)")
+    if lead:
+      check_writable(config.out)
+  try:
+    tokenizer = data_lib.resolve_tokenizer(config)
+    train_rows, val_rows = data_lib.load_data(config, tokenizer)
+    mesh = sharding_lib.make_mesh(config.fsdp)
+    if config.batch_size % mesh.size:
+      raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the "
+                       f"device count {mesh.size} (mesh {dict(mesh.shape)})")
+    with jax.set_mesh(mesh):
+      model, graphdef, rest, state = init_model(config, mesh)
+      if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
+                         f"{model.config.vocab_size}: pick a matching tokenizer or model")
+      position = 0
+      if resume:
+        state, meta = checkpointer.restore(state, resumed_from)
+        position = meta["data_position"]
+      elif lead:
+        run_dir = claim_run_dir(config.out)
+      else:
+        run_dir = Path(config.out)
+  except BaseException:
+    if checkpointer is not None:
+      checkpointer.close()
+    raise
+  # Every check passed: from here on the run folder is written.
+  config = dataclasses.replace(config, out=str(run_dir))
+  if lead:
+    log(f"run folder {run_dir}")
+    if note is not None:
+      log(note)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    copy = run_dir / "tokenizer.json"  # `swajax generate` reads it
+    if isinstance(tokenizer, data_lib.HFTokenizer) and not (
+        copy.exists() and copy.samefile(tokenizer.file)):
+      shutil.copyfile(tokenizer.file, copy)
+  if checkpointer is None:
+    checkpointer, resumed_from = Checkpointer(run_dir / "checkpoints",
+                                              keep=config.keep_checkpoints), None
+  with jax.set_mesh(mesh):
+    history, evals, step_times = _loop(
+        config, state, graphdef, rest, train_rows, val_rows, position, mesh,
+        checkpointer, run_dir, resumed_from, until_step, on_step, model)
+  timed = step_times[1:] or step_times
+  tokens_per_s = config.tokens_per_step * len(timed) / max(sum(timed), 1e-9)
+  return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from)
+
+
+def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
+          checkpointer, run_dir, resumed_from, until_step, on_step, model):
+  """The steps of `train` from state.step + 1: (history, evals, step_times);
+  the trained parameters end up in `model`."""
+  lead = jax.process_index() == 0
+  rows_per_step = config.grad_accum * config.batch_size
+  options = StepOptions.from_config(config)
+  step_sharding = sharding_lib.batch_sharding(mesh, 3, batch_dim=1)
+  eval_sharding = sharding_lib.batch_sharding(mesh, 2)
+  metrics_log = (MetricsLog(run_dir / "metrics.jsonl", resumed_from=resumed_from)
+                 if lead else None)
+  history, evals, step_times = [], [], []
+  last = config.steps if until_step is None else min(until_step, config.steps)
+  saved = step = int(state.step)
+  stop = None  # the exception that ends the run early
+
+  def save(step, state, position):
+    checkpointer.save(step, state, {"data_position": position, "seed": config.seed,
+                                    "config": config.to_dict()})
+
+  try:
+    with deferred_signals() as signals:
+      for step in range(step + 1, last + 1):
         t0 = time.perf_counter()
         host = train_rows.take(position, rows_per_step)
         batch = {k: sharding_lib.global_array(
@@ -348,7 +547,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         elapsed = time.perf_counter() - t0
         step_times.append(elapsed)
         record["tokens_per_s"] = config.tokens_per_step / elapsed
-        if step % config.eval_every == 0 or step == last:
+        finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+        if finite and (step % config.eval_every == 0 or step == last):
           val_loss = evaluate(graphdef, state.params, rest, val_rows,
                               config.batch_size, eval_sharding)
           evaluation = {"step": step, "val_loss": val_loss,
@@ -360,38 +560,42 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
           metrics_log.write(record)
           if on_step is not None:
             on_step(record)
+        if not finite:  # this step's state is not saved
+          stop = NonFiniteLoss(
+              f"step {step}: loss={record['loss']} grad_norm={record['grad_norm']} "
+              "(not finite): training stopped; ")
+          break
         if step % config.checkpoint_every == 0 or step == last:
-          checkpointer.save(step, state, {"data_position": position, "seed": config.seed,
-                                          "config": config.to_dict()})
-    finally:
-      checkpointer.close()
-      if metrics_log is not None:
-        metrics_log.close()
-    nnx.update(model, state.params)
-  timed = step_times[1:] or step_times
-  tokens_per_s = config.tokens_per_step * len(timed) / max(sum(timed), 1e-9)
-  if lead:
+          save(step, state, position)
+          saved = step
+        if signals:
+          stop = TrainingInterrupted(run_dir, step, signals[0])
+          if saved != step:
+            save(step, state, position)
+            saved = step
+          break
+  finally:
+    checkpointer.close()
+    if metrics_log is not None:
+      metrics_log.close()
+  if lead and history:
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-  return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from)
+  if isinstance(stop, NonFiniteLoss):
+    latest = checkpointer.latest_step()
+    raise NonFiniteLoss(str(stop) + (
+        "no checkpoint was saved" if latest is None else
+        f"the last good checkpoint is step {latest} (resume from it with a lower "
+        "--lr or --clip-norm)"))
+  if stop is not None:
+    raise stop
+  nnx.update(model, state.params)
+  return history, evals, step_times
 
 
 # The fields that fix the training row stream (which rows, in which order):
 # a checkpoint's data position means nothing under other values.
 _DATA_FIELDS = ("seed", "seq_len", "data", "val_data", "val_percent", "tokenizer",
                 "train_prompt", "corpus_max_bytes")
-
-
-def _check_same_data(config: TrainConfig, meta: dict, checkpointer) -> None:
-  """Raises ValueError when a resumed run would read another data stream than
-  the one its checkpoint's data position counts rows of."""
-  saved = meta.get("config", {})
-  for name in _DATA_FIELDS:
-    if name in saved and saved[name] != getattr(config, name):
-      checkpointer.close()
-      raise ValueError(
-          f"{name}={getattr(config, name)!r}: the checkpoint was trained with "
-          f"{name}={saved[name]!r}, which fixes its data order; resume with the "
-          "same value (or start a new run)")
 
 
 def evaluate(graphdef, params, rest, rows: dict, batch_size: int, sharding) -> float:

@@ -42,7 +42,7 @@ def test_config_files_then_flags(tmp_path):
   config = parse(["--config", str(toml), "--lr", "0.5"])
   assert (config.steps, config.lr) == (7, 0.5)
   assert dict(config.model_overrides) == {"num_layers": 2, "layer_windows": (8, 8)}
-  assert config.out.startswith("runs/")  # a timestamped default folder
+  assert config.out is None  # train claims runs/<timestamp>[-N] (claim_run_dir)
   yaml = tmp_path / "run.yaml"
   yaml.write_text("steps: 9\ndtype: float32\n")
   assert (parse(["--config", str(yaml)]).steps, parse(["--config", str(yaml)]).dtype) == (
@@ -90,7 +90,8 @@ def test_bad_settings_print_one_line_and_exit_2(tmp_path, capsys, argv, message)
 
 def test_train_end_to_end(tmp_path, capsys):
   run = tmp_path / "run"
-  assert train_cli.main(as_flags(tiny_train_config(run)) + ["--sample-tokens", "4"]) == 0
+  config = tiny_train_config(run, sample_tokens=4)
+  assert train_cli.main(as_flags(config)) == 0
   out, err = capsys.readouterr()
   assert "step 6/6" in err and "validation: loss" in err
   assert "validation perplexity" in out and f"swajax generate {run} " in out
@@ -99,8 +100,7 @@ def test_train_end_to_end(tmp_path, capsys):
   records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == list(range(1, 7))
   assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
-  assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == (
-      tiny_train_config(run))
+  assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())) == config
   assert (run / "hf" / "config.json").is_file()
   assert (run / "sample.txt").read_text().startswith(train_cli.SAMPLE_PROMPT)
   # Resuming the finished run for more steps re-exports over its hf/ folder.
