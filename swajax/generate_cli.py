@@ -2,15 +2,18 @@
 
 CHECKPOINT_DIR is a Hugging Face folder (config.json + safetensors, read by
 `swajax.load_hf`), or a `swajax train` run folder, whose `hf/` export is used.
-Text is tokenized with the folder's tokenizer.json when it has one, else as
-UTF-8 bytes (`ByteTokenizer`, what `swajax train` uses by default). The bos
-token is prepended when the tokenizer has one; generation stops at its eos.
+The tokenizer is `--tokenizer` (a tokenizer.json, or `bytes`), else the
+folder's tokenizer.json, else UTF-8 bytes (`ByteTokenizer`) when the export
+says so (`swajax train`'s default); with none known it is an error, never a
+guess. The bos token is prepended when the tokenizer has one; generation
+stops at its eos.
 Tokens go to stdout as they are generated; timing goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("checkpoint_dir", type=Path,
                       help="HF checkpoint folder or swajax train run folder")
   parser.add_argument("--prompt", required=True, help="text to continue")
+  parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
+                      help="tokenizer.json (or its folder), or 'bytes' for UTF-8 "
+                      "bytes (default: the folder's tokenizer.json, or bytes when "
+                      "its config.json says swajax_tokenizer: bytes)")
   parser.add_argument("--max-new-tokens", type=int, default=200)
   parser.add_argument("--temperature", type=float, default=0.0,
                       help="0 = greedy (default)")
@@ -56,12 +63,22 @@ def resolve_model_dir(directory: Path) -> Path:
       f"*.safetensors) or a swajax train run folder with hf/{hint}")
 
 
-def load_tokenizer_for(model_dir: Path, run_dir: Path):
-  """tokenizer.json from the model folder or the run folder, else bytes."""
+def load_tokenizer_for(model_dir: Path, run_dir: Path, choice: str | None = None):
+  """The tokenizer `choice` names (a tokenizer.json path or "bytes"); else
+  tokenizer.json from the model folder or the run folder; else bytes when the
+  model's config.json records "swajax_tokenizer": "bytes" (a `swajax train`
+  export); else FileNotFoundError (never a silent guess)."""
+  if choice is not None:
+    return load_tokenizer(None if choice == "bytes" else choice)
   for folder in (model_dir, run_dir):
     if (folder / "tokenizer.json").is_file():
       return load_tokenizer(folder / "tokenizer.json")
-  return load_tokenizer(None)
+  config = json.loads((model_dir / "config.json").read_text())
+  if config.get("swajax_tokenizer") == "bytes":
+    return load_tokenizer(None)
+  raise FileNotFoundError(
+      f"{model_dir}: no tokenizer.json and no tokenizer recorded in config.json: "
+      "pass --tokenizer FILE (or --tokenizer bytes for UTF-8 byte ids)")
 
 
 class TextStream:
@@ -92,7 +109,7 @@ def main(argv: list[str]) -> int:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p)
     model_dir = resolve_model_dir(args.checkpoint_dir)
-    tokenizer = load_tokenizer_for(model_dir, args.checkpoint_dir)
+    tokenizer = load_tokenizer_for(model_dir, args.checkpoint_dir, args.tokenizer)
     model = load_hf(model_dir, attn_impl=args.attn_impl)
     if tokenizer.vocab_size > model.config.vocab_size:
       raise ValueError(

@@ -15,8 +15,8 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -327,7 +327,8 @@ def _check_float(dtype, name):
 # ----- Saving -------------------------------------------------------------------
 
 def save_hf(model: CausalLM, path, *, overwrite: bool = False,
-            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+            tokenizer=None) -> Path:
   """Writes config.json + safetensors that transformers loads as `model`.
 
   Tensors keep the model's parameter dtype, in `tensor_table` order. As
@@ -338,17 +339,32 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   gets a file of its own), and model.safetensors.index.json with
   {"metadata": {"total_size"}, "weight_map": {tensor: file}}.
 
+  tokenizer: a `swajax.data` tokenizer (None: none is recorded). Its
+  bos/eos/pad ids go into config.json and a generation_config.json (so
+  transformers' `generate` stops at eos too); an `HFTokenizer`'s
+  tokenizer.json (and its tokenizer_config.json / special_tokens_map.json)
+  is copied; a `ByteTokenizer` is recorded as "swajax_tokenizer": "bytes" in
+  config.json (what `swajax generate` reads).
+
+  Written like `save_pretrained`: into the folder `path` (created with the
+  normal umask), replacing only the files it writes, each written to a
+  temporary file and renamed over the old one; weight files of an earlier
+  save that the new one does not have (other shards, a stale index) are
+  removed, so shards and index stay consistent; other files (a README, your
+  own files) are left alone. A failure removes the temporary files (and the
+  folder when save_hf created it). A `path` that holds a checkpoint already
+  raises FileExistsError unless overwrite=True; a path that is a file raises
+  NotADirectoryError.
+
   Parameters sharded over a mesh are gathered to the host one tensor at a
-  time; the host holds at most one file's tensors. Written into a temporary
-  directory next to `path`, then renamed: a failure leaves no partial
-  checkpoint. An existing `path` raises FileExistsError unless overwrite=True.
+  time; the host holds at most one file's tensors.
 
   Several processes (jax.distributed): every process must call save_hf with
   the same model and arguments. A parameter spanning devices of several
   processes is gathered by all of them together (`process_allgather`, in
   `tensor_table` order), so every host holds at most one file's tensors;
   only process 0 checks `path` and writes. No process returns before process
-  0 has renamed the folder (or failed): process 0 raises its own error, the
+  0 has written the files (or failed): process 0 raises its own error, the
   others an OSError naming `path`.
   """
   path = Path(path)
@@ -360,13 +376,14 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   sizes = {name: x.size * x.dtype.itemsize for name, x in arrays.items()}
   files = _split_into_files(table, sizes, limit)
   hf_config["dtype"] = str(arrays["model.embed_tokens.weight"].dtype)
+  texts, copies = _tokenizer_files(tokenizer, hf_config)
   # One file's tensors at a time, gathered (on every process) when drawn.
   contents = ({spec.hf_name: _to_hf(spec, _host_array(arrays[spec.hf_name]))
                for spec in specs} for specs in files.values())
   error = None
   if jax.process_index() == 0:
     try:
-      _write_folder(path, overwrite, hf_config, files, sizes, contents)
+      _write_folder(path, overwrite, hf_config, files, sizes, contents, texts, copies)
     except Exception as e:  # raised below, once the other processes know
       error = e
   if jax.process_count() > 1:
@@ -381,6 +398,29 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   return path
 
 
+# The files of a tokenizer folder an export carries along.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Weight files a save may leave from an earlier one (removed when not rewritten).
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def _tokenizer_files(tokenizer, hf_config: dict) -> tuple[dict[str, str], dict[str, Path]]:
+  """({file name: text} of generation_config.json, {file name: source} of the
+  tokenizer files); records the special ids in `hf_config`."""
+  if tokenizer is None:
+    return {}, {}
+  ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+         "pad_token_id": tokenizer.pad_id}
+  hf_config.update(ids)
+  texts = {"generation_config.json": json.dumps(ids, indent=2) + "\n"}
+  source = getattr(tokenizer, "file", None)  # an HFTokenizer's tokenizer.json
+  if source is None:
+    hf_config["swajax_tokenizer"] = "bytes"
+    return texts, {}
+  return texts, {name: Path(source).parent / name for name in TOKENIZER_FILES
+                 if (Path(source).parent / name).is_file()}
+
+
 def _host_array(x) -> np.ndarray:
   """A parameter as one numpy array on this host. An array spanning devices
   of several processes (and not replicated on each) is gathered by all of
@@ -392,32 +432,63 @@ def _host_array(x) -> np.ndarray:
 
 def _write_folder(path: Path, overwrite: bool, hf_config: dict,
                   files: dict[str, list[TensorSpec]], sizes: dict[str, int],
-                  contents) -> None:
-  """Writes `save_hf`'s folder: `contents` yields each file's {name: array},
-  in the order of `files`."""
-  if path.exists() and not overwrite:
-    raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+                  contents, texts: dict[str, str], copies: dict[str, Path]) -> None:
+  """Writes `save_hf`'s files into `path`: `contents` yields each weight
+  file's {name: array}, in the order of `files`; `texts` and `copies` are
+  further files (their text, or a file to copy)."""
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f"{path}: is a file, not a folder (save_hf writes a folder)")
+  if (not overwrite and path.is_dir()
+      and any(p.name == "config.json" or WEIGHT_FILE.fullmatch(p.name)
+              for p in path.iterdir())):
+    raise FileExistsError(f"{path}: holds a checkpoint (pass overwrite=True to "
+                          "replace its files)")
+  created = not path.exists()
+  path.mkdir(parents=True, exist_ok=True)
+  stem = f".tmp-{os.getpid()}-{secrets.token_hex(4)}-"
+  tmp = lambda name: path / (stem + name)
+  written = []  # final names, in rename order: weights, index, the rest, config last
   try:
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for file, tensors in zip(files, contents):
-      save_file(tensors, tmp / file, metadata={"format": "pt"})
+      save_file(tensors, tmp(file), metadata={"format": "pt"})
+      written.append(file)
     if len(files) > 1:
       index = {"metadata": {"total_size": sum(sizes.values())},
                "weight_map": {spec.hf_name: file for file, specs in files.items()
                               for spec in specs}}
-      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    if path.exists():
-      old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-      os.replace(path, old / path.name)
-      os.replace(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, path)
+      texts = {INDEX_FILE: json.dumps(index, indent=2) + "\n", **texts}
+    for name, text in texts.items():
+      tmp(name).write_text(text)
+      written.append(name)
+    for name, source in copies.items():
+      if not (path / name).exists() or not (path / name).samefile(source):
+        shutil.copyfile(source, tmp(name))
+        written.append(name)
+    tmp("config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    written.append("config.json")
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    for p in path.glob(stem + "*"):
+      p.unlink()
+    if created and not any(path.iterdir()):
+      path.rmdir()
     raise
+  stale = [p for p in path.iterdir()  # an earlier save's other weight files
+           if WEIGHT_FILE.fullmatch(p.name) and p.name not in written]
+  for p in stale:  # a stale index first: it would point at the old shards
+    if p.name == INDEX_FILE:
+      p.unlink()
+  mode = 0o666 & ~_umask()  # safetensors creates its files 0600
+  for name in written:
+    os.chmod(tmp(name), mode)
+    os.replace(tmp(name), path / name)
+  for p in stale:
+    p.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)  # reading it means setting it: set it back at once
+  os.umask(mask)
+  return mask
 
 
 def _split_into_files(table, sizes: dict[str, int], limit: int

@@ -219,7 +219,7 @@ def report(result, config: TrainConfig, seconds: float) -> None:
   # The run's Hugging Face export; a resumed run replaces the one its first
   # part wrote. Every process gathers the parameters; process 0 writes (see
   # `save_hf`).
-  save_hf(result.model, run_dir / "hf", overwrite=True)
+  save_hf(result.model, run_dir / "hf", overwrite=True, tokenizer=result.tokenizer)
   lines.append(f"Hugging Face export {run_dir / 'hf'}")
   if config.sample_tokens > 0:
     _sample(result, run_dir / "sample.txt", config.sample_tokens, lines, write=lead)

@@ -10,6 +10,7 @@ from flax import nnx
 import models
 from swajax.generation import (TRACE_COUNTS, check_request, decode, generate,
                                generate_stream, prefill)
+from swajax.data import ByteTokenizer
 from swajax.generate_cli import main as generate_main
 from swajax.hf_io import load_hf, save_hf
 from tests.test_hf_parity import WINDOW, random_hf_model
@@ -288,7 +289,8 @@ def test_cli_streams_a_continuation(tmp_path, capsys):
                                intermediate_size=64, num_q_heads=4,
                                num_kv_heads=2, head_dim=16,
                                layer_windows=(4, 4))
-  save_hf(models.CausalLM(config, rngs=nnx.Rngs(0)), tmp_path / "hf")
+  save_hf(models.CausalLM(config, rngs=nnx.Rngs(0)), tmp_path / "hf",
+          tokenizer=ByteTokenizer())
   code = generate_main([str(tmp_path), "--prompt", "def f():",  # run folder
                         "--max-new-tokens", "12", "--attn-impl", "xla"])
   out, err = capsys.readouterr()
