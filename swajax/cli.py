@@ -3,6 +3,7 @@
   swajax train      -> swajax.train_cli.main
   swajax generate   -> swajax.generate_cli.main
   swajax bench ...  -> swajax.bench.main   (attention | generate | train | tiles)
+  swajax --version  -> the installed swajax version
 
 The subcommand modules are imported up front: `import swajax` already loads
 everything they build on, and they add ~20 ms together (-X importtime).
@@ -11,6 +12,7 @@ everything they build on, and they add ~20 ms together (-X importtime).
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 
 from swajax import bench, generate_cli, train_cli
 from swajax.commands import Table, dispatch
@@ -24,8 +26,14 @@ SUBCOMMANDS: Table = {
 
 
 def main(argv=None) -> int:
-  return dispatch("swajax", SUBCOMMANDS,
-                  sys.argv[1:] if argv is None else list(argv))
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv == ["--version"]:
+    try:
+      print(f"swajax {metadata.version('swajax')}")
+    except metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+      print("swajax (not installed: version unknown)")
+    return 0
+  return dispatch("swajax", SUBCOMMANDS, argv)
 
 
 if __name__ == "__main__":

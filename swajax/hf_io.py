@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -35,6 +36,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16}
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
+PROGRESS_MIN_BYTES = 10**9  # load_hf / save_hf show progress on stderr from here
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -198,6 +200,8 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
   by_file = {}
   for spec in table:
     by_file.setdefault(files[spec.hf_name], []).append(spec)
+  progress = Progress(f"load_hf {directory}", sum(
+      math.prod(spec.hf_shape) * dtype.itemsize for spec in table))
   for file, specs in by_file.items():
     with _open(file) as f:
       names = set(f.keys())
@@ -207,7 +211,34 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
         var = _variable(model, spec.path)
         var.set_value(_read(file, f, spec, var.get_value().shape, dtype,
                             shardings.get(spec.path)))
+        progress.add(math.prod(spec.hf_shape) * dtype.itemsize)
+  progress.close()
   return model
+
+
+class Progress:
+  """Bytes done of `total` on stderr, for checkpoints of PROGRESS_MIN_BYTES
+  or more: one rewritten line on a terminal, else a line per 10%."""
+
+  def __init__(self, label: str, total: int):
+    self.label, self.total, self.done, self.shown = label, total, 0, -1
+    self.on = total >= PROGRESS_MIN_BYTES and jax.process_index() == 0
+
+  def add(self, nbytes: int) -> None:
+    self.done += nbytes
+    if not self.on:
+      return
+    tty = sys.stderr.isatty()
+    tenth = 10 * self.done // max(self.total, 1)
+    if tty or tenth > self.shown:
+      self.shown = tenth
+      line = f"{self.label}: {self.done / 1e9:.1f}/{self.total / 1e9:.1f} GB"
+      sys.stderr.write(("\r" + line) if tty else line + "\n")
+      sys.stderr.flush()
+
+  def close(self) -> None:
+    if self.on and sys.stderr.isatty():
+      sys.stderr.write("\n")
 
 
 # RoPE inverse frequencies older transformers versions saved as buffers: they
@@ -448,10 +479,13 @@ def _write_folder(path: Path, overwrite: bool, hf_config: dict,
   stem = f".tmp-{os.getpid()}-{secrets.token_hex(4)}-"
   tmp = lambda name: path / (stem + name)
   written = []  # final names, in rename order: weights, index, the rest, config last
+  progress = Progress(f"save_hf {path}", sum(sizes.values()))
   try:
     for file, tensors in zip(files, contents):
       save_file(tensors, tmp(file), metadata={"format": "pt"})
       written.append(file)
+      progress.add(sum(sizes[spec.hf_name] for spec in files[file]))
+    progress.close()
     if len(files) > 1:
       index = {"metadata": {"total_size": sum(sizes.values())},
                "weight_map": {spec.hf_name: file for file, specs in files.items()

@@ -28,10 +28,13 @@ import jax
 import numpy as np
 import yaml
 
+import models
+from pallas_kernels import IMPLS
+from swajax.dtypes import DTYPES
 from swajax.generation import generate
 from swajax.hf_io import save_hf
 from swajax.sharding import maybe_initialize_distributed
-from swajax.train_config import TrainConfig
+from swajax.train_config import REMAT, TrainConfig
 from swajax.training import TrainingInterrupted, train
 
 SAMPLE_PROMPT = "def "
@@ -44,38 +47,95 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# One line per TrainConfig field for --help (tests/test_cli_help.py checks
+# every field has one); the default is appended.
+FIELD_HELP = {
+    "model": "model preset (a ModelConfig table in --config)",
+    "model_overrides": "ModelConfig fields of the preset, e.g. num_layers=2 "
+                       "'layer_windows=(64,64)'",
+    "init_from_hf": "fine-tune this Hugging Face folder (config.json + safetensors) "
+                    "instead of a fresh preset",
+    "attn_impl": "attention implementation (auto: pallas on GPU, else xla)",
+    "dtype": "compute dtype",
+    "param_dtype": "parameter and optimizer-state dtype",
+    "remat": "recompute each decoder layer's activations in the backward pass",
+    "data": "training data: a folder, a .txt file or a .jsonl file ({text} or "
+            "{prompt, completion}); none: the embedded Python-stdlib corpus",
+    "val_data": "validation data (same forms); none: hold out --val-percent of --data",
+    "val_percent": "percent of the documents held out for validation",
+    "tokenizer": "a tokenizer.json (or its folder); none: UTF-8 bytes (or the "
+                 "--init-from-hf folder's)",
+    "train_prompt": "also train on the prompts of {prompt, completion} records",
+    "corpus_max_bytes": "bytes of the embedded corpus to read",
+    "seq_len": "tokens per packed row (T)",
+    "batch_size": "rows per micro-batch, over all devices (B)",
+    "grad_accum": "micro-batches per optimizer step (A)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine ends at lr * this",
+    "warmup_steps": "linear warmup steps (capped at the schedule's length - 1)",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "clip_norm": "global gradient-norm clipping",
+    "schedule_steps": "length of the warmup + cosine schedule; none: --steps (a "
+                      "--resume with a new --steps keeps the run's)",
+    "steps": "optimizer steps to reach (on --resume too: the total, not a count to add)",
+    "seed": "initialisation and data-order seed",
+    "eval_every": "validate every N steps (and after the last)",
+    "eval_batches": "validation batches per evaluation",
+    "fsdp": "devices on the fsdp mesh axis (parameters sharded); the rest on data",
+    "out": "run folder; none: a new runs/<YYYYmmdd-HHMMSS> (-2, -3, ... when "
+           "taken); an existing folder only when empty",
+    "checkpoint_every": "checkpoint every N steps (and after the last, and on "
+                        "SIGINT/SIGTERM)",
+    "keep_checkpoints": "checkpoints kept (the newest)",
+    "sample_tokens": "length of sample.txt, generated at the end (0: none)",
+}
+
+
+def _choices(name: str) -> tuple[str, ...] | None:
+  """The values a string field takes, for --help (TrainConfig checks them)."""
+  if name == "model":
+    return tuple(sorted(n for n in dir(models) if n.endswith("_tiny")))
+  return {"dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES), "remat": REMAT,
+          "attn_impl": ("auto", *IMPLS)}.get(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(
-      prog="swajax train", description=__doc__.split("\n\n")[1],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+  parser = _Parser(prog="swajax train", description=__doc__.split("\n\n")[1])
+  parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
                       help="TOML (.toml) or YAML (.yaml/.yml) file of TrainConfig fields")
   parser.add_argument("--resume", type=Path, default=argparse.SUPPRESS, metavar="RUN_DIR",
                       help="continue the run in RUN_DIR from its latest checkpoint "
                       "(its config.json, then --config and flags)")
   group = parser.add_argument_group("multi-process (jax.distributed; default: env "
                                     "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
-  group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT")
-  group.add_argument("--num-processes", type=int, default=None)
-  group.add_argument("--process-id", type=int, default=None)
+  group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                     help="process 0's address")
+  group.add_argument("--num-processes", type=int, default=None, help="processes in all")
+  group.add_argument("--process-id", type=int, default=None, help="this process's index")
   fields = parser.add_argument_group("TrainConfig fields (override --config)")
   hints = typing.get_type_hints(TrainConfig)
   defaults = TrainConfig()
   for field in dataclasses.fields(TrainConfig):
     flag = "--" + field.name.replace("_", "-")
-    shown = f"default: {getattr(defaults, field.name)!r}"
+    default = getattr(defaults, field.name)
+    shown = ("none" if default is None else "none" if default == () else
+             str(default).lower() if isinstance(default, bool) else str(default))
+    text = f"{FIELD_HELP.get(field.name, field.name)} (default: {shown})"
     hint = hints[field.name]
+    choices = _choices(field.name)
     if hint is bool:
       fields.add_argument(flag, action=argparse.BooleanOptionalAction,
-                          default=argparse.SUPPRESS, help=shown)
+                          default=argparse.SUPPRESS, help=text)
     elif field.name == "model_overrides":
       fields.add_argument(flag, nargs="+", metavar="KEY=VALUE", type=parse_override,
-                          default=argparse.SUPPRESS,
-                          help="ModelConfig fields, e.g. num_layers=2 'layer_windows=(64,64)'")
+                          default=argparse.SUPPRESS, help=text)
     else:
       kind = next(t for t in (typing.get_args(hint) or (hint,)) if t is not type(None))
+      metavar = "{" + ",".join(choices) + "}" if choices else field.name.upper()
       fields.add_argument(flag, type=kind, default=argparse.SUPPRESS,
-                          metavar=field.name.upper(), help=shown)
+                          metavar=metavar, help=text)
   return parser
 
 

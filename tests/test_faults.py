@@ -127,6 +127,7 @@ def test_refused_resumes_leave_the_run_untouched(finished_run, tmp_path):
   assert result.returncode == 0, result.stderr
   assert "the LR schedule stays the run's (cosine over 4 steps" in result.stderr
   assert "trained 2 steps" in result.stdout
+  assert "\r" not in result.stderr  # not a terminal: whole progress lines (point 13)
   records = strict_records(finished_run / "metrics.jsonl")
   assert [r["step"] for r in records] == list(range(1, 7))
   lr_min = 2e-3 * 0.1  # TrainConfig's lr * min_lr_ratio: the schedule ended at step 4

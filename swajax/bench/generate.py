@@ -58,7 +58,8 @@ def parse_args(argv):
   parser.add_argument("--prefill-chunk", type=int, default=256)
   common.add_model_overrides(parser)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default="benchmarks/results/generate.json")
+  parser.add_argument("--out", default=None,
+                      help="write the results as JSON here (default: nothing is written; the table is printed)")
   args = parser.parse_args(argv)
   return args, common.sliding_and_full(parser, args.model_overrides,
                                        args.window)
@@ -131,10 +132,11 @@ def main(argv: list[str]) -> int:
   for row in rows:
     row["cache_ratio"] = row["cache_bytes"] / rows[1]["cache_bytes"]
   print(common.format_table(rows, COLUMNS))
-  common.write_json(args.out, dict(
-      benchmark="generate", machine=common.machine_info(),
-      args=vars(args),
-      model=dict(args.model_overrides, family="mistral_tiny"),
-      rows=rows))
-  print(f"wrote {args.out}")
+  if args.out:
+    common.write_json(args.out, dict(
+        benchmark="generate", machine=common.machine_info(),
+        args=vars(args),
+        model=dict(args.model_overrides, family="mistral_tiny"),
+        rows=rows))
+    print(f"wrote {args.out}")
   return 0

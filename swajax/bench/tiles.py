@@ -86,7 +86,8 @@ def parse_args(argv):
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--budget-s", type=float, default=120.0,
                       help="start no new variant after this many seconds")
-  parser.add_argument("--out", default="benchmarks/results/tiles.json")
+  parser.add_argument("--out", default=None,
+                      help="write the results as JSON here (default: nothing is written; the table is printed)")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny sizes (interpret mode on a CPU), for tests")
   args = parser.parse_args(argv)
@@ -129,8 +130,10 @@ def main(argv: list[str]) -> int:
       row["fwd_bwd_vs_default"] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
     payload["rows"].append(row)
     print(common.format_table([row], COLUMNS).splitlines()[-1], flush=True)
-    common.write_json(args.out, payload)
-  common.write_json(args.out, payload)
+    if args.out:  # after every variant: a cut-short run keeps what it measured
+      common.write_json(args.out, payload)
   print(common.format_table(payload["rows"], COLUMNS))
-  print(f"wrote {args.out}", file=sys.stderr)
+  if args.out:
+    common.write_json(args.out, payload)
+    print(f"wrote {args.out}", file=sys.stderr)
   return 0

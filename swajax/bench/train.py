@@ -46,7 +46,8 @@ def parse_args(argv):
   parser.add_argument("--remat", choices=REMAT, default="none")
   common.add_model_overrides(parser)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default="benchmarks/results/train.json")
+  parser.add_argument("--out", default=None,
+                      help="write the results as JSON here (default: nothing is written; the table is printed)")
   args = parser.parse_args(argv)
   return args, common.sliding_and_full(
       parser, args.model_overrides, args.window,
@@ -93,9 +94,10 @@ def main(argv: list[str]) -> int:
   for row in rows:
     row["speedup"] = row["tokens_per_s"] / rows[-1]["tokens_per_s"]
   print(common.format_table(rows, COLUMNS))
-  common.write_json(args.out, dict(
-      benchmark="train", machine=common.machine_info(),
-      model=dict(sliding.to_hf(), layer_windows=list(sliding.layer_windows)),
-      dtype=args.dtype, attn_impl=args.attn_impl, remat=args.remat, rows=rows))
-  print(f"wrote {args.out}", file=sys.stderr)
+  if args.out:
+    common.write_json(args.out, dict(
+        benchmark="train", machine=common.machine_info(),
+        model=dict(sliding.to_hf(), layer_windows=list(sliding.layer_windows)),
+        dtype=args.dtype, attn_impl=args.attn_impl, remat=args.remat, rows=rows))
+    print(f"wrote {args.out}", file=sys.stderr)
   return 0
