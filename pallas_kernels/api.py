@@ -80,6 +80,11 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   softcap: finite c > 0 replaces each scaled score s by c * tanh(s / c).
   scale: finite, multiplies q·k before the softcap; default 1 / sqrt(H).
 
+  A batch of 0 rows (B = 0) returns empty out [0, T, N, H] and lse [0, N, T]
+  from every impl. The window (each side) is a static integer: an int or any
+  integer-like (np.int64, a concrete 0-d int array); a traced window is a
+  TypeError.
+
   A query row that sees no key (e.g. with T > S the first T - S queries sit
   before every key) returns out = 0, lse = -inf and zero gradients, never NaN.
 
@@ -99,6 +104,10 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   if interpret is not None and impl != "pallas":
     raise ValueError(f"interpret={interpret!r}: only impl='pallas' takes it")
   kwargs = {} if interpret is None else {"interpret": interpret}
+  if problem.batch == 0:  # every impl: the empty result (no kernel has work)
+    out = jnp.zeros(q.shape, q.dtype)
+    lse = jnp.zeros((0, problem.num_q_heads, problem.q_len), jnp.float32)
+    return (out, lse) if return_lse else out
   out, lse = IMPLS[impl].attention(q, k, v, segment_ids, problem,
                                    block_sizes=block_sizes, **kwargs)
   return (out, lse) if return_lse else out

@@ -21,23 +21,33 @@ def dense_attention(q, k, v, mask, problem: AttentionProblem, *, precision,
 
   q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool, broadcastable to
   [B, 1, 1, T, S] (True = visible). Scores [B, K, G, T, S] are fp32 (scaled,
-  then soft-capped); the probabilities are cast to `probs_dtype` before the
-  P·V product; both einsums run at `precision` and accumulate in fp32.
+  then soft-capped). The weights exp(s - row max), cast to `probs_dtype`,
+  multiply V, and the product is divided by their row sum (normalising with
+  exp(s - lse) instead would turn the rounding of lse into a relative error
+  in every probability); both einsums run at `precision` and accumulate in
+  fp32. lse = row max + log(row sum).
   Returns (out [B, T, N, H] in q.dtype, lse [B, N, T] fp32); a row that sees
   no key gets out = 0 and lse = -inf.
   """
   p = problem
-  q5 = q.reshape(p.batch, p.q_len, p.num_kv_heads, p.group_size, p.head_dim)
-  s = jnp.einsum("btkgh,bskh->bkgts", q5, k, precision=precision,
+  # Scores as one batched matmul per (b, k) over [G·T, H] x [S, H]: XLA on CPU
+  # sums a 5-D "btkgh,bskh" contraction less accurately (2x the rounding).
+  qm = q.reshape(p.batch, p.q_len, p.num_kv_heads, p.group_size, p.head_dim)
+  qm = qm.transpose(0, 2, 3, 1, 4).reshape(p.batch, p.num_kv_heads, -1, p.head_dim)
+  s = jnp.einsum("bkmh,bksh->bkms", qm, k.transpose(0, 2, 1, 3), precision=precision,
                  preferred_element_type=jnp.float32) * p.scale
+  s = s.reshape(p.batch, p.num_kv_heads, p.group_size, p.q_len, p.kv_len)
   s, _ = soft_cap(s, p.softcap)
   s = jnp.where(mask, s, -jnp.inf)
-  lse = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf on empty rows
-  safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  probs = jnp.where(mask, jnp.exp(s - safe_lse[..., None]), 0.0)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(probs_dtype), v,
+  row_max = jnp.max(s, axis=-1, keepdims=True)  # (B, K, G, T, 1); -inf on empty rows
+  safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  unnormalised = jnp.where(mask, jnp.exp(s - safe_max), 0.0)
+  row_sum = jnp.sum(unnormalised, axis=-1)  # (B, K, G, T); 0 on empty rows
+  lse = jnp.where(row_sum > 0, safe_max[..., 0] + jnp.log(row_sum), -jnp.inf)
+  out = jnp.einsum("bkgts,bskh->btkgh", unnormalised.astype(probs_dtype), v,
                    precision=precision, preferred_element_type=jnp.float32)
-  out = out.reshape(p.batch, p.q_len, p.num_q_heads, p.head_dim)
+  denom = jnp.moveaxis(jnp.where(row_sum > 0, row_sum, 1.0), 3, 1)  # (B, T, K, G)
+  out = (out / denom[..., None]).reshape(p.batch, p.q_len, p.num_q_heads, p.head_dim)
   lse = lse.reshape(p.batch, p.num_q_heads, p.q_len)
   return out.astype(q.dtype), lse
 

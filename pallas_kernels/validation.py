@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mask import Band
@@ -53,13 +55,25 @@ def is_power_of_two(value: int) -> bool:
   return value > 0 and value & (value - 1) == 0
 
 
-def _check_window_int(name, value, minimum):
+def _check_window_int(name, value, minimum) -> int:
+  """`value` as a Python int: any integer-like (int, np.int64, a concrete
+  0-d int array) in [minimum, MAX_WINDOW]; a bool or a traced value is a
+  TypeError (the window shapes the computation: it must be static)."""
   expected = (f"expected an int in [{minimum}, {MAX_WINDOW}] (window=None "
               "is unbounded)")
-  if isinstance(value, bool) or not isinstance(value, int):
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name}={value!r}: expected a static Python int, not a traced "
+                    "value (mark it static: jax.jit(..., static_argnames=...) or "
+                    "functools.partial)")
+  if isinstance(value, bool):
     raise TypeError(f"{name}={value!r}: {expected}")
-  if not minimum <= value <= MAX_WINDOW:
+  try:
+    as_int = operator.index(value)
+  except TypeError:
+    raise TypeError(f"{name}={value!r}: {expected}") from None
+  if not minimum <= as_int <= MAX_WINDOW:
     raise ValueError(f"{name}={value!r}: {expected}")
+  return as_int
 
 
 def _check_finite(name, value, expected):
@@ -91,16 +105,15 @@ def check_window(window, causal) -> Band:
           f"window={window!r} with causal=True: a causal window is one int W "
           "(key j visible to query i iff i - W < j <= i); a (left, right) "
           "tuple needs causal=False")
-    _check_window_int("window", window, 1)
+    window = _check_window_int("window", window, 1)
   else:
     if not isinstance(window, (tuple, list)) or len(window) != 2:
       raise ValueError(
           f"window={window!r} with causal=False: expected a tuple "
           "(left, right) of ints >= 0 (key j visible to query i iff "
           "i - left <= j <= i + right), or None")
-    _check_window_int("window[0] (left)", window[0], 0)
-    _check_window_int("window[1] (right)", window[1], 0)
-    window = (int(window[0]), int(window[1]))
+    window = (_check_window_int("window[0] (left)", window[0], 0),
+              _check_window_int("window[1] (right)", window[1], 0))
   return Band.from_window(window, causal)
 
 
@@ -109,6 +122,7 @@ def check_attention_args(q, k, v, *, window, causal, segment_ids, softcap,
   """Validates the op's arguments; returns the static problem description.
 
   q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0; same float dtype.
+  B may be 0 (every impl then returns empty results); T, S, N, K, H >= 1.
   segment_ids: int32 [B, T] (requires T == S) or None.
   """
   for name, x in (("q", q), ("k", k), ("v", v)):
