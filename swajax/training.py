@@ -451,9 +451,9 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints,
                                 create=False)
     resumed_from = checkpointer.latest_step()
-    if resumed_from is None:
-      raise ValueError(f"resume: no checkpoint in {run_dir / 'checkpoints'}")
     try:
+      if resumed_from is None:
+        raise ValueError(f"resume: no checkpoint in {run_dir / 'checkpoints'}")
       config, note = check_resume(
           config, checkpointer.read_meta(resumed_from).get("config", {}), resumed_from)
     except ValueError:
