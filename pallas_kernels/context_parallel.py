@@ -46,10 +46,11 @@ from pallas_kernels.numerics import matmul_precision
 from pallas_kernels.reference import dense_attention
 from pallas_kernels.validation import check_attention_args
 
+CONTEXT_AXIS = "context"  # the default `axis`; swajax's training mesh names it so
 KV_EXCHANGES = ("auto", "halo", "gather")
 
 
-def context_parallel_attention(q, k, v, *, mesh, axis="context", window=None,
+def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
                                causal=True, segment_ids=None, softcap=None,
                                scale=None, impl="auto", batch_axes=None,
                                kv_exchange="auto"):
@@ -62,6 +63,8 @@ def context_parallel_attention(q, k, v, *, mesh, axis="context", window=None,
   window, causal, softcap, scale, impl: as `sliding_window_attention`, same
   semantics and result (out [B, T, N, H], sharded like q).
 
+  mesh: a `jax.sharding.Mesh`, or the `AbstractMesh` of `jax.set_mesh` inside
+    jit (`jax.sharding.get_abstract_mesh()`), with Auto axes.
   batch_axes: the mesh axes that split B (None: every other axis of `mesh`;
     B must be a multiple of their product). Heads are not split.
   kv_exchange: "halo" (ppermute of the `left` keys before / `right` keys
@@ -78,7 +81,8 @@ def context_parallel_attention(q, k, v, *, mesh, axis="context", window=None,
     raise ValueError(
         f"q.shape[1]={problem.q_len}, k.shape[1]={problem.kv_len}: context "
         "parallelism is self-attention, expected equal lengths")
-  if not isinstance(mesh, jax.sharding.Mesh) or axis not in mesh.axis_names:
+  if (not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh))
+      or axis not in mesh.axis_names):
     raise ValueError(
         f"mesh={mesh!r}, axis={axis!r}: expected a jax.sharding.Mesh with the "
         f"axis {axis!r}")

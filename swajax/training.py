@@ -294,11 +294,15 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   run_dir = Path(config.out) if config.out is not None else default_run_dir()
   tokenizer = data_lib.resolve_tokenizer(config)
   train_rows, val_rows = data_lib.load_data(config, tokenizer)
-  mesh = sharding_lib.make_mesh(config.fsdp)
+  mesh = sharding_lib.make_mesh(config.fsdp, context=config.context_parallel)
   rows_per_step = config.grad_accum * config.batch_size
-  if config.batch_size % mesh.size:
+  batch_ways = mesh.size // config.context_parallel  # "data" x "fsdp"
+  if config.batch_size % batch_ways:
     raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the "
-                     f"device count {mesh.size} (mesh {dict(mesh.shape)})")
+                     f"data x fsdp devices {batch_ways} (mesh {dict(mesh.shape)})")
+  if config.seq_len % config.context_parallel:
+    raise ValueError(f"seq_len={config.seq_len}: expected a multiple of "
+                     f"context_parallel={config.context_parallel}")
   # Lazy: orbax takes ~0.5 s to import (-X importtime, on top of the ~2.6 s of
   # `import swajax`), which only a training run needs.
   from swajax.checkpoint import Checkpointer

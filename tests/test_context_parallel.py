@@ -5,15 +5,21 @@ interpreter with `--xla_force_host_platform_device_count=8`) runs every case
 and prints JSON: per case the largest |difference| of out and dq/dk/dv (a
 random cotangent) against `sliding_window_attention(impl="reference")` on
 one device, and what the compiled programs contain. The tests below assert
-on that report.
+on that report. Then training: 8 devices (fsdp x context) and 2 processes (the
+context axis across them) reproduce the one-device losses.
 """
 
-import json
 import textwrap
 
+import jax
+import numpy as np
 import pytest
 
-from tests.test_sharding import FAST_COMPILE, result_of, run_worker
+from swajax import sharding
+from tests.test_sharding import (FAST_COMPILE, free_port, result_of, results_of,
+                                 run_worker,
+                                 single_device_losses)  # noqa: F401 (a fixture)
+from tests.test_train import TINY_MODEL, tiny_train_config, train_lib
 
 T = 64           # tokens; 8 devices hold T/P = 8 each
 FP32_ATOL = 1e-5
@@ -104,3 +110,80 @@ def test_sliding_layer_exchanges_by_collective_permute_only(report):
 def test_ragged_sequence_is_a_clear_error(report):
   assert "q.shape[1]=60: expected a multiple of the 'context' axis size 8" in (
       report["ragged_error"])
+
+
+# ----- training: the sequence split over the "context" mesh axis ----------------
+
+HYBRID_MODEL = dict(TINY_MODEL, num_layers=2, layer_windows=(16, None))
+
+# Trains with --fsdp 2 --context-parallel 4 on 8 devices (the tiny model, and a
+# hybrid one with a full layer), counting the traced calls of the context-
+# parallel op (the loss alone would match if the models never called it).
+TRAIN_WORKER = textwrap.dedent("""
+    import json, sys
+    import models.attention
+    from tests.test_context_parallel import HYBRID_MODEL
+    from tests.test_train import tiny_train_config, train_lib
+    args = json.loads(sys.argv[1])
+    calls = []
+    op = models.attention.context_parallel_attention
+    def counted(*a, **kw):
+      calls.append(kw["window"])
+      return op(*a, **kw)
+    models.attention.context_parallel_attention = counted
+    report = {}
+    for name, overrides in (("tiny", {}), ("hybrid", {"model_overrides": HYBRID_MODEL})):
+      result = train_lib.train(tiny_train_config(f"{args['out']}/{name}", fsdp=2,
+                                                 context_parallel=4, **overrides))
+      report[name] = [r["loss"] for r in result.history]
+    report["windows_called"] = sorted(set(map(str, calls)))
+    print(json.dumps(report))
+""")
+
+# One of 2 processes (1 device each) training with the context axis across them.
+PROCESS_WORKER = textwrap.dedent("""
+    import json, sys
+    from swajax import sharding
+    args = json.loads(sys.argv[1])
+    sharding.maybe_initialize_distributed(args["coordinator"], 2, args["process_id"])
+    from tests.test_train import tiny_train_config, train_lib
+    result = train_lib.train(tiny_train_config(args["out"], context_parallel=2))
+    print(json.dumps({"losses": [r["loss"] for r in result.history],
+                      "mesh": dict(result.model.embed.embedding[...].sharding.mesh.shape)}))
+""")
+
+
+def test_eight_devices_fsdp_by_context_train_like_one_device(tmp_path, single_device_losses):
+  got = result_of(run_worker(
+      {"out": str(tmp_path)},
+      {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"},
+      TRAIN_WORKER))
+  assert got["windows_called"] == ["16", "None"]  # both layer kinds went context-parallel
+  np.testing.assert_allclose(got["tiny"], single_device_losses, rtol=1e-5, atol=1e-5)
+  hybrid = train_lib.train(tiny_train_config(tmp_path / "one",
+                                             model_overrides=HYBRID_MODEL))
+  np.testing.assert_allclose(got["hybrid"], [r["loss"] for r in hybrid.history],
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_split_the_sequence(tmp_path, single_device_losses):
+  if "jax_cpu_collectives_implementation" not in jax.config.values:
+    pytest.skip(f"jaxlib {jax.__version__} has no CPU collectives option")
+  coordinator = f"localhost:{free_port()}"
+  env = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
+  results = results_of([
+      run_worker({"out": str(tmp_path / "run"), "coordinator": coordinator,
+                  "process_id": i}, env, PROCESS_WORKER) for i in range(2)])
+  for got in results:
+    assert got["mesh"] == {"data": 1, "fsdp": 1, "context": 2}
+    np.testing.assert_allclose(got["losses"], single_device_losses, rtol=1e-5, atol=1e-5)
+
+
+def test_context_mesh_and_its_errors():
+  with pytest.raises(ValueError, match="context=3: expected an int >= 1 with fsdp·context"):
+    sharding.make_mesh(1, context=3)
+  mesh = sharding.make_mesh(1, context=1)
+  assert mesh.axis_names == ("data", "fsdp") and sharding.context_size(mesh) == 1
+  with pytest.raises(ValueError, match="context_parallel=0: expected an int >= 1"):
+    tiny_train_config("unused", context_parallel=0)
