@@ -25,16 +25,20 @@ the halo rows' queries are zeros whose outputs are dropped. The cost is
 left + right extra query rows per device (W - 1 for a causal window).
 
 A band unbounded on a side (window=None: full layers of hybrid models) has no
-halo: those layers all-gather K/V and segment ids over `axis` and attend
-densely (`reference.dense_attention`, an explicit [T/P, T] mask from
-`mask.visible` on global positions): O(T) bytes and O(T/P · T) scores per
-device. `kv_exchange="gather"` forces it on a sliding layer too (the
-baseline `swajax bench context` compares against).
+halo: those layers run a ring attention over `axis`. The K/V blocks (with
+their segment ids) go around the ring, P - 1 ppermutes of T/P rows; each
+device folds every block into an online softmax (masks from `mask.visible` on
+global positions; blocks outside the band are skipped; each block's scores
+are recomputed in the backward), so a device holds two K/V blocks and one
+[T/P, T/P] score tile per head, and sends O(T·K·H) bytes per layer.
+`kv_exchange="ring"` forces it on a sliding layer too: the baseline that
+`swajax bench context` compares the halo against. (An all-gather of K/V moves
+the same bytes and holds all T keys: the ring was chosen for the memory.)
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +46,11 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import api
 from pallas_kernels.mask import visible
-from pallas_kernels.numerics import matmul_precision
-from pallas_kernels.reference import dense_attention
+from pallas_kernels.numerics import matmul_precision, soft_cap
 from pallas_kernels.validation import check_attention_args
 
 CONTEXT_AXIS = "context"  # the default `axis`; swajax's training mesh names it so
-KV_EXCHANGES = ("auto", "halo", "gather")
+KV_EXCHANGES = ("auto", "halo", "ring")
 
 
 def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
@@ -69,8 +72,8 @@ def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
     B must be a multiple of their product). Heads are not split.
   kv_exchange: "halo" (ppermute of the `left` keys before / `right` keys
     after each device's tokens: needs a band bounded on both sides),
-    "gather" (all-gather K/V over `axis`, dense local attention; `impl` is
-    not used), or "auto": halo when the band is bounded, else gather.
+    "ring" (K/V blocks passed around the ring, online softmax in plain XLA;
+    `impl` is not used), or "auto": halo when the band is bounded, else ring.
   Segment ids must be above -2**31 (the id below a row's smallest marks the
   halo rows outside the sequence).
   """
@@ -108,8 +111,8 @@ def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
   if kv_exchange == "halo" and not bounded:
     raise ValueError(
         f"kv_exchange='halo' with window={window!r}, causal={causal!r}: a halo "
-        "needs a window bounded on both sides; use 'gather' or 'auto'")
-  use_halo = bounded and kv_exchange != "gather"
+        "needs a window bounded on both sides; use 'ring' or 'auto'")
+  use_halo = bounded and kv_exchange != "ring"
   if segment_ids is None:
     segment_ids = jnp.zeros((problem.batch, problem.q_len), jnp.int32)
 
@@ -124,8 +127,8 @@ def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
                        scale=scale, impl=impl))
   else:
     def local(q, k, v, seg):
-      return _gathered_attention(q, k, v, seg, axis=axis, problem=problem,
-                                 local_len=local_len)
+      return _ring_attention(q, k, v, seg, axis=axis, devices=devices,
+                             problem=problem)
   # check_vma=False: the impls' loop carries are not annotated as varying.
   return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seq),
                        out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
@@ -191,22 +194,75 @@ def _halo_attention(q, k, v, seg, *, axis, devices, band, options):
   return out[:, left:left + q.shape[1]]
 
 
-def _gathered_attention(q, k, v, seg, *, axis, problem, local_len):
-  """One device's block with every key: K/V and segment ids all-gathered over
-  `axis`, a dense [T/P, T] mask on global positions (any band).
+def _ring_attention(q, k, v, seg, *, axis, devices, problem):
+  """One device's block against every device's keys, passed around the ring.
 
   q [B, T/P, N, H], k, v [B, T/P, K, H], seg [B, T/P] -> out [B, T/P, N, H].
+  Step s holds the K/V block of device d - s (mod P): an online softmax of
+  unnormalised partial sums across the P blocks (`_ring_block`, recomputed
+  in the backward: one [T/P, T/P] score tile per head at a time), and a
+  block outside this device's band is skipped (`lax.cond`).
   """
-  gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
-  k_all, v_all, seg_all = gather(k), gather(v), gather(seg)
-  first = jax.lax.axis_index(axis) * local_len
-  q_pos = first + jnp.arange(local_len, dtype=jnp.int32)[:, None]
-  k_pos = jnp.arange(problem.kv_len, dtype=jnp.int32)[None, :]
-  mask = visible(q_pos[None], k_pos[None], problem.band,
-                 seg[:, :, None], seg_all[:, None, :])  # (B, T/P, T)
-  local_problem = dataclasses.replace(problem, batch=q.shape[0],
-                                      q_len=local_len)
-  out, _ = dense_attention(q, k_all, v_all, mask[:, None, None], local_problem,
-                           precision=matmul_precision(q.dtype),
-                           probs_dtype=q.dtype)
-  return out
+  local_len = q.shape[1]
+  me = jax.lax.axis_index(axis)
+  q_first = me * local_len
+  band = problem.band
+  block = jax.checkpoint(functools.partial(_ring_block, problem=problem))
+  b, _, n, h = q.shape
+  kv_heads = k.shape[2]
+  shape = (b, kv_heads, n // kv_heads, local_len)
+  m = jnp.full(shape, _NO_SCORE, jnp.float32)
+  l = jnp.zeros(shape, jnp.float32)
+  o = jnp.zeros(shape + (h,), jnp.float32)
+  ring = [(i, (i + 1) % devices) for i in range(devices)]
+  skip = lambda *_: (jnp.full_like(m, _NO_SCORE), jnp.zeros_like(l), jnp.zeros_like(o))
+  seg_k = seg
+  for step in range(devices):
+    k_first = ((me - step) % devices) * local_len
+    touches = jnp.bool_(True)
+    if band.left is not None:
+      touches &= k_first + local_len - 1 >= q_first - band.left
+    if band.right is not None:
+      touches &= k_first <= q_first + local_len - 1 + band.right
+    m_s, l_s, o_s = jax.lax.cond(touches, block, skip, q, k, v, seg, seg_k,
+                                 q_first, k_first)
+    m_new = jnp.maximum(m, m_s)
+    a, c = jnp.exp(m - m_new), jnp.exp(m_s - m_new)
+    m, l, o = m_new, a * l + c * l_s, a[..., None] * o + c[..., None] * o_s
+    if step < devices - 1:
+      k, v, seg_k = (jax.lax.ppermute(x, axis, ring) for x in (k, v, seg_k))
+  out = jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+  # (B, K, G, T/P, H) -> (B, T/P, N, H)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, local_len, n, h).astype(q.dtype)
+
+
+# The running max of a row that has seen no key yet: finite, so that
+# exp(m - m_new) is never exp(-inf - -inf).
+_NO_SCORE = -1e30
+
+
+def _ring_block(q, k, v, q_seg, k_seg, q_first, k_first, *, problem):
+  """Unnormalised softmax sums of local queries over one block of keys.
+
+  q [B, T/P, N, H] (at positions q_first + t), k, v [B, T/P, K, H] (at
+  k_first + s), segment ids [B, T/P] each. Returns (m, l, o): the row max of
+  the visible scores (_NO_SCORE if none; no gradient: it only shifts),
+  sum exp(score - m), and sum exp(score - m)·v, in fp32, [B, K, G, T/P](, H).
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  precision = matmul_precision(q.dtype)
+  q5 = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  s = jnp.einsum("btkgh,bskh->bkgts", q5, k, precision=precision,
+                 preferred_element_type=jnp.float32) * problem.scale
+  s, _ = soft_cap(s, problem.softcap)
+  positions = jnp.arange(t, dtype=jnp.int32)
+  seen = visible((q_first + positions)[None, :, None],
+                 (k_first + positions)[None, None, :], problem.band,
+                 q_seg[:, :, None], k_seg[:, None, :])[:, None, None]  # (B, 1, 1, T, S)
+  s = jnp.where(seen, s, -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.maximum(jnp.max(s, axis=-1), _NO_SCORE))
+  p = jnp.where(seen, jnp.exp(s - m[..., None]), 0.0)
+  o = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v, precision=precision,
+                 preferred_element_type=jnp.float32)
+  return m, jnp.sum(p, axis=-1), o
