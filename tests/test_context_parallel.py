@@ -9,13 +9,15 @@ on that report. Then training: 8 devices (fsdp x context) and 2 processes (the
 context axis across them) reproduce the one-device losses.
 """
 
+import json
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from swajax import sharding
+from swajax import bench, sharding
+from swajax.bench import context as context_bench
 from tests.test_sharding import (FAST_COMPILE, free_port, result_of, results_of,
                                  run_worker,
                                  single_device_losses)  # noqa: F401 (a fixture)
@@ -189,3 +191,32 @@ def test_context_mesh_and_its_errors():
   assert mesh.axis_names == ("data", "fsdp") and sharding.context_size(mesh) == 1
   with pytest.raises(ValueError, match="context_parallel=0: expected an int >= 1"):
     tiny_train_config("unused", context_parallel=0)
+
+
+# ----- swajax bench context --------------------------------------------------------
+
+def test_collective_bytes_reads_permute_shapes():
+  hlo = ("  %p = f32[1,32,2,16]{3,2,1,0} collective-permute(%a), channel_id=1\n"
+         "  %s = s32[1,32]{1,0} collective-permute(%b), channel_id=2\n"
+         "  %g = bf16[8,4]{1,0} all-gather(%c), dimensions={0}\n")
+  assert context_bench.collective_bytes(hlo, 8) == {
+      "collective-permute": 32 * 2 * 16 * 4 + 32 * 4, "all-gather": 8 * 4 * 2 * 7 // 8}
+
+
+def test_bench_context_halo_bytes_are_flat_in_t(tmp_path):
+  """The bench reruns itself on 8 host devices: the halo sends the same bytes
+  at T = 128 and 256 (W - 1 = 15 keys of K/V and their segment ids, and their
+  dK/dV back), the ring twice as many at twice the T; only permutes."""
+  out = tmp_path / "context.json"
+  assert bench.main(["context", "--seq-lens", "128", "256", "--window", "16",
+                     "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
+                     "--out", str(out), "--plot", str(tmp_path / "c.png")]) == 0
+  small, large = json.loads(out.read_text())["rows"]
+  row_bytes = 8 * 4  # K·H fp32
+  assert small["halo_fwd_bytes"] == large["halo_fwd_bytes"] == 15 * (2 * row_bytes + 4)
+  assert small["halo_train_bytes"] == 15 * (4 * row_bytes + 4)
+  assert large["ring_fwd_bytes"] == 2 * small["ring_fwd_bytes"] == 7 * 32 * (2 * row_bytes + 4)
+  for row in (small, large):
+    for scheme in ("halo", "ring"):
+      assert list(row[f"{scheme}_train_collectives"]) == ["collective-permute"]
+  assert (tmp_path / "c.png").stat().st_size > 0
