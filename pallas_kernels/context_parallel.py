@@ -199,15 +199,16 @@ def _ring_attention(q, k, v, seg, *, axis, devices, problem):
 
   q [B, T/P, N, H], k, v [B, T/P, K, H], seg [B, T/P] -> out [B, T/P, N, H].
   Step s holds the K/V block of device d - s (mod P): an online softmax of
-  unnormalised partial sums across the P blocks (`_ring_block`, recomputed
-  in the backward: one [T/P, T/P] score tile per head at a time), and a
-  block outside this device's band is skipped (`lax.cond`).
+  unnormalised partial sums across the P blocks (`_ring_block`: query tiles
+  of up to RING_TILE rows, recomputed in the backward, so one [RING_TILE,
+  T/P] score tile per head at a time), and a block outside this device's
+  band is skipped (`lax.cond`).
   """
   local_len = q.shape[1]
   me = jax.lax.axis_index(axis)
   q_first = me * local_len
   band = problem.band
-  block = jax.checkpoint(functools.partial(_ring_block, problem=problem))
+  block = functools.partial(_ring_block, problem=problem)
   b, _, n, h = q.shape
   kv_heads = k.shape[2]
   shape = (b, kv_heads, n // kv_heads, local_len)
@@ -248,21 +249,43 @@ def _ring_block(q, k, v, q_seg, k_seg, q_first, k_first, *, problem):
   k_first + s), segment ids [B, T/P] each. Returns (m, l, o): the row max of
   the visible scores (_NO_SCORE if none; no gradient: it only shifts),
   sum exp(score - m), and sum exp(score - m)·v, in fp32, [B, K, G, T/P](, H).
+  Query tiles of `_tile_rows` rows go through `lax.map`, each rematerialised.
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
+  rows = _tile_rows(t)
+  tiles = t // rows
   precision = matmul_precision(q.dtype)
-  q5 = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  s = jnp.einsum("btkgh,bskh->bkgts", q5, k, precision=precision,
-                 preferred_element_type=jnp.float32) * problem.scale
-  s, _ = soft_cap(s, problem.softcap)
-  positions = jnp.arange(t, dtype=jnp.int32)
-  seen = visible((q_first + positions)[None, :, None],
-                 (k_first + positions)[None, None, :], problem.band,
-                 q_seg[:, :, None], k_seg[:, None, :])[:, None, None]  # (B, 1, 1, T, S)
-  s = jnp.where(seen, s, -jnp.inf)
-  m = jax.lax.stop_gradient(jnp.maximum(jnp.max(s, axis=-1), _NO_SCORE))
-  p = jnp.where(seen, jnp.exp(s - m[..., None]), 0.0)
-  o = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v, precision=precision,
-                 preferred_element_type=jnp.float32)
-  return m, jnp.sum(p, axis=-1), o
+  k_pos = k_first + jnp.arange(t, dtype=jnp.int32)
+
+  @jax.checkpoint
+  def tile(args):
+    q, q_seg, first = args  # (B, rows, N, H), (B, rows), ()
+    q5 = q.reshape(b, rows, kv_heads, n // kv_heads, h)
+    s = jnp.einsum("btkgh,bskh->bkgts", q5, k, precision=precision,
+                   preferred_element_type=jnp.float32) * problem.scale
+    s, _ = soft_cap(s, problem.softcap)
+    q_pos = first + jnp.arange(rows, dtype=jnp.int32)
+    seen = visible(q_pos[None, :, None], k_pos[None, None, :], problem.band,
+                   q_seg[:, :, None], k_seg[:, None, :])[:, None, None]  # (B, 1, 1, rows, S)
+    s = jnp.where(seen, s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(s, axis=-1), _NO_SCORE))
+    p = jnp.where(seen, jnp.exp(s - m[..., None]), 0.0)
+    o = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v, precision=precision,
+                   preferred_element_type=jnp.float32)
+    return m, jnp.sum(p, axis=-1), o
+
+  split = lambda x: jnp.moveaxis(x.reshape(b, tiles, rows, *x.shape[2:]), 1, 0)
+  firsts = q_first + rows * jnp.arange(tiles, dtype=jnp.int32)
+  m, l, o = jax.lax.map(tile, (split(q), split(q_seg), firsts))  # (tiles, B, K, G, rows, ...)
+  join = lambda x: jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], t, *x.shape[5:])
+  return join(m), join(l), join(o)
+
+
+# Query rows per score tile of the ring (fewer when they do not divide T/P).
+RING_TILE = 512
+
+
+def _tile_rows(local_len: int) -> int:
+  """The largest divisor of local_len that is at most RING_TILE."""
+  return max(d for d in range(1, min(local_len, RING_TILE) + 1) if local_len % d == 0)

@@ -42,13 +42,15 @@ CASES = {
     "full_causal_ring": (None, True, True, "xla", (1, 8), None),
     "full_bidirectional_ring": (None, False, True, "xla", (1, 8), None),
     "full_ring_softcap": (None, True, False, "xla", (2, 4), 5.0),
+    "full_ring_query_tiles": (None, True, True, "xla", (1, 8), None),  # RING_TILE = 4
 }
 
 WORKER = textwrap.dedent("""
     import json, re, sys
     import jax, jax.numpy as jnp
     from jax.sharding import AxisType
-    from pallas_kernels import context_parallel_attention, sliding_window_attention
+    from pallas_kernels import context_parallel, context_parallel_attention
+    from pallas_kernels import sliding_window_attention
     from tests.attention_cases import make_inputs
     from tests.test_context_parallel import CASES, T
 
@@ -64,7 +66,9 @@ WORKER = textwrap.dedent("""
                                head_dim=8, num_segments=6)
     cot = jax.random.normal(jax.random.key(1), q.shape)
     report = {}
+    ring_tile = context_parallel.RING_TILE
     for name, (window, causal, segments, impl, shape, softcap) in CASES.items():
+      context_parallel.RING_TILE = 4 if name == "full_ring_query_tiles" else ring_tile
       window = tuple(window) if isinstance(window, list) else window
       options = dict(window=window, causal=causal, softcap=softcap,
                      segment_ids=seg if segments else None)
