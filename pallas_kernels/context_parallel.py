@@ -172,25 +172,18 @@ def _halo_attention(q, k, v, seg, *, axis, devices, band, options):
   reach = (devices - 1) * q.shape[1]
   left, right = min(band.left, reach), min(band.right, reach)
   outside = jnp.min(seg, axis=1, keepdims=True) - 1  # [B, 1]: no local query's id
-  rows_q, rows_k, rows_v, rows_seg = [], [], [], []
+  before, after = [], []  # (q rows, k, v, segment ids) of each side's halo
   for side, rows in ((-1, left), (+1, right)):
-    if not rows:
-      continue
-    (hk, hv, hseg), exists = zip(*(_halo(x, rows, side, axis, devices)
-                                   for x in (k, v, seg)))
-    rows_q.append((side, jnp.zeros((q.shape[0], rows) + q.shape[2:], q.dtype)))
-    rows_k.append((side, hk))
-    rows_v.append((side, hv))
-    rows_seg.append((side, jnp.where(exists[0][None, :], hseg, outside)))
-
-  def with_halos(local, halos):
-    before = [x for side, x in halos if side < 0]
-    after = [x for side, x in halos if side > 0]
-    return jnp.concatenate(before + [local] + after, axis=1)
-
-  out = api.sliding_window_attention(
-      with_halos(q, rows_q), with_halos(k, rows_k), with_halos(v, rows_v),
-      segment_ids=with_halos(seg, rows_seg), **options)
+    if rows:
+      (hk, hv, hseg), (exists, *_) = zip(*(_halo(x, rows, side, axis, devices)
+                                           for x in (k, v, seg)))
+      zeros = jnp.zeros((q.shape[0], rows) + q.shape[2:], q.dtype)
+      (before if side < 0 else after).append(
+          (zeros, hk, hv, jnp.where(exists[None, :], hseg, outside)))
+  q_ext, k_ext, v_ext, seg_ext = (jnp.concatenate(rows, axis=1) for rows in
+                                  zip(*before, (q, k, v, seg), *after))
+  out = api.sliding_window_attention(q_ext, k_ext, v_ext, segment_ids=seg_ext,
+                                     **options)
   return out[:, left:left + q.shape[1]]
 
 
