@@ -6,13 +6,15 @@ Dimension letters: B batch, T sequence, D model dim, N query heads, K kv heads
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from models.config import ModelConfig
 from models.kv_cache import LayerCache
 from models.layers import RMSNorm, param_init, sharded
 from models.rope import apply_rope, rope_frequencies
-from pallas_kernels import sliding_window_attention
+from pallas_kernels import context_parallel_attention, sliding_window_attention
+from pallas_kernels.context_parallel import CONTEXT_AXIS
 
 
 class Attention(nnx.Module):
@@ -21,7 +23,9 @@ class Attention(nnx.Module):
   `window`: None (full causal) or W (query at position i sees keys i - W < j <= i),
   passed to the op unchanged: never dropped. `attn_impl` selects the op's impl.
   `attn(x, positions, segment_ids)` -> out; `attn.forward_with_cache(x,
-  positions, cache)` -> (out, cache), for generation.
+  positions, cache)` -> (out, cache), for generation. Under a mesh (`jax.set_mesh`)
+  with a "context" axis of size > 1, `attn(...)` runs `context_parallel_attention`
+  over it (the sequence split over that axis); generation never does.
   """
 
   def __init__(self, config: ModelConfig, *, window: int | None, dtype,
@@ -56,9 +60,13 @@ class Attention(nnx.Module):
     """x [B, T, D], positions int32 [B, T], segment_ids int32 [B, T] | None
     -> [B, T, D]: attention of the T tokens among themselves."""
     q, k, v = self._qkv(x, positions)
-    out = sliding_window_attention(  # (B, T, N, H)
-        q, k, v, window=self.window, causal=True, segment_ids=segment_ids,
-        impl=self.attn_impl)
+    options = dict(window=self.window, causal=True, segment_ids=segment_ids,
+                   impl=self.attn_impl)
+    mesh = jax.sharding.get_abstract_mesh()
+    if dict(mesh.shape).get(CONTEXT_AXIS, 1) > 1:
+      out = context_parallel_attention(q, k, v, mesh=mesh, **options)  # (B, T, N, H)
+    else:
+      out = sliding_window_attention(q, k, v, **options)  # (B, T, N, H)
     return self.o_proj(out)  # (B, T, D)
 
   def forward_with_cache(self, x, positions, cache: LayerCache):

@@ -9,6 +9,7 @@ block sizes are a dataclass exported here.
 from pallas_kernels.api import (IMPLS, reference_attention,
                                 sliding_window_attention, visited_blocks,
                                 window_mask)
+from pallas_kernels.context_parallel import context_parallel_attention
 from pallas_kernels.decode_attention import (DECODE_IMPLS, DecodeBlockSizes,
                                              decode_attention)
 from pallas_kernels.flash_tiles import FlashBlockSizes
@@ -22,6 +23,7 @@ __all__ = [
     "FlashBlockSizes",
     "IMPLS",
     "XlaBlockSizes",
+    "context_parallel_attention",
     "decode_attention",
     "kv_block_range",
     "q_block_range",

@@ -11,6 +11,7 @@ from pallas_kernels import (Band, DecodeBlockSizes, FlashBlockSizes,
                             XlaBlockSizes, decode_attention, kv_block_range,
                             reference_attention, sliding_window_attention,
                             visited_blocks, window_mask)
+from pallas_kernels import context_parallel_attention
 from swajax.data import ByteTokenizer, pack_sequences
 from swajax.generation import generate, generate_stream
 from swajax.hf_io import load_hf, save_hf
@@ -29,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "XlaBlockSizes",
+    "context_parallel_attention",
     "decode_attention",
     "generate",
     "generate_stream",

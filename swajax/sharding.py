@@ -3,7 +3,10 @@
 The mesh has two axes: "data" (batch only) and "fsdp" (batch, and the
 parameters' "fsdp"-annotated dimension: the models mark every weight with
 `nnx.with_partitioning`). Parameters and optimizer state are sharded over
-"fsdp", replicated over "data"; a batch is split over both.
+"fsdp", replicated over "data"; a batch is split over both. With context
+parallelism a third axis, "context", splits the sequence (the dimension after
+the batch of every token array); parameters are replicated over it, and the
+models' attention runs `context_parallel_attention` over it.
 """
 
 from __future__ import annotations
@@ -16,27 +19,40 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from pallas_kernels.context_parallel import CONTEXT_AXIS
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 
-def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A ("data", "fsdp") mesh over all (or the given) devices: data = n / fsdp.
+def make_mesh(fsdp: int = 1, devices=None, *, context: int = 1) -> jax.sharding.Mesh:
+  """A ("data", "fsdp") mesh over all (or the given) devices: data = n / fsdp;
+  with `context` > 1 a ("data", "fsdp", "context") mesh, data = n / (fsdp·context).
 
   Axis types are Auto: shardings propagate through jit (the models are
   written without explicit-sharding annotations on their activations). The
   same arguments give the same Mesh object (it is a static jit argument).
   """
-  return _mesh(fsdp, tuple(jax.devices() if devices is None else devices))
+  return _mesh(fsdp, context, tuple(jax.devices() if devices is None else devices))
 
 
 @functools.lru_cache(maxsize=None)
-def _mesh(fsdp, devices: tuple) -> jax.sharding.Mesh:
+def _mesh(fsdp, context, devices: tuple) -> jax.sharding.Mesh:
   n = len(devices)
   if not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
     raise ValueError(f"fsdp={fsdp!r}: expected a divisor of the device count {n}")
-  grid = np.asarray(devices, dtype=object).reshape(n // fsdp, fsdp)
-  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+  if not isinstance(context, int) or context < 1 or n % (fsdp * context):
+    raise ValueError(f"context={context!r}: expected an int >= 1 with fsdp·context "
+                     f"= {fsdp}·{context} dividing the device count {n}")
+  axes = MESH_AXES + ((CONTEXT_AXIS,) if context > 1 else ())
+  shape = (n // (fsdp * context), fsdp) + ((context,) if context > 1 else ())
+  grid = np.asarray(devices, dtype=object).reshape(shape)
+  return jax.sharding.Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def context_size(mesh) -> int:
+  """Devices on the mesh's "context" axis (1 without one)."""
+  return dict(mesh.shape).get(CONTEXT_AXIS, 1)
 
 
 def check_mesh(mesh) -> jax.sharding.Mesh:
@@ -79,9 +95,12 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_dim: int = 0
                    ) -> NamedSharding:
-  """Splits dimension `batch_dim` of an ndim-array over ("data", "fsdp")."""
+  """Splits dimension `batch_dim` of an ndim-array over ("data", "fsdp"), and
+  the next one (the sequence) over "context" when the mesh has that axis."""
   dims = [None] * ndim
   dims[batch_dim] = BATCH_AXES
+  if CONTEXT_AXIS in mesh.axis_names:
+    dims[batch_dim + 1] = CONTEXT_AXIS
   return NamedSharding(mesh, P(*dims))
 
 

@@ -64,8 +64,10 @@ class TrainConfig:
   seed: int = 0
   eval_every: int = 100            # also after the last step
   eval_batches: int = 8
-  # Parallelism: devices on the "fsdp" mesh axis; the rest go to "data".
+  # Parallelism: devices on the "fsdp" mesh axis and on the "context" axis
+  # (the sequence split over them: context parallelism); the rest go to "data".
   fsdp: int = 1
+  context_parallel: int = 1
   # Output: run folder (None: runs/<timestamp>) and checkpoints.
   out: str | None = None
   checkpoint_every: int = 100      # also after the last step
@@ -90,7 +92,7 @@ class TrainConfig:
           "model: expected none (overrides apply to a preset name; change the "
           "ModelConfig with dataclasses.replace)")
     for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every",
-                 "eval_batches", "fsdp", "checkpoint_every", "keep_checkpoints",
+                 "eval_batches", "fsdp", "context_parallel", "checkpoint_every", "keep_checkpoints",
                  "corpus_max_bytes"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 1")

@@ -468,10 +468,14 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   try:
     tokenizer = data_lib.resolve_tokenizer(config)
     train_rows, val_rows = data_lib.load_data(config, tokenizer)
-    mesh = sharding_lib.make_mesh(config.fsdp)
-    if config.batch_size % mesh.size:
+    mesh = sharding_lib.make_mesh(config.fsdp, context=config.context_parallel)
+    batch_ways = mesh.size // config.context_parallel  # "data" x "fsdp"
+    if config.batch_size % batch_ways:
       raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the "
-                       f"device count {mesh.size} (mesh {dict(mesh.shape)})")
+                       f"data x fsdp devices {batch_ways} (mesh {dict(mesh.shape)})")
+    if config.seq_len % config.context_parallel:
+      raise ValueError(f"seq_len={config.seq_len}: expected a multiple of "
+                       f"context_parallel={config.context_parallel}")
     with jax.set_mesh(mesh):
       model, graphdef, rest, state = init_model(config, mesh)
       if model.config.vocab_size < tokenizer.vocab_size:

@@ -1,4 +1,4 @@
-"""`swajax bench {attention,generate,train,tiles}`: one module per benchmark.
+"""`swajax bench {attention,generate,train,tiles,context}`: one module per benchmark.
 
 Each module exposes `main(argv: list[str]) -> int`.
 """
@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import sys
 
-from swajax.bench import attention, generate, tiles, train
+from swajax.bench import attention, context, generate, tiles, train
 from swajax.commands import Table, dispatch
 
 BENCHMARKS: Table = {
     "attention": (attention.main,
                   "the op's impls vs dense and tokamax baselines"),
+    "context": (context.main, "context parallelism: bytes and memory per device, "
+                "halo vs ring"),
     "generate": (generate.main, "generation throughput"),
     "train": (train.main, "training step throughput"),
     "tiles": (tiles.main, "Pallas kernel times per FlashBlockSizes "
