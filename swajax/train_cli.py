@@ -84,6 +84,8 @@ FIELD_HELP = {
     "eval_every": "validate every N steps (and after the last)",
     "eval_batches": "validation batches per evaluation",
     "fsdp": "devices on the fsdp mesh axis (parameters sharded); the rest on data",
+    "context_parallel": "devices on the context mesh axis (the sequence sharded; sliding "
+                        "layers exchange W-1 key halos); data x fsdp x context = devices",
     "out": "run folder; none: a new runs/<YYYYmmdd-HHMMSS> (-2, -3, ... when "
            "taken); an existing folder only when empty",
     "checkpoint_every": "checkpoint every N steps (and after the last, and on "
