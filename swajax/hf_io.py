@@ -144,7 +144,8 @@ def _open(file: Path):
     raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM:
+def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
+            adapter=None) -> CausalLM:
   """A `CausalLM` from a HF checkpoint directory (config.json + safetensors).
 
   path: the folder (config.json, and model.safetensors or
@@ -162,6 +163,9 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
   (a column block of a row-major tensor is a strided read: every row is
   visited, only its block copied; a block replicated over "data" is read once
   per device holding it).
+  adapter: a PEFT LoRA adapter folder (adapter_config.json +
+  adapter_model.safetensors, written by PEFT or by swajax) to add onto the
+  base (`swajax.peft_io.load_adapter`; the adapters go to the default device).
 
   Raises FileNotFoundError (with the path) for a missing config or shard,
   TypeError for a mesh that is not a jax Mesh, ValueError for one without the
@@ -206,6 +210,10 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
         var = _variable(model, spec.path)
         var.set_value(_read(file, f, spec, var.get_value().shape, dtype,
                             shardings.get(spec.path)))
+  if adapter is not None:
+    # Lazy: peft_io imports this module (for `tensor_table`).
+    from swajax.peft_io import load_adapter
+    load_adapter(model, adapter)
   return model
 
 

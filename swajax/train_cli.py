@@ -27,6 +27,7 @@ import yaml
 
 from swajax.generation import generate
 from swajax.hf_io import save_hf
+from swajax.peft_io import export_lora
 from swajax.sharding import maybe_initialize_distributed
 from swajax.train_config import TrainConfig
 from swajax.training import default_run_dir, train
@@ -195,8 +196,12 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
   # The run's Hugging Face export; a resumed run replaces the one its first
   # part wrote. Every process gathers the parameters; process 0 writes (see
   # `save_hf`).
-  save_hf(result.model, run_dir / "hf", overwrite=True)
-  lines.append(f"Hugging Face export {run_dir / 'hf'}")
+  if config.lora_rank is None:
+    save_hf(result.model, run_dir / "hf", overwrite=True)
+    lines.append(f"Hugging Face export {run_dir / 'hf'}")
+  else:
+    lines += export_lora(result.model, run_dir / "hf", merge=config.merge_lora,
+                         base_model_name_or_path=config.init_from_hf)
   if sample_tokens > 0:
     _sample(result, run_dir / "sample.txt", sample_tokens, lines, write=lead)
   lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from swajax import data as data_lib
+from swajax import lora as lora_lib
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
 from swajax.hf_io import load_hf
@@ -84,6 +85,7 @@ class StepOptions:
   beta2: float
   clip_norm: float
   steps: int
+  lora_dropout: float = 0.0  # > 0: a dropout key per step (`lora.set_dropout_key`)
 
   @classmethod
   def from_config(cls, config: TrainConfig) -> StepOptions:
@@ -165,6 +167,8 @@ def init_model(config: TrainConfig, mesh):
   state: a `TrainState`; rest = the model's non-parameter state. A fresh
   model is initialised inside jit straight into its shardings; an HF
   checkpoint is read by `load_hf(mesh=)` straight into the shardings.
+  A LoRA run (config.lora_rank) then adds the adapters: state.params holds
+  only them (and the optimizer state their shapes), rest the frozen base.
   """
   if config.init_from_hf is not None:
     # load_hf takes one dtype: load the weights in param_dtype, each device
@@ -181,12 +185,25 @@ def init_model(config: TrainConfig, mesh):
     spec = ModelSpec.from_config(config, model_config_for(config))
     graphdef = nnx.eval_shape(spec.create)[0]
     params, rest = _fresh_params(spec=spec, mesh=mesh)
+  if config.lora_spec is not None:
+    graphdef, params, rest = _add_adapters(nnx.merge(graphdef, params, rest),
+                                           config, mesh)
   state = TrainState(
       params=params,
       opt_state=_init_opt_state(params, options=StepOptions.from_config(config),
                                 mesh=mesh),
       step=jax.device_put(jnp.zeros([], jnp.int32), NamedSharding(mesh, P())))
   return nnx.merge(graphdef, params, rest), graphdef, rest, state
+
+
+def _add_adapters(model, config: TrainConfig, mesh):
+  """(graphdef, adapters, rest) of `model` with `config.lora_spec`'s
+  adapters (seeded by config.seed), the adapters placed on `mesh`; rest holds
+  the base arrays as they were (quantized under QLoRA)."""
+  lora_lib.add_lora(model, config.lora_spec, rngs=nnx.Rngs(config.seed))
+  graphdef, adapters, rest = nnx.split(model, lora_lib.TRAINABLE, ...)
+  return graphdef, jax.device_put(
+      adapters, sharding_lib.state_shardings(adapters, mesh)), rest
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "mesh"))
@@ -223,21 +240,31 @@ def _init_opt_state(params, *, options: StepOptions, mesh):
 def train_step(state: TrainState, rest, batch, *, graphdef, options: StepOptions, mesh):
   """One optimizer step: (state, metrics); the new state keeps its shardings.
 
-  batch: dict of [A, B, T] arrays (A micro-batches).
+  batch: dict of [A, B, T] arrays (A micro-batches). state.params: every
+  parameter, or a LoRA run's adapters (the base is in `rest`, constant here:
+  no gradient is taken for it).
   metrics: loss (mean over the step's target tokens), grad_norm (before
   clipping), lr (of this step), tokens (target count).
   """
   params = state.params
   tx = make_optimizer(options, params)
 
-  def accumulate(carry, micro):
-    loss_fn = lambda p: batch_loss_sums(nnx.merge(graphdef, p, rest), micro)
+  def accumulate(carry, xs):
+    micro, index = xs
+    def loss_fn(p):
+      model = nnx.merge(graphdef, p, rest)
+      if options.lora_dropout > 0:  # a mask per step and micro-batch
+        lora_lib.set_dropout_key(model, jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(0), state.step), index))
+      return batch_loss_sums(model, micro)
     (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
 
   zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.float32),
            jnp.zeros([], jnp.float32))
-  (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, batch)
+  micro_batches = jax.tree.leaves(batch)[0].shape[0]
+  (grads, loss_sum, count), _ = jax.lax.scan(
+      accumulate, zeros, (batch, jnp.arange(micro_batches)))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, params)

@@ -1,0 +1,173 @@
+"""PEFT LoRA adapters: `save_adapter` and `load_adapter` (adapter_config.json +
+adapter_model.safetensors, the files `peft.PeftModel.from_pretrained` reads).
+
+Key names are PEFT's for a causal LM: "base_model.model." + the HF module
+name (from `hf_io.tensor_table`, e.g. model.layers.0.self_attn.q_proj) +
+".lora_A.weight" [r, in_features] or ".lora_B.weight" [out_features, r];
+ours are lora_a [*in, r] and lora_b [r, *out] (`swajax.lora`): both are
+flattened to matrices and transposed (`adapter_tensors`, `load_adapter`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import models
+from swajax import lora as lora_lib
+from swajax.hf_io import save_hf, tensor_table
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _module_names(config: models.ModelConfig) -> dict[tuple, str]:
+  """Our projection path (layers, i, block, proj) -> its HF module name."""
+  return {tuple(spec.path[:-1]): spec.hf_name.removesuffix(".weight")
+          for spec in tensor_table(config)
+          if spec.path[-1] == "kernel" and spec.path[0] == "layers"}
+
+
+def adapter_tensors(model) -> dict[str, np.ndarray]:
+  """PEFT key -> array (PEFT layout) for every adapter of `model`."""
+  names = _module_names(model.config)
+  out = {}
+  for path, module in lora_lib.lora_modules(model):
+    a = np.asarray(module.lora_a.get_value())
+    b = np.asarray(module.lora_b.get_value())
+    key = PREFIX + names[tuple(path)]
+    out[key + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+    out[key + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
+  return out
+
+
+def save_adapter(model, path, *, base_model_name_or_path: str | None = None) -> Path:
+  """Writes `model`'s adapters as a PEFT LoRA adapter folder `path` (created
+  or overwritten): adapter_config.json and adapter_model.safetensors (fp32
+  or the adapters' dtype)."""
+  modules = lora_lib.lora_modules(model)
+  if not modules:
+    raise ValueError("save_adapter: the model has no LoRA adapters (see add_lora)")
+  spec = modules[0][1].spec
+  config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+      "target_modules": list(spec.targets), "bias": "none",
+      "use_rslora": spec.rslora, "use_dora": False, "fan_in_fan_out": False,
+      "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+  }
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+  save_file(adapter_tensors(model), path / WEIGHTS_FILE, metadata={"format": "pt"})
+  return path
+
+
+def read_adapter_config(path) -> lora_lib.LoraSpec:
+  """The `LoraSpec` of a PEFT adapter folder; ValueError for what swajax
+  does not implement (DoRA, bias training, modules_to_save, per-module rank
+  or alpha patterns, layer subsets, regex target_modules)."""
+  file = Path(path) / CONFIG_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (not a PEFT adapter folder)")
+  config = json.loads(file.read_text())
+  if config.get("peft_type") != "LORA":
+    raise ValueError(f"{file}: peft_type={config.get('peft_type')!r}: expected 'LORA'")
+  refused = {"use_dora": False, "bias": "none", "modules_to_save": None,
+             "layers_to_transform": None, "fan_in_fan_out": False}
+  for key, supported in refused.items():
+    if config.get(key) not in (supported, None, []):
+      raise ValueError(f"{file}: {key}={config[key]!r}: expected {supported!r} "
+                       "(not supported by swajax)")
+  for key in ("rank_pattern", "alpha_pattern"):
+    if config.get(key):
+      raise ValueError(f"{file}: {key}={config[key]!r}: expected none (not supported)")
+  targets = config.get("target_modules")
+  if isinstance(targets, str):
+    targets = lora_lib.parse_targets(targets) if targets == "all" else None
+  if not isinstance(targets, list | tuple):
+    raise ValueError(f"{file}: target_modules={config.get('target_modules')!r}: "
+                     f"expected a list of names among {','.join(lora_lib.TARGETS)}")
+  order = [t for t in lora_lib.TARGETS if t in targets]  # the models' own order
+  return lora_lib.LoraSpec(
+      rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+      dropout=float(config.get("lora_dropout") or 0.0),
+      targets=tuple(order) + tuple(t for t in targets if t not in order),
+      rslora=bool(config.get("use_rslora", False)))
+
+
+def load_adapter(model: models.CausalLM, path, *, quantize: str | None = None
+                 ) -> models.CausalLM:
+  """`model` with the PEFT LoRA adapter in folder `path` added (in place).
+
+  Every tensor is checked: a missing, unexpected or misshaped one raises
+  ValueError naming it. quantize: also hold the base quantized (QLoRA).
+  """
+  path = Path(path)
+  spec = read_adapter_config(path)
+  if quantize is not None:
+    spec = lora_lib.LoraSpec(**{**spec.__dict__, "quantize": quantize})
+  lora_lib.add_lora(model, spec, rngs=nnx.Rngs(0))
+  file = path / WEIGHTS_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}")
+  names = _module_names(model.config)
+  with safe_open(str(file), framework="numpy") as f:
+    stored = set(f.keys())
+    expected = set()
+    for module_path, module in lora_lib.lora_modules(model):
+      key = PREFIX + names[tuple(module_path)]
+      for var, suffix in ((module.lora_a, ".lora_A.weight"),
+                          (module.lora_b, ".lora_B.weight")):
+        name = key + suffix
+        expected.add(name)
+        if name not in stored:
+          raise ValueError(f"{file}: tensor {name!r} is missing")
+        shape = var.get_value().shape
+        x = f.get_tensor(name)
+        want = _peft_shape(suffix, shape)
+        if tuple(x.shape) != want:
+          raise ValueError(f"{file}: tensor {name!r} has shape {tuple(x.shape)}: "
+                           f"expected {want}")
+        var.set_value(jnp.asarray(x.T.reshape(shape), var.get_value().dtype))
+    unexpected = sorted(stored - expected)
+    if unexpected:
+      raise ValueError(f"{file}: unexpected tensor {unexpected[0]!r} (not a LoRA "
+                       f"tensor of the targets {','.join(spec.targets)})")
+  return model
+
+
+def _peft_shape(suffix: str, shape) -> tuple[int, int]:
+  if suffix == ".lora_A.weight":  # ours [*in, r]
+    return shape[-1], math.prod(shape[:-1])
+  return math.prod(shape[1:]), shape[0]  # ours [r, *out]
+
+
+
+def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | None
+                ) -> list[str]:
+  """A LoRA run's export (`swajax train`): the PEFT adapter in hf_dir/adapter/
+  and, with merge, the merged model (`lora.merged_model`) as a full HF
+  checkpoint in hf_dir (replacing it). Every process calls it (the merged
+  save gathers parameters); process 0 writes the adapter. Returns report lines."""
+  hf_dir = Path(hf_dir)
+  lines = []
+  if merge:
+    save_hf(lora_lib.merged_model(model), hf_dir, overwrite=True)
+    lines.append(f"Hugging Face export (LoRA merged) {hf_dir}")
+  if jax.process_index() == 0:
+    base = None if base_model_name_or_path is None else str(
+        Path(base_model_name_or_path).absolute())
+    save_adapter(model, hf_dir / "adapter", base_model_name_or_path=base)
+  lines.append(f"PEFT adapter {hf_dir / 'adapter'} (peft.PeftModel.from_pretrained)")
+  return lines
