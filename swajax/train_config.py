@@ -21,6 +21,7 @@ from swajax import lora as lora_lib
 from swajax.dtypes import DTYPES
 
 REMAT = ("none", *REMAT_POLICIES)  # "none": no remat
+TOO_LONG = ("split", "truncate", "drop")  # what becomes of a document > seq_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +53,17 @@ class TrainConfig:
   quantize_base: str | None = None
   merge_lora: bool = False
   # Data: None = the embedded Python-stdlib corpus; else a folder, a text file
-  # or a .jsonl ({"text"} or {"prompt", "completion"}) file.
+  # or a .jsonl ({"text"}, {"prompt", "completion"}, or chat / ShareGPT /
+  # Alpaca records: swajax.chat) file. too_long: documents longer than
+  # seq_len are "split" across rows, "truncate"d or "drop"ped (counted and
+  # reported at the end of the run either way).
   data: str | None = None
   val_data: str | None = None      # None: hold out val_percent of `data`
   val_percent: float = 5.0
   tokenizer: str | None = None     # tokenizer.json; None: bytes (or the HF folder's)
   train_prompt: bool = False       # also train on JSONL prompts
   corpus_max_bytes: int = 4_000_000
+  too_long: str = "split"
   seq_len: int = 256               # T
   batch_size: int = 8              # B: rows per micro-batch, global
   grad_accum: int = 1              # A: micro-batches per optimizer step
@@ -117,7 +122,8 @@ class TrainConfig:
         raise ValueError(f"{name}={value!r}: expected a float in "
                          f"{'(' if name in ('lr', 'clip_norm') else '['}{lo}, {hi}]")
     for name, choices in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                          ("remat", REMAT), ("attn_impl", ("auto", *IMPLS))):
+                          ("remat", REMAT), ("attn_impl", ("auto", *IMPLS)),
+                          ("too_long", TOO_LONG)):
       if getattr(self, name) not in choices:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {sorted(choices)}")
 

@@ -298,6 +298,7 @@ class TrainResult:
   evals: list[dict]         # step, val_loss, val_ppl
   tokens_per_s: float       # mean over the run's steps after the first (compile)
   resumed_from: int | None  # the checkpoint step this run started from
+  data_notes: list[str] = dataclasses.field(default_factory=list)  # e.g. long documents
 
 
 def default_run_dir() -> Path:
@@ -320,7 +321,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   """
   run_dir = Path(config.out) if config.out is not None else default_run_dir()
   tokenizer = data_lib.resolve_tokenizer(config)
-  train_rows, val_rows = data_lib.load_data(config, tokenizer)
+  data_notes: list[str] = []
+  train_rows, val_rows = data_lib.load_data(config, tokenizer, data_notes)
   mesh = sharding_lib.make_mesh(config.fsdp)
   rows_per_step = config.grad_accum * config.batch_size
   if config.batch_size % mesh.size:
@@ -399,13 +401,14 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   tokens_per_s = config.tokens_per_step * len(timed) / max(sum(timed), 1e-9)
   if lead:
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-  return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from)
+  return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from,
+                     data_notes)
 
 
 # The fields that fix the training row stream (which rows, in which order):
 # a checkpoint's data position means nothing under other values.
 _DATA_FIELDS = ("seed", "seq_len", "data", "val_data", "val_percent", "tokenizer",
-                "train_prompt", "corpus_max_bytes")
+                "train_prompt", "corpus_max_bytes", "too_long")
 
 
 def _check_same_data(config: TrainConfig, meta: dict, checkpointer) -> None:
