@@ -22,6 +22,7 @@ from swajax import peft_io
 from swajax import sharding as sharding_lib
 from swajax import training as train_lib
 from swajax.hf_io import load_hf
+from tests.attention_cases import jaxpr_equations
 from tests.test_train import TINY_MODEL, tiny_train_config
 
 TOLERANCE = 1e-4  # fp32 logits vs torch
@@ -95,6 +96,42 @@ def test_optimizer_state_holds_adapter_shapes_only(tmp_path):
   assert sorted(x.shape for x in jax.tree.leaves(state.params)) == adapter_shapes
   moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]
   assert sorted(moments) == sorted(adapter_shapes * 2)  # Adam's mu and nu
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_no_base_weight_gradient_is_computed(tmp_path, lora):
+  """No matmul of a LoRA step yields a base kernel gradient (the kernel's
+  dimensions in any order); full fine-tuning (the control) computes one for
+  every kernel."""
+  config = tiny_train_config(tmp_path, **(LORA if lora else {}))
+  mesh = sharding_lib.make_mesh(1)
+  with jax.set_mesh(mesh):
+    model, graphdef, rest, state = train_lib.init_model(config, mesh)
+    batch = {k: jnp.zeros((1, 2, 32), jnp.float32 if k == "loss_mask" else jnp.int32)
+             for k in ("input_ids", "targets", "segment_ids", "positions", "loss_mask")}
+    jaxpr = jax.make_jaxpr(lambda s: train_lib.train_step(
+        s, rest, batch, graphdef=graphdef, options=train_lib.StepOptions.from_config(config),
+        mesh=mesh))(state)
+  kernels = {tuple(sorted(m.kernel.get_value().shape)) for _, m in nnx.iter_modules(model)
+             if isinstance(m, (nnx.Einsum, lora_lib.LoraEinsum)) and hasattr(m, "kernel")}
+  produced = {tuple(sorted(v.aval.shape)) for eqn in jaxpr_equations(jaxpr.jaxpr)
+              if eqn.primitive.name == "dot_general" for v in eqn.outvars}
+  assert (produced & kernels == set()) if lora else kernels <= produced
+
+
+def test_dropout_key_masks_the_adapter_input_only_when_set():
+  model = lora_lib.add_lora(tiny_model(), lora_lib.LoraSpec(rank=4, alpha=8.0, dropout=0.5),
+                            rngs=nnx.Rngs(1))
+  for _, module in lora_lib.lora_modules(model):
+    module.lora_b.set_value(0.05 * jnp.ones_like(module.lora_b.get_value()))
+  x = ids()
+  plain = model(x)
+  lora_lib.set_dropout_key(model, jax.random.key(3))
+  dropped = model(x)
+  assert float(jnp.abs(dropped - plain).max()) > 1e-3
+  chex.assert_trees_all_equal(model(x), dropped)  # the same key, the same mask
+  lora_lib.set_dropout_key(model, None)
+  chex.assert_trees_all_equal(model(x), plain)
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +256,32 @@ def test_unsupported_adapter_config_is_refused(tmp_path, hf_base):
       r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(adapter)
   with pytest.raises(ValueError, match="use_dora=True"):
     load_hf(hf_base, adapter=adapter)
+
+
+def test_cli_lora_on_the_example_chat_data(tmp_path, capsys):
+  """`swajax train --init-from-hf DIR --lora-rank R --merge-lora` on
+  examples/chat_small.jsonl: the adapter and the merged export, the long
+  conversations reported."""
+  from pathlib import Path
+
+  from swajax import train_cli
+  from swajax.hf_io import save_hf
+
+  save_hf(tiny_model(), tmp_path / "base")
+  run = tmp_path / "run"
+  data_file = Path(__file__).parent.parent / "examples" / "chat_small.jsonl"
+  argv = ["--init-from-hf", str(tmp_path / "base"), "--data", str(data_file),
+          "--lora-rank", "4", "--lora-targets", "q_proj,v_proj", "--lora-dropout", "0.1",
+          "--merge-lora", "--too-long", "drop", "--seq-len", "96", "--batch-size", "4",
+          "--steps", "2", "--eval-every", "2", "--dtype", "float32",
+          "--sample-tokens", "4", "--out", str(run)]
+  assert train_cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "documents longer than seq_len=96 tokens were dropped" in out
+  adapter = json.loads((run / "hf" / "adapter" / "adapter_config.json").read_text())
+  assert adapter["r"] == 4 and adapter["target_modules"] == ["q_proj", "v_proj"]
+  assert adapter["lora_dropout"] == 0.1 and adapter["lora_alpha"] == 8.0
+  merged = load_hf(run / "hf")
+  with_adapter = load_hf(tmp_path / "base", adapter=run / "hf" / "adapter")
+  x = ids()
+  chex.assert_trees_all_close(merged(x), with_adapter(x), atol=1e-5)
