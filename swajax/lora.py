@@ -143,7 +143,7 @@ class LoraEinsum(nnx.Module):
     if self.qtype is None:
       w = self.kernel.get_value()
     else:
-      import qwix  # lazy: only QLoRA needs it (~0.3 s to import)
+      import qwix  # lazy: only QLoRA needs it
       w = qwix.dequantize(qwix.QArray(self.qvalue.get_value(), self.qscale.get_value(),
                                       qtype=_QTYPES[self.qtype]))
     return w if dtype is None else w.astype(dtype)
@@ -213,19 +213,17 @@ def set_dropout_key(model, key: jax.Array | None) -> None:
 
 def merged_model(model: models.CausalLM) -> models.CausalLM:
   """A plain `CausalLM` (no adapters) whose kernels are W + scale * A @ B
-  (W dequantized under QLoRA), in the base kernels' dtype; the other
-  parameters are `model`'s arrays (not copied)."""
+  (W dequantized under QLoRA), in the adapters' (the parameter) dtype; the
+  other parameters are `model`'s arrays (not copied)."""
   plain = nnx.eval_shape(lambda: models.CausalLM(
       model.config, dtype=model.dtype, param_dtype=model.param_dtype,
       attn_impl=model.attn_impl, remat=model.remat, rngs=nnx.Rngs(0)))
   modules = dict(lora_modules(model))
-  for path, var in nnx.to_flat_state(nnx.state(plain, nnx.Param)):
+  for path, _ in nnx.to_flat_state(nnx.state(plain, nnx.Param)):
     owner, leaf = tuple(path[:-1]), path[-1]
     if owner in modules and leaf == "kernel":
       lora = modules[owner]
-      value = lora.base_kernel() if lora.qtype is None else lora.base_kernel(
-          lora.lora_a.get_value().dtype)
-      value = (value + lora.delta()).astype(value.dtype)
+      value = lora.base_kernel(lora.lora_a.get_value().dtype) + lora.delta()
     else:
       value = _get(model, path).get_value()
     _get(plain, path).set_value(value)
@@ -254,3 +252,23 @@ def base_bytes(model) -> int:
   """Bytes of `model`'s frozen base: every variable but the adapters."""
   return param_bytes(nnx.state(model, nnx.All(nnx.Variable, nnx.Not(TRAINABLE),
                                               nnx.Not(nnx.RngState))))
+
+
+def summary(model) -> str:
+  """One line: trainable adapter parameters and the frozen base's bytes
+  (under QLoRA: before and after quantization)."""
+  trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))
+  quantized = [m for _, m in lora_modules(model) if m.qtype is not None]
+  base = sum(x.size for x in jax.tree.leaves(
+      nnx.state(model, nnx.All(nnx.Param, nnx.Not(TRAINABLE)))))
+  base += sum(m.qvalue.get_value().size for m in quantized)
+  after = base_bytes(model)
+  line = (f"LoRA: {trained:,} trainable parameters ({100 * trained / base:.2f}% of the "
+          f"base's {base:,}); frozen base {after / 2**20:.2f} MiB")
+  if quantized:
+    stored = sum(param_bytes([m.qvalue.get_value(), m.qscale.get_value()]) for m in quantized)
+    full = sum(m.qvalue.get_value().size * m.lora_a.get_value().dtype.itemsize
+               for m in quantized)
+    line += (f" ({quantized[0].qtype}; {(after - stored + full) / 2**20:.2f} MiB "
+             "before quantization)")
+  return line

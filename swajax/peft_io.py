@@ -93,8 +93,8 @@ def read_adapter_config(path) -> lora_lib.LoraSpec:
     if config.get(key):
       raise ValueError(f"{file}: {key}={config[key]!r}: expected none (not supported)")
   targets = config.get("target_modules")
-  if isinstance(targets, str):
-    targets = lora_lib.parse_targets(targets) if targets == "all" else None
+  if isinstance(targets, str):  # PEFT's "all-linear": every projection, not lm_head
+    targets = tuple(lora_lib.TARGETS) if targets in ("all", "all-linear") else None
   if not isinstance(targets, list | tuple):
     raise ValueError(f"{file}: target_modules={config.get('target_modules')!r}: "
                      f"expected a list of names among {','.join(lora_lib.TARGETS)}")
@@ -106,17 +106,14 @@ def read_adapter_config(path) -> lora_lib.LoraSpec:
       rslora=bool(config.get("use_rslora", False)))
 
 
-def load_adapter(model: models.CausalLM, path, *, quantize: str | None = None
-                 ) -> models.CausalLM:
+def load_adapter(model: models.CausalLM, path) -> models.CausalLM:
   """`model` with the PEFT LoRA adapter in folder `path` added (in place).
 
   Every tensor is checked: a missing, unexpected or misshaped one raises
-  ValueError naming it. quantize: also hold the base quantized (QLoRA).
+  ValueError naming it.
   """
   path = Path(path)
   spec = read_adapter_config(path)
-  if quantize is not None:
-    spec = lora_lib.LoraSpec(**{**spec.__dict__, "quantize": quantize})
   lora_lib.add_lora(model, spec, rngs=nnx.Rngs(0))
   file = path / WEIGHTS_FILE
   if not file.is_file():

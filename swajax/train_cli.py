@@ -192,7 +192,7 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
            f"({result.tokens_per_s / 1e3:.1f}k tokens/s)"]
   if final is not None:
     lines.append(f"validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.3f})")
-  lines += result.data_notes
+  lines += result.notes
   lines.append(f"run folder {run_dir}: checkpoints/, metrics.jsonl, loss.png, config.json")
   # The run's Hugging Face export; a resumed run replaces the one its first
   # part wrote. Every process gathers the parameters; process 0 writes (see

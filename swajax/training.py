@@ -298,7 +298,7 @@ class TrainResult:
   evals: list[dict]         # step, val_loss, val_ppl
   tokens_per_s: float       # mean over the run's steps after the first (compile)
   resumed_from: int | None  # the checkpoint step this run started from
-  data_notes: list[str] = dataclasses.field(default_factory=list)  # e.g. long documents
+  notes: list[str] = dataclasses.field(default_factory=list)  # long documents, LoRA sizes
 
 
 def default_run_dir() -> Path:
@@ -321,8 +321,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   """
   run_dir = Path(config.out) if config.out is not None else default_run_dir()
   tokenizer = data_lib.resolve_tokenizer(config)
-  data_notes: list[str] = []
-  train_rows, val_rows = data_lib.load_data(config, tokenizer, data_notes)
+  notes: list[str] = []
+  train_rows, val_rows = data_lib.load_data(config, tokenizer, notes)
   mesh = sharding_lib.make_mesh(config.fsdp)
   rows_per_step = config.grad_accum * config.batch_size
   if config.batch_size % mesh.size:
@@ -335,6 +335,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   lead = jax.process_index() == 0
   with jax.set_mesh(mesh):
     model, graphdef, rest, state = init_model(config, mesh)
+    if config.lora_spec is not None:
+      notes.append(lora_lib.summary(model))
     if model.config.vocab_size < tokenizer.vocab_size:
       raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
                        f"{model.config.vocab_size}: pick a matching tokenizer or model")
@@ -402,7 +404,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   if lead:
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
   return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from,
-                     data_notes)
+                     notes)
 
 
 # The fields that fix the training row stream (which rows, in which order):

@@ -177,6 +177,8 @@ def test_qlora_quantizes_the_base_and_trains(tmp_path, qtype):
   bits = 8 if qtype == "int8" else 4
   # Each kernel value shrinks from 32 bits to `bits` (plus the fp32 scales).
   assert after < before - kernels * (32 - bits) / 8 + kernels // 8
+  assert f"frozen base {after / 2**20:.2f} MiB ({qtype}; {before / 2**20:.2f} MiB before" in (
+      lora_lib.summary(model))
   run = train_lib.train(tiny_train_config(tmp_path, quantize_base=qtype, steps=3,
                                           eval_every=3, **LORA))
   losses = [r["loss"] for r in run.history]
@@ -278,6 +280,7 @@ def test_cli_lora_on_the_example_chat_data(tmp_path, capsys):
   assert train_cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "documents longer than seq_len=96 tokens were dropped" in out
+  assert "LoRA: 896 trainable parameters" in out  # 1 layer: q 64*4 + 4*64, v 64*4 + 4*32
   adapter = json.loads((run / "hf" / "adapter" / "adapter_config.json").read_text())
   assert adapter["r"] == 4 and adapter["target_modules"] == ["q_proj", "v_proj"]
   assert adapter["lora_dropout"] == 0.1 and adapter["lora_alpha"] == 8.0
