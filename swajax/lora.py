@@ -112,9 +112,9 @@ class LoraEinsum(nnx.Module):
   def __init__(self, base: nnx.Einsum, spec: LoraSpec, *, rngs: nnx.Rngs):
     lhs, kernel_letters, out = _parse(base.einsum_str)
     n_in = sum(c in lhs for c in kernel_letters)
-    if set(kernel_letters[:n_in]) != set(kernel_letters) & set(lhs):
-      raise ValueError(f"einsum_str={base.einsum_str!r}: expected the kernel's "
-                       "contracted dimensions first")
+    if not n_in or kernel_letters[:n_in] != lhs[-n_in:]:
+      raise ValueError(f"einsum_str={base.einsum_str!r}: expected the contracted "
+                       "dimensions last in the input and first in the kernel")
     shape = base.kernel.get_value().shape
     in_shape, out_shape = shape[:n_in], shape[n_in:]
     self.einsum_str = base.einsum_str
@@ -122,7 +122,7 @@ class LoraEinsum(nnx.Module):
     self.b_str = f"{lhs[:-n_in]}{_RANK},{_RANK}{kernel_letters[n_in:]}->{out}"
     self.dtype = base.dtype
     self.bias = base.bias
-    self.qtype = spec.quantize
+    self.spec = spec
     if spec.quantize is None:
       self.kernel = base.kernel  # the same variable and array: no copy
     else:
@@ -133,26 +133,23 @@ class LoraEinsum(nnx.Module):
     self.lora_a = nnx.LoRAParam(jax.random.uniform(
         rngs.params(), (*in_shape, spec.rank), param_dtype, -bound, bound))
     self.lora_b = nnx.LoRAParam(jnp.zeros((spec.rank, *out_shape), param_dtype))
-    self.spec = spec
-    self.scale = spec.scale
-    self.dropout = spec.dropout
     self.dropout_key = nnx.data(None)
 
   def base_kernel(self, dtype=None) -> jax.Array:
     """The frozen kernel (dequantized under QLoRA) in `dtype` (default: stored)."""
-    if self.qtype is None:
+    if self.spec.quantize is None:
       w = self.kernel.get_value()
     else:
       import qwix  # lazy: only QLoRA needs it
       w = qwix.dequantize(qwix.QArray(self.qvalue.get_value(), self.qscale.get_value(),
-                                      qtype=_QTYPES[self.qtype]))
+                                      qtype=_QTYPES[self.spec.quantize]))
     return w if dtype is None else w.astype(dtype)
 
   def delta(self) -> jax.Array:
     """scale * A @ B in the kernel's layout and dtype: what merging adds."""
     a, b = self.lora_a.get_value(), self.lora_b.get_value()
     merged = jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST)
-    return (self.scale * merged).astype(a.dtype)
+    return (self.spec.scale * merged).astype(a.dtype)
 
   def __call__(self, x):
     dtype = self.dtype or x.dtype
@@ -161,12 +158,13 @@ class LoraEinsum(nnx.Module):
     if self.bias is not None:
       y = y + self.bias.get_value().astype(dtype)
     h = x
-    if self.dropout > 0 and self.dropout_key is not None:
-      keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
-      h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dtype)
+    rate = self.spec.dropout
+    if rate > 0 and self.dropout_key is not None:
+      keep = jax.random.bernoulli(self.dropout_key, 1.0 - rate, x.shape)
+      h = jnp.where(keep, x / (1.0 - rate), 0).astype(dtype)
     h = jnp.einsum(self.a_str, h, self.lora_a.get_value().astype(dtype))
     h = jnp.einsum(self.b_str, h, self.lora_b.get_value().astype(dtype))
-    return y + (self.scale * h).astype(dtype)
+    return y + (self.spec.scale * h).astype(dtype)
 
 
 def _parse(einsum_str: str) -> tuple[str, str, str]:
@@ -258,7 +256,7 @@ def summary(model) -> str:
   """One line: trainable adapter parameters and the frozen base's bytes
   (under QLoRA: before and after quantization)."""
   trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))
-  quantized = [m for _, m in lora_modules(model) if m.qtype is not None]
+  quantized = [m for _, m in lora_modules(model) if m.spec.quantize is not None]
   base = sum(x.size for x in jax.tree.leaves(
       nnx.state(model, nnx.All(nnx.Param, nnx.Not(TRAINABLE)))))
   base += sum(m.qvalue.get_value().size for m in quantized)
@@ -269,6 +267,6 @@ def summary(model) -> str:
     stored = sum(param_bytes([m.qvalue.get_value(), m.qscale.get_value()]) for m in quantized)
     full = sum(m.qvalue.get_value().size * m.lora_a.get_value().dtype.itemsize
                for m in quantized)
-    line += (f" ({quantized[0].qtype}; {(after - stored + full) / 2**20:.2f} MiB "
+    line += (f" ({quantized[0].spec.quantize}; {(after - stored + full) / 2**20:.2f} MiB "
              "before quantization)")
   return line

@@ -52,8 +52,8 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
 
 def save_adapter(model, path, *, base_model_name_or_path: str | None = None) -> Path:
   """Writes `model`'s adapters as a PEFT LoRA adapter folder `path` (created
-  or overwritten): adapter_config.json and adapter_model.safetensors (fp32
-  or the adapters' dtype)."""
+  or overwritten): adapter_config.json and adapter_model.safetensors (in the
+  adapters' dtype)."""
   modules = lora_lib.lora_modules(model)
   if not modules:
     raise ValueError("save_adapter: the model has no LoRA adapters (see add_lora)")

@@ -26,7 +26,7 @@ from tests.attention_cases import jaxpr_equations
 from tests.test_train import TINY_MODEL, tiny_train_config
 
 TOLERANCE = 1e-4  # fp32 logits vs torch
-LORA = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
+LORA = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lr=1e-2)
 
 
 def tiny_model(**overrides):
