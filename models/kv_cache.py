@@ -33,8 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import decode_attention
-from pallas_kernels.decode_attention import IMPLS as DECODE_IMPLS
+from pallas_kernels import DECODE_IMPLS, decode_attention
 from pallas_kernels.validation import check_positive_int
 
 

@@ -2,18 +2,26 @@
 
 Depends on jax only. `sliding_window_attention` is the op; `reference_attention`
 its dense oracle; `mask.visible` the one window predicate they all share.
+`IMPLS` / `DECODE_IMPLS` are the tables of implementations, and each impl's
+block sizes are a dataclass exported here.
 """
 
 from pallas_kernels.api import (IMPLS, reference_attention,
                                 sliding_window_attention, visited_blocks,
                                 window_mask)
-from pallas_kernels.decode_attention import DecodeBlockSizes, decode_attention
+from pallas_kernels.decode_attention import (DECODE_IMPLS, DecodeBlockSizes,
+                                             decode_attention)
+from pallas_kernels.flash_tiles import FlashBlockSizes
 from pallas_kernels.mask import Band, kv_block_range, q_block_range, visible
+from pallas_kernels.xla_blockwise import XlaBlockSizes
 
 __all__ = [
     "Band",
+    "DECODE_IMPLS",
     "DecodeBlockSizes",
+    "FlashBlockSizes",
     "IMPLS",
+    "XlaBlockSizes",
     "decode_attention",
     "kv_block_range",
     "q_block_range",

@@ -1,95 +1,42 @@
-"""`sliding_window_attention`: validation, the feature table, `impl=` dispatch, and
-the two pictures of what it computes: `window_mask` (pairs), `visited_blocks` (tiles)."""
+"""`sliding_window_attention`: validation, the table of implementations, `impl=`
+dispatch, and the two pictures of what it computes: `window_mask` (pairs),
+`visited_blocks` (tiles). The top of the package: it imports every impl."""
 
 from __future__ import annotations
 
-import importlib
+from typing import Callable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import cudnn, flash_attention, reference, xla_blockwise
+from pallas_kernels.features import (ALL_FEATURES, check_features,
+                                     resolve_impl)
 from pallas_kernels.mask import cdiv, dense_mask, kv_block_range
-from pallas_kernels.validation import (AttentionProblem, check_attention_args,
+from pallas_kernels.validation import (check_attention_args,
                                        check_positive_int, check_window)
 
-# Features a call may need. `required_features` derives them from the problem;
-# an impl that lacks one raises NotImplementedError: it never falls back to a
-# path that would ignore the window, the segments or the softcap.
-CAUSAL = "causal"                      # causal=True, window=None
-CAUSAL_WINDOW = "causal_window"        # causal=True, window=W
-BIDIRECTIONAL = "bidirectional"        # causal=False, window=None
-LOCAL_WINDOW = "local_window"          # causal=False, window=(left, right)
-SEGMENT_IDS = "segment_ids"
-SOFTCAP = "softcap"
-GQA = "gqa"                            # num_q_heads > num_kv_heads
-UNEQUAL_LENGTHS = "q_len != kv_len"    # bottom-right aligned
-RETURN_LSE = "return_lse"
-FLOAT32 = "float32"
-BFLOAT16 = "bfloat16"
-FLOAT16 = "float16"
 
-ALL_FEATURES = frozenset({
-    CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL, LOCAL_WINDOW, SEGMENT_IDS, SOFTCAP,
-    GQA, UNEQUAL_LENGTHS, RETURN_LSE, FLOAT32, BFLOAT16, FLOAT16})
+class Impl(NamedTuple):
+  """One implementation of the op: its entry function and what it supports.
 
-# impl -> (module path, supported features). The one table of who does what;
-# README shows it, tests enforce it.
-IMPLS = {
-    "reference": ("pallas_kernels.reference", ALL_FEATURES),
-    "xla": ("pallas_kernels.xla_blockwise", ALL_FEATURES),
-    "pallas": ("pallas_kernels.flash_attention", ALL_FEATURES),
-    # cuDNN also runs unmasked (full bidirectional); see pallas_kernels/cudnn.py.
-    "cudnn": ("pallas_kernels.cudnn",
-              frozenset({CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL, GQA, BFLOAT16,
-                         FLOAT16})),
-}
-
-
-def required_features(problem: AttentionProblem, return_lse: bool) -> frozenset:
-  """The features of `IMPLS` that this call needs.
-
-  Classified by the band, not by the `causal` flag: `causal=False,
-  window=(W - 1, 0)` is the same mask as `causal=True, window=W`.
+  attention(q, k, v, segment_ids, problem, *, block_sizes[, interpret]) ->
+  (out [B, T, N, H], lse [B, N, T] or None); features: the `features`
+  names it computes exactly.
   """
-  band = problem.band
-  if band.right == 0:
-    need = {CAUSAL if band.left is None else CAUSAL_WINDOW}
-  else:
-    need = {BIDIRECTIONAL if band.left is None else LOCAL_WINDOW}
-  if problem.has_segments:
-    need.add(SEGMENT_IDS)
-  if problem.softcap is not None:
-    need.add(SOFTCAP)
-  if problem.group_size > 1:
-    need.add(GQA)
-  if problem.q_len != problem.kv_len:
-    need.add(UNEQUAL_LENGTHS)
-  if return_lse:
-    need.add(RETURN_LSE)
-  need.add(problem.dtype.name)
-  return frozenset(need)
+
+  attention: Callable
+  features: frozenset
 
 
-def default_impl() -> str:
-  """`impl="auto"`: Pallas kernels on GPU, the blockwise XLA path elsewhere."""
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
-def check_impl(impl: str, problem: AttentionProblem, return_lse: bool) -> str:
-  """Resolves "auto" and raises if `impl` cannot honour this call exactly."""
-  if impl == "auto":
-    impl = default_impl()
-  if impl not in IMPLS:
-    raise ValueError(
-        f"impl={impl!r}: expected one of {sorted(['auto', *IMPLS])}")
-  missing = required_features(problem, return_lse) - IMPLS[impl][1]
-  if missing:
-    raise NotImplementedError(
-        f"impl={impl!r} does not support {', '.join(sorted(missing))}; "
-        "use impl='pallas', 'xla' or 'reference', which support every "
-        "feature (see the feature table in README)")
-  return impl
+# The one table of who does what; README shows it, tests enforce it.
+IMPLS = {
+    "reference": Impl(reference.attention, ALL_FEATURES),
+    "xla": Impl(xla_blockwise.attention, ALL_FEATURES),
+    "pallas": Impl(flash_attention.attention, ALL_FEATURES),
+    # cuDNN also runs unmasked (full bidirectional); see pallas_kernels/cudnn.py.
+    "cudnn": Impl(cudnn.attention, cudnn.FEATURES),
+}
 
 
 def sliding_window_attention(q, k, v, *, window=None, causal=True,
@@ -139,20 +86,21 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   impl: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla", "reference"
     (dense masked, O(T·S)), or "cudnn" (GPU only; causal windows, no
     segments/softcap/lse). A feature an impl lacks raises NotImplementedError.
-  block_sizes: the impl's own block-size dataclass, or None for its default.
+  block_sizes: the impl's own block-size dataclass (`FlashBlockSizes` for
+    "pallas", `XlaBlockSizes` for "xla"), or None for its default.
   interpret: pallas only; None runs the kernels in interpret mode when no GPU
     is present.
   """
   problem = check_attention_args(
       q, k, v, window=window, causal=causal, segment_ids=segment_ids,
       softcap=softcap, scale=scale)
-  impl = check_impl(impl, problem, return_lse)
+  impl = resolve_impl(impl, sorted(IMPLS))
+  check_features(impl, IMPLS[impl].features, problem, return_lse)
   if interpret is not None and impl != "pallas":
     raise ValueError(f"interpret={interpret!r}: only impl='pallas' takes it")
-  module = importlib.import_module(IMPLS[impl][0])
   kwargs = {} if interpret is None else {"interpret": interpret}
-  out, lse = module.attention(q, k, v, segment_ids, problem,
-                              block_sizes=block_sizes, **kwargs)
+  out, lse = IMPLS[impl].attention(q, k, v, segment_ids, problem,
+                                   block_sizes=block_sizes, **kwargs)
   return (out, lse) if return_lse else out
 
 

@@ -2,7 +2,7 @@
 
 NVIDIA GPUs only. What cuDNN can express through that API (read from jax's
 `jax/_src/nn/functions.py` and `jax/_src/cudnn/fused_attention_stablehlo.py`),
-and hence the "cudnn" row of `api.IMPLS`:
+and hence `FEATURES`, the "cudnn" row of `api.IMPLS`:
 
 - causal, with or without a causal window: `is_causal=True,
   local_window_size=(W - 1, 0)` becomes cuDNN's `sliding_window_length=W`,
@@ -22,8 +22,13 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.api import IMPLS, required_features
+from pallas_kernels.features import (BFLOAT16, BIDIRECTIONAL, CAUSAL,
+                                     CAUSAL_WINDOW, FLOAT16, GQA,
+                                     check_features)
 from pallas_kernels.validation import AttentionProblem
+
+FEATURES = frozenset({CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL, GQA, BFLOAT16,
+                      FLOAT16})
 
 
 def _window_args(problem: AttentionProblem) -> dict:
@@ -46,10 +51,7 @@ def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
   if block_sizes is not None:
     raise ValueError(
         f"block_sizes={block_sizes!r}: impl='cudnn' takes no block sizes")
-  missing = required_features(problem, return_lse=False) - IMPLS["cudnn"][1]
-  if missing or segment_ids is not None:
-    raise NotImplementedError(
-        f"impl='cudnn' does not support {', '.join(sorted(missing)) or 'segment_ids'}")
+  check_features("cudnn", FEATURES, problem, return_lse=False)
   if jax.default_backend() != "gpu":
     raise RuntimeError(
         "impl='cudnn' needs an NVIDIA GPU with cuDNN, but "

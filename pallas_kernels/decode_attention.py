@@ -12,7 +12,8 @@ The op only reads positions; which layout a layer gets, and what happens
 past a linear buffer's end, is `models.kv_cache`'s business.
 
 File order: block sizes -> Pallas kernel -> its wrapper and the split combine
--> the dense XLA path and the fp32 reference -> validation -> `decode_attention`.
+-> the dense paths (`reference.dense_attention` masked by slot positions) ->
+validation -> the table of implementations -> `decode_attention`.
 The Pallas kernel is forward only (generation does not need a gradient).
 """
 
@@ -27,13 +28,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.api import default_impl
-from pallas_kernels.flash_attention import MIN_BLOCK, padded_head_dim
+from pallas_kernels.features import resolve_impl
+from pallas_kernels.flash_tiles import MIN_BLOCK, padded_head_dim
 from pallas_kernels.mask import Band, cdiv, visible
+from pallas_kernels.numerics import matmul_precision, soft_cap
+from pallas_kernels.reference import dense_attention, fp32_dense_attention
 from pallas_kernels.validation import (AttentionProblem, check_attention_args,
-                                       check_positive_int)
-
-IMPLS = ("pallas", "xla", "reference")
+                                       check_positive_int, is_power_of_two)
 
 
 def slot_visible(q_pos, kv_pos, band: Band):
@@ -62,7 +63,7 @@ class DecodeBlockSizes:
 
   def __post_init__(self):
     if (isinstance(self.block_k, bool) or not isinstance(self.block_k, int)
-        or self.block_k < MIN_BLOCK or self.block_k & (self.block_k - 1)):
+        or self.block_k < MIN_BLOCK or not is_power_of_two(self.block_k)):
       raise ValueError(
           f"block_k={self.block_k!r}: expected a power of 2 >= {MIN_BLOCK}")
     if self.num_splits is not None:
@@ -117,8 +118,7 @@ def _decode_kernel(q_ref, row_pos_ref, kv_pos_ref, k_ref, v_ref, o_ref, lse_ref,
                      mask=in_cache[:, None], other=0)
       s = lax.dot_general(q, k, dims, precision=precision,
                           preferred_element_type=jnp.float32) * scale
-      if softcap is not None:
-        s = softcap * jnp.tanh(s / softcap)
+      s, _ = soft_cap(s, softcap)
       s = jnp.where(mask, s, -jnp.inf)
       m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
       m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows seeing nothing
@@ -185,12 +185,10 @@ def _pallas_decode(q, k_cache, v_cache, q_positions, kv_positions, *,
   num_splits = block_sizes.resolve_splits(p)
   split_len = cdiv(cdiv(p.kv_len, block_k), num_splits) * block_k
   num_splits = cdiv(p.kv_len, split_len)
-  precision = (lax.Precision.HIGHEST if p.dtype == jnp.float32
-               else lax.Precision.DEFAULT)  # fp32: no TF32
   kernel = functools.partial(
       _decode_kernel, band=p.band, scale=p.scale, softcap=p.softcap,
       block_k=block_k, split_len=split_len, num_slots=p.kv_len,
-      precision=precision)
+      precision=matmul_precision(p.dtype))
   cache_spec = pl.BlockSpec((None, p.kv_len, None, head_dim),
                             lambda b, h, s: (b, 0, h, 0))
   out, lse = pl.pallas_call(
@@ -239,49 +237,49 @@ def _forward_only_jvp(primals, tangents):
       "sliding_window_attention")
 
 
-def _dense_decode(q, k_cache, v_cache, q_positions, kv_positions,
-                  problem: AttentionProblem, *, precision, probs_dtype):
-  """Masked softmax over every slot, GQA by einsum (K/V never repeated).
+def pallas_decode(q, k_cache, v_cache, q_positions, kv_positions,
+                  problem: AttentionProblem, *, block_sizes=None,
+                  interpret=None):
+  """impl="pallas": the flash-decoding kernel, forward only.
 
-  Scores [B, K, G, T, C] in fp32; probabilities cast to `probs_dtype` before
-  the P·V product. Returns (out [B, T, N, H] in q.dtype, lse [B, N, T] fp32).
+  block_sizes: `DecodeBlockSizes` or None for `DecodeBlockSizes.default`;
+  interpret: None interprets the kernel when no GPU is present.
   """
-  p = problem
-  q5 = q.reshape(p.batch, p.q_len, p.num_kv_heads, p.group_size, p.head_dim)
-  s = jnp.einsum("btkgh,bckh->bkgtc", q5, k_cache, precision=precision,
-                 preferred_element_type=jnp.float32) * p.scale
-  if p.softcap is not None:
-    s = p.softcap * jnp.tanh(s / p.softcap)
-  mask = slot_visible(q_positions[:, :, None], kv_positions[:, None, :],
-                      p.band)[:, None, None]  # (B, 1, 1, T, C)
-  s = jnp.where(mask, s, -jnp.inf)
-  lse = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf on empty rows
-  safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  probs = jnp.where(mask, jnp.exp(s - safe[..., None]), 0.0)
-  out = jnp.einsum("bkgtc,bckh->btkgh", probs.astype(probs_dtype), v_cache,
-                   precision=precision, preferred_element_type=jnp.float32)
-  out = out.reshape(p.batch, p.q_len, p.num_q_heads, p.head_dim)
-  return out.astype(q.dtype), lse.reshape(p.batch, p.num_q_heads, p.q_len)
+  if block_sizes is None:
+    block_sizes = DecodeBlockSizes.default(problem)
+  elif not isinstance(block_sizes, DecodeBlockSizes):
+    raise TypeError(f"block_sizes={block_sizes!r}: expected a "
+                    "DecodeBlockSizes or None")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  forward = jax.custom_jvp(functools.partial(
+      _pallas_decode, problem=problem, block_sizes=block_sizes,
+      interpret=bool(interpret)))
+  forward.defjvp(_forward_only_jvp)
+  return forward(q, k_cache, v_cache, q_positions, kv_positions)
+
+
+def _slot_mask(q_positions, kv_positions, problem: AttentionProblem):
+  """[B, 1, 1, T, C] bool: `slot_visible`, laid out for `dense_attention`."""
+  return slot_visible(q_positions[:, :, None], kv_positions[:, None, :],
+                      problem.band)[:, None, None]
 
 
 def xla_decode(q, k_cache, v_cache, q_positions, kv_positions,
                problem: AttentionProblem):
   """impl="xla": input-dtype matmuls with fp32 accumulation (fp32: no TF32)."""
-  precision = (lax.Precision.HIGHEST if problem.dtype == jnp.float32
-               else lax.Precision.DEFAULT)
-  return _dense_decode(q, k_cache, v_cache, q_positions, kv_positions, problem,
-                       precision=precision, probs_dtype=v_cache.dtype)
+  return dense_attention(
+      q, k_cache, v_cache, _slot_mask(q_positions, kv_positions, problem),
+      problem, precision=matmul_precision(problem.dtype),
+      probs_dtype=v_cache.dtype)
 
 
 def reference_decode(q, k_cache, v_cache, q_positions, kv_positions,
                      problem: AttentionProblem):
   """impl="reference": the same masked softmax in fp32 at HIGHEST precision."""
-  f32 = lambda x: x.astype(jnp.float32)
-  out, lse = _dense_decode(f32(q), f32(k_cache), f32(v_cache), q_positions,
-                           kv_positions, problem,
-                           precision=lax.Precision.HIGHEST,
-                           probs_dtype=jnp.float32)
-  return out.astype(q.dtype), lse
+  return fp32_dense_attention(q, k_cache, v_cache,
+                              _slot_mask(q_positions, kv_positions, problem),
+                              problem)
 
 
 def _check_positions(name, positions, shape):
@@ -311,6 +309,15 @@ def check_decode_args(q, k_cache, v_cache, q_positions, kv_positions, *,
   _check_positions("kv_positions", kv_positions,
                    (problem.batch, problem.kv_len))
   return problem
+
+
+# impl -> entry (q, k_cache, v_cache, q_positions, kv_positions, problem) ->
+# (out, lse); only "pallas" takes block_sizes= and interpret=.
+DECODE_IMPLS = {
+    "pallas": pallas_decode,
+    "xla": xla_decode,
+    "reference": reference_decode,
+}
 
 
 def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
@@ -350,27 +357,13 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
   """
   problem = check_decode_args(q, k_cache, v_cache, q_positions, kv_positions,
                               window=window, softcap=softcap, scale=scale)
-  if impl == "auto":
-    impl = default_impl()
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r}: expected one of {['auto', *IMPLS]}")
+  impl = resolve_impl(impl, list(DECODE_IMPLS))
+  pallas_args = dict(block_sizes=block_sizes, interpret=interpret)
   if impl != "pallas":
-    for name, value in (("block_sizes", block_sizes), ("interpret", interpret)):
+    for name, value in pallas_args.items():
       if value is not None:
         raise ValueError(f"{name}={value!r}: only impl='pallas' takes it")
-    run = xla_decode if impl == "xla" else reference_decode
-    out, lse = run(q, k_cache, v_cache, q_positions, kv_positions, problem)
-  else:
-    if block_sizes is None:
-      block_sizes = DecodeBlockSizes.default(problem)
-    elif not isinstance(block_sizes, DecodeBlockSizes):
-      raise TypeError(f"block_sizes={block_sizes!r}: expected a "
-                      "DecodeBlockSizes or None")
-    if interpret is None:
-      interpret = jax.default_backend() != "gpu"
-    forward = jax.custom_jvp(functools.partial(
-        _pallas_decode, problem=problem, block_sizes=block_sizes,
-        interpret=bool(interpret)))
-    forward.defjvp(_forward_only_jvp)
-    out, lse = forward(q, k_cache, v_cache, q_positions, kv_positions)
+    pallas_args = {}
+  out, lse = DECODE_IMPLS[impl](q, k_cache, v_cache, q_positions, kv_positions,
+                                problem, **pallas_args)
   return (out, lse) if return_lse else out

@@ -42,10 +42,6 @@ class Band:
     left, right = window
     return cls(left, right)
 
-  @property
-  def is_local(self) -> bool:
-    return self.left is not None or self.right is not None
-
 
 def visible(q_pos, k_pos, band: Band, q_segment=None, k_segment=None):
   """The window predicate: bool, True where query position sees key position.

@@ -1,7 +1,9 @@
 """Dense masked attention: the oracle every other implementation is tested against.
 
 It builds the full `[T, S]` mask from `mask.visible`, so it is O(T·S) in time
-and memory: use it for tests and small problems only.
+and memory: use it for tests and small problems only. `dense_attention` is
+also the decode op's dense path (`decode_attention.py`, masked by slot
+positions instead).
 """
 
 from __future__ import annotations
@@ -10,37 +12,59 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mask import dense_mask
+from pallas_kernels.numerics import soft_cap
 from pallas_kernels.validation import AttentionProblem
+
+def dense_attention(q, k, v, mask, problem: AttentionProblem, *, precision,
+                    probs_dtype):
+  """Masked softmax attention over all S keys, GQA by einsum (K/V not repeated).
+
+  q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool, broadcastable to
+  [B, 1, 1, T, S] (True = visible). Scores [B, K, G, T, S] are fp32 (scaled,
+  then soft-capped); the probabilities are cast to `probs_dtype` before the
+  P·V product; both einsums run at `precision` and accumulate in fp32.
+  Returns (out [B, T, N, H] in q.dtype, lse [B, N, T] fp32); a row that sees
+  no key gets out = 0 and lse = -inf.
+  """
+  p = problem
+  q5 = q.reshape(p.batch, p.q_len, p.num_kv_heads, p.group_size, p.head_dim)
+  s = jnp.einsum("btkgh,bskh->bkgts", q5, k, precision=precision,
+                 preferred_element_type=jnp.float32) * p.scale
+  s, _ = soft_cap(s, p.softcap)
+  s = jnp.where(mask, s, -jnp.inf)
+  lse = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf on empty rows
+  safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  probs = jnp.where(mask, jnp.exp(s - safe_lse[..., None]), 0.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(probs_dtype), v,
+                   precision=precision, preferred_element_type=jnp.float32)
+  out = out.reshape(p.batch, p.q_len, p.num_q_heads, p.head_dim)
+  lse = lse.reshape(p.batch, p.num_q_heads, p.q_len)
+  return out.astype(q.dtype), lse
+
+
+def fp32_dense_attention(q, k, v, mask, problem: AttentionProblem):
+  """`dense_attention` in fp32 at HIGHEST precision: the oracle's arithmetic.
+
+  Same shapes as `dense_attention`; out is cast back to q.dtype.
+  """
+  f32 = lambda x: x.astype(jnp.float32)
+  out, lse = dense_attention(f32(q), f32(k), f32(v), mask, problem,
+                             precision=jax.lax.Precision.HIGHEST,
+                             probs_dtype=jnp.float32)
+  return out.astype(q.dtype), lse
 
 
 def reference_forward(q, k, v, segment_ids, problem: AttentionProblem):
-  """Dense fp32 attention.
+  """Dense fp32 attention at HIGHEST precision, masked by `mask.dense_mask`.
 
   q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: [B, T] or None.
   Returns (out [B, T, N, H] in q.dtype, lse [B, N, T] fp32). Rows that see no
   key get out = 0 and lse = -inf.
   """
   p = problem
-  qf = q.astype(jnp.float32).reshape(
-      p.batch, p.q_len, p.num_kv_heads, p.group_size, p.head_dim)
-  kf = k.astype(jnp.float32)
-  vf = v.astype(jnp.float32)
-  # (B, K, G, T, S)
-  s = jnp.einsum("btkgh,bskh->bkgts", qf, kf,
-                 precision=jax.lax.Precision.HIGHEST) * p.scale
-  if p.softcap is not None:
-    s = p.softcap * jnp.tanh(s / p.softcap)
   mask = dense_mask(p.q_len, p.kv_len, p.band, segment_ids)  # (T, S) | (B, T, S)
   mask = mask.reshape(-1, 1, 1, p.q_len, p.kv_len)  # (B|1, 1, 1, T, S)
-  s = jnp.where(mask, s, -jnp.inf)
-  lse = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf on empty rows
-  safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  probs = jnp.where(mask, jnp.exp(s - safe_lse[..., None]), 0.0)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, vf,
-                   precision=jax.lax.Precision.HIGHEST)
-  out = out.reshape(p.batch, p.q_len, p.num_q_heads, p.head_dim)
-  lse = lse.reshape(p.batch, p.num_q_heads, p.q_len)
-  return out.astype(q.dtype), lse
+  return fp32_dense_attention(q, k, v, mask, p)
 
 
 def attention(q, k, v, segment_ids, problem: AttentionProblem, *,

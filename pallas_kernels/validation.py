@@ -48,6 +48,11 @@ def check_positive_int(name: str, value) -> None:
     raise ValueError(f"{name}={value!r}: expected an int >= 1")
 
 
+def is_power_of_two(value: int) -> bool:
+  """True for 1, 2, 4, ...; the tile rule of the Triton kernels."""
+  return value > 0 and value & (value - 1) == 0
+
+
 def _check_window_int(name, value, minimum):
   expected = (f"expected an int in [{minimum}, {MAX_WINDOW}] (window=None "
               "is unbounded)")

@@ -13,12 +13,10 @@ per KV head) so that one batched matmul per (batch, kv head) serves the whole
 group; K/V are never repeated.
 
 Gradients: a custom VJP that recomputes the scores per block from (q, k, v,
-out, lse), as flash attention does. Measured against autodiff of the same
-forward (a fixed-trip `lax.scan` over key blocks, as reverse mode needs) on
-the 2-core CPU (2026-11-28, shared with other jobs), fp32, B=1, N=8, H=64,
-T=S=4096, W=512, fwd+bwd, blocks 128, same run: custom VJP 1.70 s and
-56 MiB XLA temp, autodiff 4.31 s and 357 MiB (it saves every probability
-tile, O(T·W·N)). The custom VJP is kept: 2.5x faster, 6x leaner.
+out, lse), as flash attention does. Against autodiff of the same forward (a
+fixed-trip `lax.scan` over key blocks, as reverse mode needs, which saves
+every probability tile) it was 2.5x faster and 6x leaner in XLA temp memory
+on CPU: benchmarks/results/cpu_xla_custom_vjp_2026-11-28.md.
 """
 
 from __future__ import annotations
@@ -31,12 +29,13 @@ import jax.numpy as jnp
 
 from pallas_kernels.mask import (block_fully_visible, cdiv, kv_block_range,
                                  visible)
+from pallas_kernels.numerics import matmul_precision, soft_cap
 from pallas_kernels.validation import AttentionProblem, check_positive_int
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Rows per query chunk and per key block.
+class XlaBlockSizes:
+  """Rows per query chunk and per key block (impl="xla").
 
   Larger blocks mean bigger matmuls but more masked-out work on the band's
   edges: a chunk visits about `(block_q + W) / block_k + 1` key blocks.
@@ -50,7 +49,7 @@ class BlockSizes:
       check_positive_int(name, getattr(self, name))
 
   @classmethod
-  def default(cls, problem: AttentionProblem) -> "BlockSizes":
+  def default(cls, problem: AttentionProblem) -> "XlaBlockSizes":
     """128 x 128 (fastest measured on CPU at W=512), shrunk for short inputs."""
     return cls(block_q=min(128, problem.q_len), block_k=min(128, problem.kv_len))
 
@@ -79,10 +78,8 @@ class _Tiling:
 
   @property
   def precision(self):
-    # fp32 inputs get fp32 matmuls on every backend (no TF32 on GPU).
-    if self.problem.dtype == jnp.float32:
-      return jax.lax.Precision.HIGHEST
-    return jax.lax.Precision.DEFAULT
+    """`numerics.matmul_precision`: fp32 inputs never get TF32 matmuls."""
+    return matmul_precision(self.problem.dtype)
 
   def kv_range(self, i):
     p = self.problem
@@ -124,10 +121,7 @@ class _Tiling:
     p = self.problem
     s = jnp.einsum("bkmh,bksh->bkms", q_blk, k_blk, precision=self.precision,
                    preferred_element_type=jnp.float32) * p.scale
-    if p.softcap is None:
-      return s, None
-    t = jnp.tanh(s / p.softcap)
-    return p.softcap * t, t
+    return soft_cap(s, p.softcap)
 
 
 def _to_chunks(x, t: _Tiling):
@@ -324,7 +318,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
-              block_sizes: BlockSizes | None = None):
+              block_sizes: XlaBlockSizes | None = None):
   """The impl="xla" entry of the dispatch table.
 
   q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: int32 [B, T] or None.
@@ -332,10 +326,10 @@ def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
   in q, k, v (including through lse).
   """
   if block_sizes is None:
-    block_sizes = BlockSizes.default(problem)
-  elif not isinstance(block_sizes, BlockSizes):
+    block_sizes = XlaBlockSizes.default(problem)
+  elif not isinstance(block_sizes, XlaBlockSizes):
     raise TypeError(
         f"block_sizes={block_sizes!r}: expected "
-        "pallas_kernels.xla_blockwise.BlockSizes or None")
+        "pallas_kernels.XlaBlockSizes or None")
   tiling = _Tiling(problem, block_sizes.block_q, block_sizes.block_k)
   return _attention(q, k, v, segment_ids, tiling=tiling)

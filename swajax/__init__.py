@@ -7,10 +7,10 @@ modules) sit below and never import this package.
 from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
                     qwen3_tiny)
 from models.kv_cache import KVCache, LayerCache, init_cache
-from pallas_kernels.api import (reference_attention, sliding_window_attention,
-                                visited_blocks, window_mask)
-from pallas_kernels.decode_attention import decode_attention
-from pallas_kernels.mask import Band, kv_block_range
+from pallas_kernels import (Band, DecodeBlockSizes, FlashBlockSizes,
+                            XlaBlockSizes, decode_attention, kv_block_range,
+                            reference_attention, sliding_window_attention,
+                            visited_blocks, window_mask)
 from swajax.data import ByteTokenizer, pack_sequences
 from swajax.generation import generate, generate_stream
 from swajax.hf_io import load_hf, save_hf
@@ -24,10 +24,13 @@ __all__ = [
     "Band",
     "ByteTokenizer",
     "CausalLM",
+    "DecodeBlockSizes",
+    "FlashBlockSizes",
     "KVCache",
     "LayerCache",
     "ModelConfig",
     "TrainConfig",
+    "XlaBlockSizes",
     "decode_attention",
     "generate",
     "generate_stream",

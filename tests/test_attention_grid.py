@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, strategies as st
 
-from pallas_kernels.flash_attention import BlockSizes as PallasBlockSizes
+from pallas_kernels import FlashBlockSizes
 from tests.attention_cases import assert_matches_reference, make_inputs
 
 IMPLS = ["reference", "xla", "pallas"]
 # Small tiles for the short sequences here, so every case spans several
 # blocks: band edges, interior tiles and ragged last blocks. Others: defaults.
-BLOCK_SIZES = {"pallas": PallasBlockSizes(16, 16, 16, 16, 16, 16)}
+BLOCK_SIZES = {"pallas": FlashBlockSizes(16, 16, 16, 16, 16, 16)}
 
 # (q_len, kv_len, num_q_heads, num_kv_heads, head_dim, window, causal,
 #  num_segments, softcap)

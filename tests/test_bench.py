@@ -7,12 +7,13 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import Band, visible
-from pallas_kernels.flash_attention import BlockSizes
+from pallas_kernels import Band, FlashBlockSizes, visible
+from pallas_kernels.validation import check_attention_args
 from swajax import bench
 from swajax.bench import attention, tiles
 
@@ -152,14 +153,17 @@ def test_bad_model_overrides_exit_2(benchmark, override, match, capsys):
 
 
 def test_tiles_variants_change_one_field_each():
-  default = BlockSizes.default(128, jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+  default = FlashBlockSizes.default(check_attention_args(
+      q, q, q, window=256, causal=True, segment_ids=None, softcap=None,
+      scale=None))
   found = tiles.variants(default)
   assert found[0] == ("default", default)
   names = [name for name, _ in found]
   assert len(set(names)) == len(names)
   for name, blocks in found[1:]:
     field, value = name.split("=")
-    changed = {f.name for f in dataclasses.fields(BlockSizes)
+    changed = {f.name for f in dataclasses.fields(FlashBlockSizes)
                if getattr(blocks, f.name) != getattr(default, f.name)}
     assert changed == {field} and getattr(blocks, field) == int(value)
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from pallas_kernels import decode_attention, reference_attention
-from pallas_kernels.decode_attention import DecodeBlockSizes
+from pallas_kernels import (DecodeBlockSizes, decode_attention,
+                            reference_attention)
 from tests.attention_cases import tolerance
+from tests.cuda_lowering import lowered_cuda_text
 
 DECODE_IMPLS = ["xla", "pallas"]
 # Several splits and blocks per split; C not a block multiple in some cases.
@@ -242,10 +243,8 @@ def test_lowers_to_a_triton_kernel_for_gpu():
   kv_pos = jax.ShapeDtypeStruct((batch, num_slots), jnp.int32)
   fn = functools.partial(decode_attention, window=256, softcap=30.0,
                          impl="pallas", interpret=False)
-  lowered = jax.jit(fn).trace(q, cache, cache, q_positions=q_pos,
-                              kv_positions=kv_pos).lower(
-                                  lowering_platforms=("cuda",))
-  text = lowered.as_text()
+  text = lowered_cuda_text(fn, q, cache, cache, q_positions=q_pos,
+                           kv_positions=kv_pos)
   assert "__gpu$xla.gpu.triton" in text
   assert 'name = "swa_decode"' in text
 

@@ -1,6 +1,7 @@
-"""The one-way layering: swajax -> models -> pallas_kernels -> jax."""
+"""The one-way layering: swajax -> models -> pallas_kernels -> jax; no import cycles."""
 
 import ast
+import collections
 import pathlib
 
 import pytest
@@ -10,6 +11,7 @@ FORBIDDEN = {
     "pallas_kernels": {"models", "swajax", "flax", "optax"},
     "models": {"swajax"},
 }
+PACKAGES = ["pallas_kernels", "models", "swajax"]
 
 
 def imported_packages(path):
@@ -29,3 +31,141 @@ def test_imports_go_one_way(package):
   for path in files:
     bad = set(imported_packages(path)) & FORBIDDEN[package]
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+# The import graph: no cycles, function-local imports included.
+
+
+def module_name(path, root):
+  """`root/pkg/sub/mod.py` -> "pkg.sub.mod"; a package's `__init__.py` -> "pkg.sub"."""
+  parts = path.relative_to(root).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root, packages):
+  """Module name -> the project modules it imports, from every file's AST.
+
+  Every import statement counts, also one inside a function. `import a.b`
+  and `from a import b` point at module `a.b` when it exists in the project
+  (`from a import b` at `a` when `b` is a name defined in `a`); relative
+  imports resolve against the importing file's package. Imports of modules
+  outside `packages` are left out.
+  """
+  paths = {module_name(p, root): p for package in packages
+           for p in sorted((root / package).rglob("*.py"))}
+
+  def in_project(name):
+    """The longest prefix of dotted `name` that is a project module, or None."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+      if ".".join(parts[:end]) in paths:
+        return ".".join(parts[:end])
+    return None
+
+  graph = {}
+  for module, path in paths.items():
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+      if isinstance(node, ast.Import):
+        targets.update(in_project(alias.name) for alias in node.names)
+      elif isinstance(node, ast.ImportFrom):
+        if node.level:  # relative: level 1 is this file's package
+          parts = package.split(".")
+          anchor = ".".join(parts[:len(parts) + 1 - node.level])
+          base = f"{anchor}.{node.module}" if node.module else anchor
+        else:
+          base = node.module
+        targets.update(in_project(f"{base}.{alias.name}")
+                       for alias in node.names)
+    graph[module] = targets - {None}
+  return graph
+
+
+def strongly_connected(graph):
+  """Tarjan's algorithm: the strongly connected components of `graph`, as sets."""
+  index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+  def visit(node):
+    index[node] = low[node] = len(index)
+    stack.append(node)
+    on_stack.add(node)
+    for succ in sorted(graph.get(node, ())):
+      if succ not in index:
+        visit(succ)
+        low[node] = min(low[node], low[succ])
+      elif succ in on_stack:
+        low[node] = min(low[node], index[succ])
+    if low[node] == index[node]:
+      component = set()
+      while node not in component:
+        component.add(stack.pop())
+      on_stack.difference_update(component)
+      components.append(component)
+
+  for node in sorted(graph):
+    if node not in index:
+      visit(node)
+  return components
+
+
+def shortest_cycle(graph, start, within):
+  """The shortest path `[start, ..., start]` through nodes of `within`, or None."""
+  parent = {start: None}
+  queue = collections.deque([start])
+  while queue:
+    node = queue.popleft()
+    for succ in sorted(graph.get(node, ())):
+      if succ == start:
+        path = [node]
+        while parent[path[-1]] is not None:
+          path.append(parent[path[-1]])
+        return path[::-1] + [start]
+      if succ in within and succ not in parent:
+        parent[succ] = node
+        queue.append(succ)
+  return None
+
+
+def cycles(graph):
+  """Per strongly connected component, its shortest cycle through its smallest node."""
+  found = (shortest_cycle(graph, min(c), c) for c in strongly_connected(graph))
+  return sorted(cycle for cycle in found if cycle)
+
+
+@pytest.mark.parametrize("graph, expected", [
+    ({"a": {"b", "c"}, "b": {"c"}, "c": set()}, []),
+    ({"a": {"a"}}, [["a", "a"]]),
+    ({"a": {"b"}, "b": {"a"}}, [["a", "b", "a"]]),
+    # Two components; the shorter of a's two cycles; d hangs off one.
+    ({"a": {"b", "x"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "x": {"a"},
+      "e": {"f"}, "f": {"e"}}, [["a", "x", "a"], ["e", "f", "e"]]),
+])
+def test_cycles_finds_one_per_component(graph, expected):
+  assert cycles(graph) == expected
+
+
+def test_import_graph_follows_every_kind_of_import(tmp_path):
+  sources = {
+      "pkg/__init__.py": "from pkg.a import f\nimport json\n",
+      "pkg/a.py": "def f():\n  from pkg import b  # a submodule, in a function\n",
+      "pkg/b.py": "from . import a\nfrom .sub.c import g\n",
+      "pkg/sub/__init__.py": "",
+      "pkg/sub/c.py": "from .. import VERSION\nimport pkg.sub\ng = 1\n",
+  }
+  for name, text in sources.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+  assert import_graph(tmp_path, ["pkg"]) == {
+      "pkg": {"pkg.a"}, "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a", "pkg.sub.c"},
+      "pkg.sub": set(), "pkg.sub.c": {"pkg", "pkg.sub"}}
+  assert cycles(import_graph(tmp_path, ["pkg"])) == [
+      ["pkg", "pkg.a", "pkg.b", "pkg.sub.c", "pkg"]]
+
+
+def test_no_import_cycles():
+  graph = import_graph(ROOT, PACKAGES)
+  assert len(graph) > len(PACKAGES), sorted(graph)
+  found = cycles(graph)
+  assert not found, "import cycles:\n" + "\n".join(
+      " -> ".join(cycle) for cycle in found)

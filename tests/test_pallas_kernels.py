@@ -13,22 +13,19 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from pallas_kernels import sliding_window_attention
-from pallas_kernels.flash_attention import (
-    BlockSizes, KernelConfig, visit_counts)
+from pallas_kernels import FlashBlockSizes, sliding_window_attention
+from pallas_kernels.flash_attention import visit_counts
+from pallas_kernels.flash_tiles import KernelConfig
 from pallas_kernels.mask import visible
 from pallas_kernels.validation import check_attention_args
 from tests.attention_cases import (assert_matches_reference, jaxpr_equations,
                                    make_inputs)
+from tests.cuda_lowering import lowered_cuda_text
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
-SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
+SMALL = FlashBlockSizes(16, 16, 16, 16, 16, 16)
 HEAD_DIMS = [64, 80, 96, 128, 256]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-
-
-def _lowered_cuda_text(fn, *args):
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("head_dim, q_len, num_segments, softcap", [
@@ -51,10 +48,10 @@ def test_kernels_lower_to_triton_for_gpu(head_dim, q_len, num_segments,
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
   if num_segments is None and head_dim == 128:
-    forward = _lowered_cuda_text(attend, q, k, v)
+    forward = lowered_cuda_text(attend, q, k, v)
     assert forward.count(TRITON_CALL) == 1
     assert "swa_flash_forward" in forward
-  grads = _lowered_cuda_text(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+  grads = lowered_cuda_text(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
   # Forward (residuals), dQ, dK/dV.
   assert grads.count(TRITON_CALL) == 3
   for name in ("swa_flash_forward", "swa_flash_backward_dq",
@@ -122,7 +119,7 @@ def _dense_block_visits(problem, block_q, block_k):
 ])
 def test_visit_counts_equal_the_band(q_len, kv_len, window, causal):
   problem = _problem(q_len, kv_len, window, causal)
-  blocks = BlockSizes.default(problem.head_dim, problem.dtype)
+  blocks = FlashBlockSizes.default(problem)
   counts = visit_counts(problem)
   for name, bq, bk in (("forward", blocks.block_q, blocks.block_k),
                        ("dq", blocks.block_q_dq, blocks.block_k_dq),
@@ -138,7 +135,7 @@ def test_visits_do_not_grow_with_sequence_length():
     counts = visit_counts(_problem(seq, seq, 256))
     maxima[seq] = {name: int(c.max()) for name, c in counts.items()}
   assert maxima[1024] == maxima[4096] == maxima[16384], maxima
-  blocks = BlockSizes.default(128, jnp.bfloat16)
+  blocks = FlashBlockSizes.default(_problem(1024, 1024, 256))
   # A 256-key window spans at most (256 - 1 + block_q) / block_k + 1 blocks.
   assert maxima[1024]["forward"] <= (255 + blocks.block_q) // blocks.block_k + 1
   # Full causal, by contrast, grows with the sequence.
@@ -164,10 +161,11 @@ def test_check_grads_tiny_fp32_with_softcap_and_lse():
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_default_block_sizes_are_valid(head_dim, dtype):
-  sizes = BlockSizes.default(head_dim, dtype)
-  assert isinstance(sizes, BlockSizes)
+  sizes = FlashBlockSizes.default(_problem(64, 64, 8, head_dim=head_dim,
+                                          dtype=dtype))
+  assert isinstance(sizes, FlashBlockSizes)
   if dtype == jnp.float32:
-    narrow = BlockSizes.default(head_dim, jnp.bfloat16)
+    narrow = FlashBlockSizes.default(_problem(64, 64, 8, head_dim=head_dim))
     assert sizes.block_q <= narrow.block_q and sizes.block_k <= narrow.block_k
 
 
@@ -182,7 +180,7 @@ def test_default_block_sizes_are_valid(head_dim, dtype):
 ])
 def test_block_sizes_validation(kwargs, error, match):
   with pytest.raises(error, match=match):
-    BlockSizes(**kwargs)
+    FlashBlockSizes(**kwargs)
 
 
 def test_block_sizes_wrong_type_is_a_type_error():
@@ -196,7 +194,7 @@ def test_none_means_the_default_fitted_to_the_sequence():
   problem = _problem(40, 40, 8, head_dim=80, dtype=jnp.float16)
   fitted = KernelConfig.make(problem, None, interpret=True).blocks
   explicit = KernelConfig.make(
-      problem, BlockSizes.default(80, jnp.float16), interpret=True).blocks
+      problem, FlashBlockSizes.default(problem), interpret=True).blocks
   assert fitted == explicit
   # Tiles shrink to the sequence's next power of two (>= 16), no further.
   assert fitted.block_q == 64 and fitted.block_k == 64

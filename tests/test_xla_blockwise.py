@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels import sliding_window_attention
-from pallas_kernels.xla_blockwise import BlockSizes
+from pallas_kernels import XlaBlockSizes, sliding_window_attention
 from tests.attention_cases import (assert_matches_reference, jaxpr_equations,
                                    make_inputs)
 
@@ -24,7 +23,7 @@ def _with_blocks(block_q, block_k):
   """Makes impl="xla" use these block sizes by default (the shared helper
   passes the same kwargs to the reference, which takes none)."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(BlockSizes, "default",
+    patch.setattr(XlaBlockSizes, "default",
                   classmethod(lambda cls, problem: cls(block_q, block_k)))
     yield
 
@@ -59,7 +58,7 @@ def test_explicit_block_sizes_give_the_same_result():
   q, k, v, _ = make_inputs(3, q_len=50, num_q_heads=4, num_kv_heads=1)
   outs = [sliding_window_attention(q, k, v, window=9, impl="xla",
                                    block_sizes=bs)
-          for bs in (None, BlockSizes(7, 16))]
+          for bs in (None, XlaBlockSizes(7, 16))]
   chex.assert_trees_all_close(outs[0], outs[1], atol=1e-6, rtol=0)
 
 
@@ -71,12 +70,12 @@ def test_explicit_block_sizes_give_the_same_result():
 ])
 def test_block_sizes_validation(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    BlockSizes(**kwargs)
+    XlaBlockSizes(**kwargs)
 
 
 def test_foreign_block_sizes_type_is_refused():
   q, k, v, _ = make_inputs(0)
-  with pytest.raises(TypeError, match="xla_blockwise.BlockSizes"):
+  with pytest.raises(TypeError, match="pallas_kernels.XlaBlockSizes"):
     sliding_window_attention(q, k, v, window=4, impl="xla",
                              block_sizes=(16, 16))
 

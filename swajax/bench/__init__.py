@@ -15,7 +15,7 @@ BENCHMARKS: Table = {
                   "the op's impls vs dense and tokamax baselines"),
     "generate": (generate.main, "generation throughput"),
     "train": (train.main, "training step throughput"),
-    "tiles": (tiles.main, "Pallas kernel times per BlockSizes "
+    "tiles": (tiles.main, "Pallas kernel times per FlashBlockSizes "
               "variant (GPU tuning data)"),
 }
 

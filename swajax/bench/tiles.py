@@ -1,6 +1,6 @@
-"""`swajax bench tiles`: the Pallas kernels under candidate `BlockSizes`.
+"""`swajax bench tiles`: the Pallas kernels under candidate `FlashBlockSizes`.
 
-Tuning data for `BlockSizes.default`. For one problem (T, W, dtype, N, K, H)
+Tuning data for `FlashBlockSizes.default`. For one problem (T, W, dtype, N, K, H)
 it times the forward and forward+backward of impl="pallas" under the default
 tiles, then under variants that each change one field of the default
 (a coordinate sweep over `SWEEP`), and reports every time relative to the
@@ -22,8 +22,8 @@ import time
 
 import jax
 
-from pallas_kernels import sliding_window_attention
-from pallas_kernels.flash_attention import BlockSizes
+from pallas_kernels import FlashBlockSizes, sliding_window_attention
+from pallas_kernels.validation import check_attention_args
 from swajax.bench import attention, common
 
 # Field -> values tried instead of the default's (one field at a time).
@@ -44,7 +44,7 @@ COLUMNS = [("variant", "variant"), ("fwd_ms", "fwd ms"),
            ("fwd_bwd_vs_default", "fwd+bwd vs default"), ("skipped", "note")]
 
 
-def variants(default: BlockSizes) -> list[tuple[str, BlockSizes]]:
+def variants(default: FlashBlockSizes) -> list[tuple[str, FlashBlockSizes]]:
   """[("default", default), ("field=value", default with that field), ...]."""
   out = [("default", default)]
   for field, values in SWEEP.items():
@@ -56,7 +56,7 @@ def variants(default: BlockSizes) -> list[tuple[str, BlockSizes]]:
   return out
 
 
-def time_variant(name: str, blocks: BlockSizes, inputs, window: int,
+def time_variant(name: str, blocks: FlashBlockSizes, inputs, window: int,
                  repeats: int) -> dict:
   """One row: fwd and fwd+bwd ms of impl="pallas" with `blocks`."""
   fn = lambda q, k, v: sliding_window_attention(
@@ -109,7 +109,10 @@ def parse_args(argv):
 def main(argv: list[str]) -> int:
   args, settings = parse_args(argv)
   inputs = attention.make_inputs(args.seq_len, settings)
-  default = BlockSizes.default(args.head_dim, attention.DTYPES[args.dtype])
+  q, k, v, _ = inputs
+  default = FlashBlockSizes.default(check_attention_args(
+      q, k, v, window=args.window, causal=True, segment_ids=None,
+      softcap=None, scale=None))
   payload = dict(benchmark="tiles", machine=common.machine_info(),
                  problem=dict(seq_len=args.seq_len, window=args.window,
                               dtype=args.dtype, heads=args.heads,

@@ -13,6 +13,9 @@ dQ: one program per (query block, batch, query head) walks the key blocks of
 batch, KV head) walks, for each of the G query heads of its group, the query
 blocks of `mask.q_block_range`, so GQA gradients are summed in registers, not
 by atomics or a repeated K/V.
+
+Builds on `flash_tiles.py` only; `flash_attention.py` pairs it with
+`flash_forward.py` in the custom VJP.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import (
+from pallas_kernels.flash_tiles import (
     LOG2_E, KernelConfig, apply_mask, block_range, load_kv_block, load_row,
     load_tile, round_up, scores, store_tile, tile_start)
 from pallas_kernels.mask import kv_block_range, q_block_range
@@ -135,7 +138,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse2_ref, delta_ref,
   store_tile(dv_ref, dv, k_rows, p.kv_len, p.head_dim)
 
 
-def backward(q, k, v, segment_ids, out, lse, d_out, d_lse,
+def backward(q, k, v, segment_ids, out, lse, d_out, d_lse, *,
              config: KernelConfig):
   """dq [B, T, N, H], dk, dv [B, S, K, H] from the forward's out and lse.
 
