@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 from models import CausalLM, ModelConfig
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
+from swajax.peft_io import load_adapter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -211,8 +212,6 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
         var.set_value(_read(file, f, spec, var.get_value().shape, dtype,
                             shardings.get(spec.path)))
   if adapter is not None:
-    # Lazy: peft_io imports this module (for `tensor_table`).
-    from swajax.peft_io import load_adapter
     load_adapter(model, adapter)
   return model
 

@@ -2,7 +2,8 @@
 adapter_model.safetensors, the files `peft.PeftModel.from_pretrained` reads).
 
 Key names are PEFT's for a causal LM: "base_model.model." + the HF module
-name (from `hf_io.tensor_table`, e.g. model.layers.0.self_attn.q_proj) +
+name (`hf_module_name`, e.g. model.layers.0.self_attn.q_proj: hf_io's
+tensor names without ".weight", which tests/test_lora.py checks) +
 ".lora_A.weight" [r, in_features] or ".lora_B.weight" [out_features, r];
 ours are lora_a [*in, r] and lora_b [r, *out] (`swajax.lora`): both are
 flattened to matrices and transposed (`adapter_tensors`, `load_adapter`).
@@ -14,7 +15,6 @@ import json
 import math
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -23,28 +23,26 @@ from safetensors.numpy import save_file
 
 import models
 from swajax import lora as lora_lib
-from swajax.hf_io import save_hf, tensor_table
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+HF_BLOCKS = {"attn": "self_attn", "mlp": "mlp"}  # our decoder-layer blocks' HF names
 
 
-def _module_names(config: models.ModelConfig) -> dict[tuple, str]:
-  """Our projection path (layers, i, block, proj) -> its HF module name."""
-  return {tuple(spec.path[:-1]): spec.hf_name.removesuffix(".weight")
-          for spec in tensor_table(config)
-          if spec.path[-1] == "kernel" and spec.path[0] == "layers"}
+def hf_module_name(path: tuple) -> str:
+  """Our projection path ("layers", i, block, proj) -> its HF module name."""
+  _, layer, block, proj = path
+  return f"model.layers.{layer}.{HF_BLOCKS[block]}.{proj}"
 
 
 def adapter_tensors(model) -> dict[str, np.ndarray]:
   """PEFT key -> array (PEFT layout) for every adapter of `model`."""
-  names = _module_names(model.config)
   out = {}
   for path, module in lora_lib.lora_modules(model):
     a = np.asarray(module.lora_a.get_value())
     b = np.asarray(module.lora_b.get_value())
-    key = PREFIX + names[tuple(path)]
+    key = PREFIX + hf_module_name(tuple(path))
     out[key + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
     out[key + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(b.shape[0], -1).T)
   return out
@@ -118,12 +116,11 @@ def load_adapter(model: models.CausalLM, path) -> models.CausalLM:
   file = path / WEIGHTS_FILE
   if not file.is_file():
     raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}")
-  names = _module_names(model.config)
   with safe_open(str(file), framework="numpy") as f:
     stored = set(f.keys())
     expected = set()
     for module_path, module in lora_lib.lora_modules(model):
-      key = PREFIX + names[tuple(module_path)]
+      key = PREFIX + hf_module_name(tuple(module_path))
       for var, suffix in ((module.lora_a, ".lora_A.weight"),
                           (module.lora_b, ".lora_B.weight")):
         name = key + suffix
@@ -150,21 +147,3 @@ def _peft_shape(suffix: str, shape) -> tuple[int, int]:
   return math.prod(shape[1:]), shape[0]  # ours [r, *out]
 
 
-
-def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | None
-                ) -> list[str]:
-  """A LoRA run's export (`swajax train`): the PEFT adapter in hf_dir/adapter/
-  and, with merge, the merged model (`lora.merged_model`) as a full HF
-  checkpoint in hf_dir (replacing it). Every process calls it (the merged
-  save gathers parameters); process 0 writes the adapter. Returns report lines."""
-  hf_dir = Path(hf_dir)
-  lines = []
-  if merge:
-    save_hf(lora_lib.merged_model(model), hf_dir, overwrite=True)
-    lines.append(f"Hugging Face export (LoRA merged) {hf_dir}")
-  if jax.process_index() == 0:
-    base = None if base_model_name_or_path is None else str(
-        Path(base_model_name_or_path).absolute())
-    save_adapter(model, hf_dir / "adapter", base_model_name_or_path=base)
-  lines.append(f"PEFT adapter {hf_dir / 'adapter'} (peft.PeftModel.from_pretrained)")
-  return lines

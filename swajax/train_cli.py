@@ -25,9 +25,10 @@ import jax
 import numpy as np
 import yaml
 
+from swajax import lora as lora_lib
 from swajax.generation import generate
 from swajax.hf_io import save_hf
-from swajax.peft_io import export_lora
+from swajax.peft_io import save_adapter
 from swajax.sharding import maybe_initialize_distributed
 from swajax.train_config import TrainConfig
 from swajax.training import default_run_dir, train
@@ -208,6 +209,25 @@ def report(result, config: TrainConfig, seconds: float, sample_tokens: int) -> N
   lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")
   if lead:
     print("\n".join(lines))
+
+
+def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | None
+                ) -> list[str]:
+  """A LoRA run's export (`swajax train`): the PEFT adapter in hf_dir/adapter/
+  and, with merge, the merged model (`lora.merged_model`) as a full HF
+  checkpoint in hf_dir (replacing it). Every process calls it (the merged
+  save gathers parameters); process 0 writes the adapter. Returns report lines."""
+  hf_dir = Path(hf_dir)
+  lines = []
+  if merge:
+    save_hf(lora_lib.merged_model(model), hf_dir, overwrite=True)
+    lines.append(f"Hugging Face export (LoRA merged) {hf_dir}")
+  if jax.process_index() == 0:
+    base = None if base_model_name_or_path is None else str(
+        Path(base_model_name_or_path).absolute())
+    save_adapter(model, hf_dir / "adapter", base_model_name_or_path=base)
+  lines.append(f"PEFT adapter {hf_dir / 'adapter'} (peft.PeftModel.from_pretrained)")
+  return lines
 
 
 def _sample(result, path: Path, max_tokens: int, lines: list[str], *, write: bool) -> None:

@@ -20,8 +20,9 @@ import models
 from swajax import lora as lora_lib
 from swajax import peft_io
 from swajax import sharding as sharding_lib
+from swajax import train_cli
 from swajax import training as train_lib
-from swajax.hf_io import load_hf
+from swajax.hf_io import load_hf, tensor_table
 from tests.attention_cases import jaxpr_equations
 from tests.test_train import TINY_MODEL, tiny_train_config
 
@@ -224,7 +225,7 @@ def test_swajax_adapter_loads_in_peft_and_merged_export_in_transformers(tmp_path
       tmp_path / "run", init_from_hf=str(hf_base), steps=3, eval_every=3,
       lora_targets="all", **LORA))
   hf_dir = tmp_path / "run" / "hf"
-  peft_io.export_lora(run.model, hf_dir, merge=True, base_model_name_or_path=str(hf_base))
+  train_cli.export_lora(run.model, hf_dir, merge=True, base_model_name_or_path=str(hf_base))
   x = ids(seq=30)
   ours = np.asarray(jax.jit(lambda m, x: m(x))(run.model, x))
   assert float(np.abs(ours - torch_logits(random_hf_mistral(), x)).max()) > 1e-3
@@ -252,6 +253,17 @@ def test_peft_adapter_loads_in_swajax(tmp_path, hf_base, targets, rslora):
   np.testing.assert_allclose(ours, theirs, atol=TOLERANCE)
 
 
+def test_peft_module_names_are_hf_io_tensor_names():
+  model = lora_lib.add_lora(tiny_model(num_layers=2, layer_windows=(16, 16)),
+                            lora_lib.LoraSpec(rank=2, alpha=2.0), rngs=nnx.Rngs(0))
+  hf_names = {spec.hf_name for spec in tensor_table(model.config)}
+  keys = peft_io.adapter_tensors(model)
+  assert len(keys) == 2 * 7 * 2
+  for key in keys:
+    module = key.removeprefix(peft_io.PREFIX).rsplit(".lora_", 1)[0]
+    assert module + ".weight" in hf_names, key
+
+
 def test_unsupported_adapter_config_is_refused(tmp_path, hf_base):
   adapter = tmp_path / "adapter"
   peft.get_peft_model(random_hf_mistral(), peft.LoraConfig(
@@ -266,7 +278,6 @@ def test_cli_lora_on_the_example_chat_data(tmp_path, capsys):
   conversations reported."""
   from pathlib import Path
 
-  from swajax import train_cli
   from swajax.hf_io import save_hf
 
   save_hf(tiny_model(), tmp_path / "base")
