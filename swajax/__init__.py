@@ -15,6 +15,8 @@ from pallas_kernels import context_parallel_attention
 from swajax.data import ByteTokenizer, pack_sequences
 from swajax.generation import generate, generate_stream
 from swajax.hf_io import load_hf, save_hf
+from swajax.lora import LoraSpec, add_lora, merged_model
+from swajax.peft_io import load_adapter, save_adapter
 from swajax.sampling import sample_next_token
 from swajax.train_config import TrainConfig
 from swajax.training import train
@@ -49,4 +51,10 @@ __all__ = [
     "train",
     "visited_blocks",
     "window_mask",
+    # LoRA / QLoRA and PEFT adapters
+    "LoraSpec",
+    "add_lora",
+    "load_adapter",
+    "merged_model",
+    "save_adapter",
 ]

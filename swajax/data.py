@@ -23,7 +23,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from swajax.train_config import TrainConfig
+from swajax import chat as chat_lib
+from swajax.train_config import TOO_LONG, TrainConfig
 
 # Row fields produced by `pack_sequences`, all [R, T].
 ROW_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -58,6 +59,12 @@ class ByteTokenizer:
     """int32 [L] byte values of the UTF-8 encoding."""
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [L], offsets int [L, 2]: each byte's character [start, end))."""
+    ids = self.encode(text)
+    char = np.repeat(np.arange(len(text)), [len(c.encode("utf-8")) for c in text])
+    return ids, np.stack([char, char + 1], axis=1).reshape(-1, 2)
+
   def decode(self, ids: Iterable[int]) -> str:
     """Bytes back to text; special ids are dropped, broken UTF-8 replaced."""
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode(
@@ -76,6 +83,7 @@ class HFTokenizer:
   bos/eos/pad come from a sibling tokenizer_config.json when present, else
   from common spellings. bos_id may be None (no bos is prepended); without a
   pad token, eos doubles as pad (padding never carries loss either way).
+  chat_template: the sibling chat template (`chat.read_template`) or None.
   """
 
   def __init__(self, path: str | Path):
@@ -98,6 +106,9 @@ class HFTokenizer:
                       f"(tried {', '.join(_EOS_NAMES)})")
     pad = self._find(named.get("pad_token"), _PAD_NAMES)
     self.pad_id = self.eos_id if pad is None else pad
+    self.chat_template = chat_lib.read_template(file)
+    self.bos_token = None if self.bos_id is None else self._tok.id_to_token(self.bos_id)
+    self.eos_token = self._tok.id_to_token(self.eos_id)
 
   def _find(self, configured, names) -> int | None:
     for name in ((configured,) if configured else ()) + names:
@@ -112,6 +123,11 @@ class HFTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+    """(ids [L], offsets int [L, 2]: each token's character [start, end))."""
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return encoding.ids, np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -357,8 +373,10 @@ def read_documents(path: str | Path, tokenizer, *, train_prompt: bool = False
 
   A folder: every file under it (sorted) is one text document. A .jsonl
   file: one record per line, {"text": ...} or {"prompt": ..., "completion":
-  ...} (the prompt is trained only with train_prompt=True). Any other file:
-  one text document.
+  ...} (the prompt is trained only with train_prompt=True), or a chat,
+  ShareGPT or Alpaca record (`swajax.chat`: rendered with the tokenizer's
+  chat template, the assistant turns trained). Any other file: one text
+  document. A malformed line raises DataError naming its file and line.
   """
   path = Path(path)
   if not path.exists():
@@ -382,6 +400,7 @@ def _read_text(path: Path) -> str:
 
 def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
                      ) -> Iterator[tuple[int, Document]]:
+  encoder = None  # the chat template, compiled at the first chat record
   for n, line in enumerate(_read_text(path).splitlines(), start=1):
     if not line.strip():
       continue
@@ -389,6 +408,14 @@ def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise DataError(f"data={str(path)!r}: line {n} is not JSON ({e.msg})") from e
+    try:
+      messages = chat_lib.messages_of(record) if isinstance(record, dict) else None
+      if messages is not None:
+        encoder = encoder or chat_lib.ChatEncoder(tokenizer)
+        yield n, Document(*encoder.encode(messages))
+        continue
+    except chat_lib.ChatDataError as e:
+      raise DataError(f"data={str(path)!r}: line {n}: {e}") from e
     if isinstance(record, dict) and isinstance(record.get("text"), str):
       yield n, encode_text(tokenizer, record["text"])
     elif (isinstance(record, dict) and isinstance(record.get("prompt"), str)
@@ -397,7 +424,9 @@ def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
                               train_prompt=train_prompt)
     else:
       raise DataError(f"data={str(path)!r}: line {n}: expected an object with "
-                      "'text', or 'prompt' and 'completion' strings")
+                      "'text', or 'prompt' and 'completion' strings, or a chat "
+                      "('messages'), ShareGPT ('conversations') or Alpaca "
+                      "('instruction', 'output') record")
 
 
 def split_train_val(keyed: Sequence[tuple[str, Document]], val_percent: float
@@ -423,8 +452,14 @@ def split_train_val(keyed: Sequence[tuple[str, Document]], val_percent: float
 # A training run's data
 # ----------------------------------------------------------------------------
 
-def load_data(config: TrainConfig, tokenizer) -> tuple[PackedRows, dict]:
-  """(training rows, validation rows [R, T] dict) for `config`."""
+def load_data(config: TrainConfig, tokenizer, notes: list[str] | None = None
+              ) -> tuple[PackedRows, dict]:
+  """(training rows, validation rows [R, T] dict) for `config`.
+
+  Documents longer than seq_len are handled per `config.too_long` (see
+  `fit_documents`); when some are, a line saying how many and what was done
+  is appended to `notes` (the run reports it at the end).
+  """
   if config.data is None:
     train_docs = [encode_text(tokenizer, text) for text in stdlib_corpus(
         "train", max_bytes=config.corpus_max_bytes, val_percent=config.val_percent)]
@@ -439,6 +474,11 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[PackedRows, dict]:
       train_docs = [doc for _, doc in keyed]
       val_docs = [doc for _, doc in read_documents(
           config.val_data, tokenizer, train_prompt=config.train_prompt)]
+  train_docs, train_note = fit_documents(train_docs, config.seq_len, config.too_long)
+  val_docs, val_note = fit_documents(val_docs, config.seq_len, config.too_long)
+  if notes is not None:
+    notes += [f"{split} data: {note}" for split, note in
+              (("train", train_note), ("validation", val_note)) if note]
   # Prompt/completion records stay whole; plain text streams end to end.
   whole = config.data is not None and config.data.endswith(".jsonl")
   pack = lambda docs: pack_sequences(
@@ -449,6 +489,28 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[PackedRows, dict]:
   val_rows = {k: v[:config.eval_batches * config.batch_size]
               for k, v in pack(val_docs).items()}
   return train_rows, pad_rows(val_rows, config.batch_size, pad_id=tokenizer.pad_id)
+
+
+def fit_documents(docs: list[Document], seq_len: int, too_long: str
+                  ) -> tuple[list[Document], str | None]:
+  """(documents, a note or None) with those longer than seq_len tokens
+  "split" (kept: packing continues them in the next rows as new pieces),
+  "truncate"d to their first seq_len tokens, or "drop"ped. The note counts
+  them; None when every document fits."""
+  if too_long not in TOO_LONG:
+    raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
+  long = [len(doc.tokens) > seq_len for doc in docs]
+  count = sum(long)
+  if not count:
+    return docs, None
+  if too_long == "drop":
+    docs = [doc for doc, is_long in zip(docs, long) if not is_long]
+  elif too_long == "truncate":
+    docs = [Document(doc.tokens[:seq_len], doc.trained[:seq_len]) for doc in docs]
+  verb = {"split": "split across rows", "truncate": "truncated to their first "
+          f"{seq_len} tokens", "drop": "dropped"}[too_long]
+  return docs, (f"{count} of {len(long)} documents longer than seq_len={seq_len} "
+                f"tokens were {verb} (--too-long {too_long})")
 
 
 def resolve_tokenizer(config: TrainConfig):

@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 from models import CausalLM, ModelConfig
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
+from swajax.peft_io import load_adapter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -146,7 +147,8 @@ def _open(file: Path):
     raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM:
+def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
+            adapter=None) -> CausalLM:
   """A `CausalLM` from a HF checkpoint directory (config.json + safetensors).
 
   path: the folder (config.json, and model.safetensors or
@@ -164,6 +166,9 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
   (a column block of a row-major tensor is a strided read: every row is
   visited, only its block copied; a block replicated over "data" is read once
   per device holding it).
+  adapter: a PEFT LoRA adapter folder (adapter_config.json +
+  adapter_model.safetensors, written by PEFT or by swajax) to add onto the
+  base (`swajax.peft_io.load_adapter`; the adapters go to the default device).
 
   Raises FileNotFoundError (with the path) for a missing config or shard,
   TypeError for a mesh that is not a jax Mesh, ValueError for one without the
@@ -213,6 +218,8 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None) -> CausalLM
                             shardings.get(spec.path)))
         progress.add(math.prod(spec.hf_shape) * dtype.itemsize)
   progress.close()
+  if adapter is not None:
+    load_adapter(model, adapter)
   return model
 
 

@@ -31,8 +31,10 @@ import yaml
 import models
 from pallas_kernels import IMPLS
 from swajax.dtypes import DTYPES
+from swajax import lora as lora_lib
 from swajax.generation import generate
 from swajax.hf_io import save_hf
+from swajax.peft_io import save_adapter
 from swajax.sharding import maybe_initialize_distributed
 from swajax.train_config import REMAT, TrainConfig
 from swajax.training import TrainingInterrupted, train
@@ -277,17 +279,43 @@ def report(result, config: TrainConfig, seconds: float) -> None:
            f"({result.tokens_per_s / 1e3:.1f}k tokens/s)"]
   if final is not None:
     lines.append(f"validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.3f})")
+  lines += result.notes
   lines.append(f"run folder {run_dir}: checkpoints/, metrics.jsonl, loss.png, config.json")
   # The run's Hugging Face export; a resumed run replaces the one its first
   # part wrote. Every process gathers the parameters; process 0 writes (see
   # `save_hf`).
-  save_hf(result.model, run_dir / "hf", overwrite=True, tokenizer=result.tokenizer)
-  lines.append(f"Hugging Face export {run_dir / 'hf'}")
+  if config.lora_rank is None:
+    save_hf(result.model, run_dir / "hf", overwrite=True, tokenizer=result.tokenizer)
+    lines.append(f"Hugging Face export {run_dir / 'hf'}")
+  else:
+    lines += export_lora(result.model, run_dir / "hf", merge=config.merge_lora,
+                         base_model_name_or_path=config.init_from_hf,
+                         tokenizer=result.tokenizer)
   if config.sample_tokens > 0:
     _sample(result, run_dir / "sample.txt", config.sample_tokens, lines, write=lead)
   lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")
   if lead:
     print("\n".join(lines))
+
+
+def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | None,
+                tokenizer=None) -> list[str]:
+  """A LoRA run's export (`swajax train`): the PEFT adapter in hf_dir/adapter/
+  and, with merge, the merged model (`lora.merged_model`) as a full HF
+  checkpoint in hf_dir (replacing its files; with `tokenizer`, its files and
+  ids, as `save_hf`). Every process calls it (the merged
+  save gathers parameters); process 0 writes the adapter. Returns report lines."""
+  hf_dir = Path(hf_dir)
+  lines = []
+  if merge:
+    save_hf(lora_lib.merged_model(model), hf_dir, overwrite=True, tokenizer=tokenizer)
+    lines.append(f"Hugging Face export (LoRA merged) {hf_dir}")
+  if jax.process_index() == 0:
+    base = None if base_model_name_or_path is None else str(
+        Path(base_model_name_or_path).absolute())
+    save_adapter(model, hf_dir / "adapter", base_model_name_or_path=base)
+  lines.append(f"PEFT adapter {hf_dir / 'adapter'} (peft.PeftModel.from_pretrained)")
+  return lines
 
 
 def _sample(result, path: Path, max_tokens: int, lines: list[str], *, write: bool) -> None:

@@ -17,9 +17,11 @@ from typing import Any
 import models
 from models.causal_lm import REMAT_POLICIES
 from pallas_kernels import IMPLS
+from swajax import lora as lora_lib
 from swajax.dtypes import DTYPES
 
 REMAT = ("none", *REMAT_POLICIES)  # "none": no remat
+TOO_LONG = ("split", "truncate", "drop")  # what becomes of a document > seq_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +39,31 @@ class TrainConfig:
   dtype: str = "bfloat16"          # compute
   param_dtype: str = "float32"     # parameters and optimizer state
   remat: str = "none"              # "none" | "full" | "dots_saveable"
+  # LoRA (swajax.lora): None trains every parameter; a rank R trains only
+  # adapters of rank R on lora_targets (PEFT module names, comma-separated, or
+  # "all"), scaled by lora_alpha / R (alpha None: 2 * R, LLaMA-Factory's
+  # default; use_rslora: alpha / sqrt(R)). quantize_base (QLoRA): hold the
+  # frozen base kernels as "int8", "int4" or "nf4". merge_lora: `swajax
+  # train` also exports the merged model to hf/ (the adapter goes to hf/adapter/).
+  lora_rank: int | None = None
+  lora_alpha: float | None = None
+  lora_dropout: float = 0.0
+  lora_targets: str = ",".join(lora_lib.TARGETS)
+  use_rslora: bool = False
+  quantize_base: str | None = None
+  merge_lora: bool = False
   # Data: None = the embedded Python-stdlib corpus; else a folder, a text file
-  # or a .jsonl ({"text"} or {"prompt", "completion"}) file.
+  # or a .jsonl ({"text"}, {"prompt", "completion"}, or chat / ShareGPT /
+  # Alpaca records: swajax.chat) file. too_long: documents longer than
+  # seq_len are "split" across rows, "truncate"d or "drop"ped (counted and
+  # reported at the end of the run either way).
   data: str | None = None
   val_data: str | None = None      # None: hold out val_percent of `data`
   val_percent: float = 5.0
   tokenizer: str | None = None     # tokenizer.json; None: bytes (or the HF folder's)
   train_prompt: bool = False       # also train on JSONL prompts
   corpus_max_bytes: int = 4_000_000
+  too_long: str = "split"
   seq_len: int = 256               # T
   batch_size: int = 8              # B: rows per micro-batch, global
   grad_accum: int = 1              # A: micro-batches per optimizer step
@@ -110,9 +129,28 @@ class TrainConfig:
         raise ValueError(f"{name}={value!r}: expected a float in "
                          f"{'(' if name in ('lr', 'clip_norm') else '['}{lo}, {hi}]")
     for name, choices in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                          ("remat", REMAT), ("attn_impl", ("auto", *IMPLS))):
+                          ("remat", REMAT), ("attn_impl", ("auto", *IMPLS)),
+                          ("too_long", TOO_LONG)):
       if getattr(self, name) not in choices:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {sorted(choices)}")
+
+    if self.lora_rank is not None:
+      self.lora_spec  # raises ValueError for bad LoRA settings
+    elif self.quantize_base is not None or self.merge_lora:
+      name = "quantize_base" if self.quantize_base is not None else "merge_lora"
+      raise ValueError(f"{name}={getattr(self, name)!r} without lora_rank: expected "
+                       "a LoRA run (set lora_rank)")
+
+  @property
+  def lora_spec(self) -> lora_lib.LoraSpec | None:
+    """The run's `swajax.lora.LoraSpec`; None for full fine-tuning."""
+    if self.lora_rank is None:
+      return None
+    alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+    return lora_lib.LoraSpec(
+        rank=self.lora_rank, alpha=alpha, dropout=self.lora_dropout,
+        targets=lora_lib.parse_targets(self.lora_targets),
+        quantize=self.quantize_base, rslora=self.use_rslora)
 
   @classmethod
   def from_dict(cls, values: dict) -> "TrainConfig":

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from swajax import data as data_lib
+from swajax import lora as lora_lib
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
 from swajax.hf_io import load_hf
@@ -90,6 +91,7 @@ class StepOptions:
   beta2: float
   clip_norm: float
   schedule_steps: int  # the cosine's length: config.schedule_steps or config.steps
+  lora_dropout: float = 0.0  # > 0: a dropout key per step (`lora.set_dropout_key`)
 
   @classmethod
   def from_config(cls, config: TrainConfig) -> StepOptions:
@@ -174,6 +176,8 @@ def init_model(config: TrainConfig, mesh):
   state: a `TrainState`; rest = the model's non-parameter state. A fresh
   model is initialised inside jit straight into its shardings; an HF
   checkpoint is read by `load_hf(mesh=)` straight into the shardings.
+  A LoRA run (config.lora_rank) then adds the adapters: state.params holds
+  only them (and the optimizer state their shapes), rest the frozen base.
   """
   if config.init_from_hf is not None:
     # load_hf takes one dtype: load the weights in param_dtype, each device
@@ -190,12 +194,25 @@ def init_model(config: TrainConfig, mesh):
     spec = ModelSpec.from_config(config, model_config_for(config))
     graphdef = nnx.eval_shape(spec.create)[0]
     params, rest = _fresh_params(spec=spec, mesh=mesh)
+  if config.lora_spec is not None:
+    graphdef, params, rest = _add_adapters(nnx.merge(graphdef, params, rest),
+                                           config, mesh)
   state = TrainState(
       params=params,
       opt_state=_init_opt_state(params, options=StepOptions.from_config(config),
                                 mesh=mesh),
       step=jax.device_put(jnp.zeros([], jnp.int32), NamedSharding(mesh, P())))
   return nnx.merge(graphdef, params, rest), graphdef, rest, state
+
+
+def _add_adapters(model, config: TrainConfig, mesh):
+  """(graphdef, adapters, rest) of `model` with `config.lora_spec`'s
+  adapters (seeded by config.seed), the adapters placed on `mesh`; rest holds
+  the base arrays as they were (quantized under QLoRA)."""
+  lora_lib.add_lora(model, config.lora_spec, rngs=nnx.Rngs(config.seed))
+  graphdef, adapters, rest = nnx.split(model, lora_lib.TRAINABLE, ...)
+  return graphdef, jax.device_put(
+      adapters, sharding_lib.state_shardings(adapters, mesh)), rest
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "mesh"))
@@ -232,21 +249,31 @@ def _init_opt_state(params, *, options: StepOptions, mesh):
 def train_step(state: TrainState, rest, batch, *, graphdef, options: StepOptions, mesh):
   """One optimizer step: (state, metrics); the new state keeps its shardings.
 
-  batch: dict of [A, B, T] arrays (A micro-batches).
+  batch: dict of [A, B, T] arrays (A micro-batches). state.params: every
+  parameter, or a LoRA run's adapters (the base is in `rest`, constant here:
+  no gradient is taken for it).
   metrics: loss (mean over the step's target tokens), grad_norm (before
   clipping), lr (of this step), tokens (target count).
   """
   params = state.params
   tx = make_optimizer(options, params)
 
-  def accumulate(carry, micro):
-    loss_fn = lambda p: batch_loss_sums(nnx.merge(graphdef, p, rest), micro)
+  def accumulate(carry, xs):
+    micro, index = xs
+    def loss_fn(p):
+      model = nnx.merge(graphdef, p, rest)
+      if options.lora_dropout > 0:  # a mask per step and micro-batch
+        lora_lib.set_dropout_key(model, jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(0), state.step), index))
+      return batch_loss_sums(model, micro)
     (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
 
   zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.float32),
            jnp.zeros([], jnp.float32))
-  (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, batch)
+  micro_batches = jax.tree.leaves(batch)[0].shape[0]
+  (grads, loss_sum, count), _ = jax.lax.scan(
+      accumulate, zeros, (batch, jnp.arange(micro_batches)))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, params)
@@ -280,6 +307,7 @@ class TrainResult:
   evals: list[dict]         # step, val_loss, val_ppl
   tokens_per_s: float       # mean over the run's steps after the first (compile)
   resumed_from: int | None  # the checkpoint step this run started from
+  notes: list[str] = dataclasses.field(default_factory=list)  # long documents, LoRA sizes
 
 
 class TrainingInterrupted(Exception):
@@ -467,7 +495,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
       check_writable(config.out)
   try:
     tokenizer = data_lib.resolve_tokenizer(config)
-    train_rows, val_rows = data_lib.load_data(config, tokenizer)
+    notes: list[str] = []  # long documents, LoRA sizes: reported at the end
+    train_rows, val_rows = data_lib.load_data(config, tokenizer, notes)
     mesh = sharding_lib.make_mesh(config.fsdp, context=config.context_parallel)
     batch_ways = mesh.size // config.context_parallel  # "data" x "fsdp"
     if config.batch_size % batch_ways:
@@ -478,6 +507,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
                        f"context_parallel={config.context_parallel}")
     with jax.set_mesh(mesh):
       model, graphdef, rest, state = init_model(config, mesh)
+      if config.lora_spec is not None:
+        notes.append(lora_lib.summary(model))
       if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
                          f"{model.config.vocab_size}: pick a matching tokenizer or model")
@@ -513,7 +544,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
         checkpointer, run_dir, resumed_from, until_step, on_step, model)
   timed = step_times[1:] or step_times
   tokens_per_s = config.tokens_per_step * len(timed) / max(sum(timed), 1e-9)
-  return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from)
+  return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from,
+                     notes)
 
 
 def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
@@ -599,7 +631,7 @@ def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
 # The fields that fix the training row stream (which rows, in which order):
 # a checkpoint's data position means nothing under other values.
 _DATA_FIELDS = ("seed", "seq_len", "data", "val_data", "val_percent", "tokenizer",
-                "train_prompt", "corpus_max_bytes")
+                "train_prompt", "corpus_max_bytes", "too_long")
 
 
 def evaluate(graphdef, params, rest, rows: dict, batch_size: int, sharding) -> float:
