@@ -36,7 +36,7 @@ from swajax.generation import generate
 from swajax.hf_io import save_hf
 from swajax.peft_io import save_adapter
 from swajax.sharding import maybe_initialize_distributed
-from swajax.train_config import REMAT, TrainConfig
+from swajax.train_config import REMAT, TOO_LONG, TrainConfig
 from swajax.training import TrainingInterrupted, train
 
 SAMPLE_PROMPT = "def "
@@ -68,6 +68,16 @@ FIELD_HELP = {
     "tokenizer": "a tokenizer.json (or its folder); none: UTF-8 bytes (or the "
                  "--init-from-hf folder's)",
     "train_prompt": "also train on the prompts of {prompt, completion} records",
+    "too_long": "documents longer than --seq-len: split across rows, truncate or drop "
+                "(counted and reported at the end)",
+    "lora_rank": "LoRA: train only rank-R adapters on --lora-targets (none: full "
+                 "fine-tuning)",
+    "lora_alpha": "LoRA scale numerator: adapters scaled by alpha / rank (none: 2 x rank)",
+    "lora_dropout": "LoRA: dropout on the adapters' input",
+    "lora_targets": "LoRA: PEFT module names, comma-separated, or all",
+    "use_rslora": "LoRA: scale by alpha / sqrt(rank) (rsLoRA)",
+    "quantize_base": "QLoRA: hold the frozen base kernels in this format",
+    "merge_lora": "LoRA: also export the merged model as a full HF checkpoint in hf/",
     "corpus_max_bytes": "bytes of the embedded corpus to read",
     "seq_len": "tokens per packed row (T)",
     "batch_size": "rows per micro-batch, over all devices (B)",
@@ -102,7 +112,8 @@ def _choices(name: str) -> tuple[str, ...] | None:
   if name == "model":
     return tuple(sorted(n for n in dir(models) if n.endswith("_tiny")))
   return {"dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES), "remat": REMAT,
-          "attn_impl": ("auto", *IMPLS)}.get(name)
+          "attn_impl": ("auto", *IMPLS), "too_long": TOO_LONG,
+          "quantize_base": lora_lib.QUANTIZE}.get(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
