@@ -1,15 +1,28 @@
 """The one mapping between Hugging Face `config.json` and `ModelConfig` fields.
 
 `FAMILIES` holds one `Family` row per transformers model type: its
-architecture, the `ModelConfig` switches it fixes, transformers' class
-defaults, and its rule for per-layer windows in each direction. A new family
-is a row (and, if its window keys differ, one pair of window rules).
-  mistral  one `sliding_window` for every layer (None: full causal)
-  qwen2    q/k/v biases; `use_sliding_window` + `max_window_layers`, or `layer_types`
-  qwen3    per-head RMSNorm on q and k before RoPE; windows as qwen2
-  llama    no window; RoPE scaling "llama3" (Llama 3.1+)
+architecture, the `ModelConfig` switches it fixes (block layout, norm and MLP
+kind, biases, fused projections, ...), transformers' class defaults, its rule
+for per-layer windows in each direction, and the family's own config keys
+(softcaps, scales, per-layer RoPE). A new family is a row (and, if its keys
+differ, a pair of small rules).
+  mistral     one `sliding_window` for every layer (None: full causal)
+  qwen2       q/k/v biases; `use_sliding_window` + `max_window_layers`, or `layer_types`
+  qwen3       per-head RMSNorm on q and k before RoPE; windows as qwen2
+  llama       no window; RoPE scaling "llama3" (Llama 3.1+)
+  gemma2      sandwich norms (1 + w), GeGLU, sqrt(D) embedding scale,
+              query_pre_attn_scalar, attention and final logit softcaps,
+              `layer_types` (default: alternating sliding / full)
+  gemma3_text gemma2 + q/k norms, a local RoPE base on sliding layers
+  ministral   the Mistral block with `layer_types`
+  phi3        fused qkv_proj and gate_up_proj; `sliding_window` on every layer
+  starcoder2  LayerNorm with bias, biased projections, GELU MLP; every layer
+  olmo3       post-norm block, q/k RMSNorm over all heads, `layer_types`
+  smollm3     NoPE layers (`no_rope_layers`), `use_sliding_window` + `layer_types`
+  cohere2     parallel block on one bias-free LayerNorm, interleaved RoPE on
+              sliding layers, NoPE full layers, `logit_scale`
 RoPE scaling ("linear", "llama3", "yarn", see `ROPE_TYPES`) is open to every
-family.
+family (on full layers where the RoPE is per layer type).
 
 This module imports nothing of `models`: `ModelConfig.from_hf` builds itself
 from `fields_from_hf`, and `ModelConfig.to_hf` calls `config_to_hf`.
@@ -25,6 +38,9 @@ from typing import Any
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # HF layer_types entries
 Windows = tuple[int | None, ...]  # `ModelConfig.layer_windows`
+# `ModelConfig.layer_rope` entries: the layer's positional embedding (RoPE of
+# rope_theta / rope_scaling, default RoPE of local_rope_theta, or none).
+ROPE, LOCAL_ROPE, NOPE = "rope", "local_rope", "nope"
 
 # Keys without a transformers default: a config.json must give them.
 _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size",
@@ -42,7 +58,7 @@ ROPE_TYPES = {
               "mscale_all_dim", "truncate")),
 }
 # Types whose original_max_position_embeddings transformers fills in (see
-# `_rope_from_hf`).
+# `_rope_params`).
 _ROPE_TYPES_WITH_ORIGINAL_LENGTH = ("llama3", "yarn")
 
 
@@ -133,7 +149,157 @@ def _no_windows_to_hf(architecture, windows) -> dict:
   return {}
 
 
+def _layer_types_windows_from_hf(model_type, hf, num_layers) -> Windows:
+  """`layer_types` (absent: the family's `default_layer_types`) with one
+  `sliding_window` on the sliding layers. A family with a
+  `use_sliding_window` switch (SmolLM3) must have it on for sliding layers:
+  transformers' eager mask and its flash path disagree otherwise."""
+  layer_types = hf.get("layer_types")
+  if layer_types is None:
+    layer_types = FAMILIES[model_type].default_layer_types(hf, num_layers)
+  _check_layer_types(layer_types, num_layers)
+  window = hf.get("sliding_window")
+  if SLIDING in layer_types and (window is None
+                                 or not hf.get("use_sliding_window", True)):
+    raise ValueError(
+        f"layer_types={list(layer_types)!r} has sliding layers but "
+        f"sliding_window={window!r}, use_sliding_window="
+        f"{hf.get('use_sliding_window', True)!r}: expected a window, switched on")
+  return tuple(window if t == SLIDING else None for t in layer_types)
+
+
+def _layer_types_windows_to_hf(architecture, windows) -> dict:
+  window = _window_size(architecture, windows)
+  return {"sliding_window": window,
+          "layer_types": [FULL if w is None else SLIDING for w in windows]}
+
+
+def _check_layer_types(layer_types, num_layers):
+  if len(layer_types) != num_layers or set(layer_types) - {SLIDING, FULL}:
+    raise ValueError(
+        f"layer_types={layer_types!r}: expected {num_layers} entries of "
+        f"{SLIDING!r} / {FULL!r}")
+
+
+def _every_nth_full(default_period: int, key: str | None = None):
+  """Default `layer_types`: layer i is full iff (i + 1) % period == 0, the
+  period read from `key` (HF's legacy `sliding_window_pattern`) if given."""
+  def layer_types(hf, num_layers):
+    period = hf.get(key, default_period) if key else default_period
+    return [FULL if (i + 1) % period == 0 else SLIDING for i in range(num_layers)]
+  return layer_types
+
+
+def _all_sliding_if_window(hf, num_layers):
+  """Ministral: every layer slides when `sliding_window` is set."""
+  return [SLIDING if hf.get("sliding_window") is not None else FULL] * num_layers
+
+
+def _smollm3_layer_types(hf, num_layers):
+  """SmolLM3: a layer slides iff use_sliding_window, a window is set and the
+  layer has no RoPE (transformers 5.24's rule)."""
+  uses_rope = _smollm3_rope_flags(hf, num_layers)
+  slides = hf.get("use_sliding_window") and hf.get("sliding_window") is not None
+  return [SLIDING if slides and not rope else FULL for rope in uses_rope]
+
+
+# ----- Family-specific keys: config.json <-> ModelConfig fields ---------------
+# Each pair reads (hf, num_layers, layer_windows) -> ModelConfig fields and
+# writes a ModelConfig -> config.json keys.
+
+def _gemma_from_hf(hf, num_layers, windows) -> dict:
+  return dict(query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
+              attn_softcap=_optional_float(hf.get("attn_logit_softcapping")),
+              final_logit_softcap=_optional_float(hf.get("final_logit_softcapping")))
+
+
+def _gemma_to_hf(config) -> dict:
+  return {"query_pre_attn_scalar": config.query_pre_attn_scalar,
+          "attn_logit_softcapping": config.attn_softcap,
+          "final_logit_softcapping": config.final_logit_softcap,
+          "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def _cohere2_from_hf(hf, num_layers, windows) -> dict:
+  """Full-attention layers have no positional embedding (NoPE); head_dim is
+  always D / N (transformers overrides a config.json `head_dim`)."""
+  return dict(logit_scale=float(hf["logit_scale"]),
+              head_dim=hf["hidden_size"] // hf["num_attention_heads"],
+              layer_rope=tuple(NOPE if w is None else ROPE for w in windows))
+
+
+def _cohere2_to_hf(config) -> dict:
+  nope = tuple(NOPE if w is None else ROPE for w in config.layer_windows)
+  if config.layer_rope_kinds != nope:
+    raise ValueError(
+        f"layer_rope={config.layer_rope!r}: HF Cohere2ForCausalLM has RoPE "
+        f"on exactly the sliding layers, expected {nope!r}")
+  if config.head_dim * config.num_q_heads != config.hidden_size:
+    raise ValueError(
+        f"head_dim={config.head_dim}: HF Cohere2ForCausalLM uses hidden_size "
+        f"/ num_attention_heads = {config.hidden_size / config.num_q_heads}")
+  return {"logit_scale": config.logit_scale}
+
+
+def _smollm3_rope_flags(hf, num_layers) -> list[int]:
+  """`no_rope_layers`: 1 = the layer uses RoPE (absent: every
+  `no_rope_layer_interval`-th layer has none)."""
+  flags = hf.get("no_rope_layers")
+  if flags is None:
+    interval = hf.get("no_rope_layer_interval", 4)
+    flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+  if len(flags) != num_layers or set(flags) - {0, 1}:
+    raise ValueError(f"no_rope_layers={flags!r}: expected {num_layers} "
+                     "entries of 0 (NoPE) / 1 (RoPE)")
+  return list(flags)
+
+
+def _smollm3_from_hf(hf, num_layers, windows) -> dict:
+  return dict(layer_rope=tuple(ROPE if rope else NOPE for rope in
+                               _smollm3_rope_flags(hf, num_layers)))
+
+
+def _smollm3_to_hf(config) -> dict:
+  if LOCAL_ROPE in config.layer_rope_kinds:
+    raise ValueError(f"layer_rope={config.layer_rope!r}: HF SmolLM3 has one "
+                     f"RoPE base; expected {ROPE!r} / {NOPE!r} entries")
+  return {"no_rope_layers": [int(k == ROPE) for k in config.layer_rope_kinds],
+          "use_sliding_window": any(w is not None for w in config.layer_windows)}
+
+
+def _no_keys_from_hf(hf, num_layers, windows) -> dict:
+  return {}
+
+
+def _no_keys_to_hf(config) -> dict:
+  return {}
+
+
+def _optional_float(x):
+  return None if x is None else float(x)
+
+
 # ----- The family table ------------------------------------------------------
+
+# The `ModelConfig` switches a family fixes, with the values most families
+# use (`Family.switches` overrides some).
+SWITCH_DEFAULTS = dict(
+    block="pre_norm",         # `ModelConfig.block`
+    norm="rms",               # `ModelConfig.norm`
+    norm_bias=False,
+    mlp="swiglu",             # `ModelConfig.mlp`
+    mlp_bias=False,
+    fused_projections=False,  # qkv_proj and gate_up_proj (Phi-3)
+    attention_bias=False,     # q/k/v biases
+    attention_out_bias=False,  # o_proj bias
+    qk_norm=None,             # None | "head" | "all_heads"
+    rope_interleaved=False,
+    scale_embeddings=False,   # embedding times sqrt(D)
+)
+# MLP kind -> the HF activation it computes.
+MLP_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh",
+                   "gelu": "gelu_pytorch_tanh"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -144,15 +310,38 @@ class Family:
   defaults: Mapping[str, Any]
   windows_from_hf: Callable[[str, dict, int], Windows]
   windows_to_hf: Callable[[str, Windows], dict]
-  # The ModelConfig switches the family fixes (`ModelConfig.__post_init__`
-  # enforces them, so every config writes back to a config.json that
-  # transformers reads the same).
-  attention_bias: bool = False  # q/k/v projections have a bias
-  qk_norm: bool = False         # RMSNorm over H on q and k before RoPE
+  # The ModelConfig switches the family fixes, over SWITCH_DEFAULTS
+  # (`ModelConfig.__post_init__` enforces them, so every config writes back
+  # to a config.json that transformers reads the same).
+  switches: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # HF bias switches the class reads that swajax lacks: written False by
   # `config_to_hf`, refused when True by `fields_from_hf`.
   bias_switches: tuple[str, ...] = ()
+  # HF bool switches that must hold the given value (None reads as False;
+  # written so by `config_to_hf`).
+  fixed_keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # `layer_types` when config.json has none (layer_types families).
+  default_layer_types: Callable[[dict, int], list] | None = None
+  # The family's own keys (`_gemma_from_hf`, ...).
+  extras_from_hf: Callable[[dict, int, Windows], dict] = _no_keys_from_hf
+  extras_to_hf: Callable[[Any], dict] = _no_keys_to_hf
+  # Key names: the activation and the norms' epsilon.
+  activation_key: str = "hidden_act"
+  eps_key: str = "rms_norm_eps"
+  # `rope_parameters` per layer type ({"full_attention": ..., "sliding_attention":
+  # ...}): (legacy top-level key of the sliding layers' base, its default).
+  rope_per_layer_type: tuple[str, float] | None = None
 
+  @property
+  def all_switches(self) -> dict[str, Any]:
+    return {**SWITCH_DEFAULTS, **self.switches}
+
+
+_GEMMA = dict(block="sandwich", norm="rms_one_plus", mlp="geglu",
+              scale_embeddings=True)
+_GEMMA_DEFAULTS = dict(num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, query_pre_attn_scalar=256,
+                       sliding_window=4096, hidden_activation="gelu_pytorch_tanh")
 
 FAMILIES: dict[str, Family] = {
     "mistral": Family(
@@ -165,19 +354,90 @@ FAMILIES: dict[str, Family] = {
         dict(num_key_value_heads=32, use_sliding_window=False,
              sliding_window=4096, max_window_layers=28,
              max_position_embeddings=32768),
-        _qwen_windows_from_hf, _qwen_windows_to_hf, attention_bias=True),
+        _qwen_windows_from_hf, _qwen_windows_to_hf,
+        switches=dict(attention_bias=True)),
     "qwen3": Family(
         "Qwen3ForCausalLM",
         dict(num_key_value_heads=32, head_dim=128, use_sliding_window=False,
              sliding_window=4096, max_window_layers=28,
              max_position_embeddings=32768),
-        _qwen_windows_from_hf, _qwen_windows_to_hf, qk_norm=True,
-        bias_switches=("attention_bias",)),
+        _qwen_windows_from_hf, _qwen_windows_to_hf,
+        switches=dict(qk_norm="head"), bias_switches=("attention_bias",)),
     "llama": Family(
         "LlamaForCausalLM",
         dict(max_position_embeddings=2048),
         _no_windows_from_hf, _no_windows_to_hf,
         bias_switches=("attention_bias", "mlp_bias")),
+    "gemma2": Family(
+        "Gemma2ForCausalLM",
+        dict(_GEMMA_DEFAULTS, max_position_embeddings=8192,
+             final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        switches=_GEMMA, bias_switches=("attention_bias",),
+        fixed_keys=dict(use_bidirectional_attention=False),
+        default_layer_types=_every_nth_full(2),
+        extras_from_hf=_gemma_from_hf, extras_to_hf=_gemma_to_hf,
+        activation_key="hidden_activation"),
+    "gemma3_text": Family(
+        "Gemma3ForCausalLM",
+        dict(_GEMMA_DEFAULTS, max_position_embeddings=131072, rope_theta=1e6,
+             final_logit_softcapping=None, attn_logit_softcapping=None),
+        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        switches=dict(_GEMMA, qk_norm="head"), bias_switches=("attention_bias",),
+        fixed_keys=dict(use_bidirectional_attention=False),
+        default_layer_types=_every_nth_full(6, "sliding_window_pattern"),
+        extras_from_hf=_gemma_from_hf, extras_to_hf=_gemma_to_hf,
+        activation_key="hidden_activation",
+        rope_per_layer_type=("rope_local_base_freq", 10000.0)),
+    "ministral": Family(
+        "MinistralForCausalLM",
+        dict(num_key_value_heads=8, sliding_window=4096,
+             max_position_embeddings=131072),
+        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        default_layer_types=_all_sliding_if_window),
+    "phi3": Family(
+        "Phi3ForCausalLM",
+        dict(sliding_window=None, rms_norm_eps=1e-5, max_position_embeddings=4096),
+        _every_layer_windows_from_hf, _every_layer_windows_to_hf,
+        switches=dict(fused_projections=True)),
+    "starcoder2": Family(
+        "Starcoder2ForCausalLM",
+        dict(num_key_value_heads=2, sliding_window=None, norm_epsilon=1e-5,
+             hidden_act="gelu_pytorch_tanh", max_position_embeddings=4096,
+             tie_word_embeddings=True, initializer_range=0.018042),
+        _every_layer_windows_from_hf, _every_layer_windows_to_hf,
+        switches=dict(norm="layer_norm", norm_bias=True, mlp="gelu",
+                      mlp_bias=True, attention_bias=True,
+                      attention_out_bias=True),
+        fixed_keys=dict(use_bias=True), eps_key="norm_epsilon"),
+    "olmo3": Family(
+        "Olmo3ForCausalLM",
+        dict(rms_norm_eps=1e-5, rope_theta=500000.0, sliding_window=4096,
+             max_position_embeddings=2048),
+        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        switches=dict(block="post_norm", qk_norm="all_heads"),
+        bias_switches=("attention_bias",),
+        default_layer_types=_every_nth_full(4),
+        rope_per_layer_type=("rope_theta", 500000.0)),
+    "smollm3": Family(
+        "SmolLM3ForCausalLM",
+        dict(num_key_value_heads=4, rope_theta=2e6, use_sliding_window=False,
+             sliding_window=None, max_position_embeddings=32768,
+             tie_word_embeddings=True),
+        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        bias_switches=("attention_bias", "mlp_bias"),
+        default_layer_types=_smollm3_layer_types,
+        extras_from_hf=_smollm3_from_hf, extras_to_hf=_smollm3_to_hf),
+    "cohere2": Family(
+        "Cohere2ForCausalLM",
+        dict(layer_norm_eps=1e-5, logit_scale=0.0625, sliding_window=4096,
+             max_position_embeddings=8192, tie_word_embeddings=True),
+        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        switches=dict(block="parallel", norm="layer_norm", rope_interleaved=True),
+        bias_switches=("attention_bias",),
+        default_layer_types=_every_nth_full(4, "sliding_window_pattern"),
+        extras_from_hf=_cohere2_from_hf, extras_to_hf=_cohere2_to_hf,
+        eps_key="layer_norm_eps"),
 }
 
 
@@ -198,7 +458,7 @@ def fields_from_hf(config) -> dict[str, Any]:
   Follows transformers 5.24: absent keys take the family's class defaults;
   windows follow the family's rule (`FAMILIES`). Raises ValueError for
   anything it cannot honour exactly (other model types, activations,
-  dropout, biases, RoPE variants).
+  dropout, biases, RoPE variants), naming the field.
   """
   if isinstance(config, (str, os.PathLike)):
     config = _read_config_json(os.fspath(config))
@@ -213,8 +473,10 @@ def fields_from_hf(config) -> dict[str, Any]:
   _check_unsupported(model_type, hf)
   num_layers = hf["num_hidden_layers"]
   num_q_heads = hf["num_attention_heads"]
-  theta, scaling = _rope_from_hf(hf)
-  return dict(
+  windows = family.windows_from_hf(model_type, hf, num_layers)
+  rope = (_per_layer_type_rope_from_hf(family, hf, windows)
+          if family.rope_per_layer_type else _flat_rope_from_hf(hf))
+  fields = dict(
       model_type=model_type,
       vocab_size=hf["vocab_size"],
       hidden_size=hf["hidden_size"],
@@ -223,16 +485,15 @@ def fields_from_hf(config) -> dict[str, Any]:
       num_q_heads=num_q_heads,
       num_kv_heads=hf.get("num_key_value_heads") or num_q_heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // num_q_heads,
-      layer_windows=family.windows_from_hf(model_type, hf, num_layers),
-      rope_theta=float(theta),
-      rope_scaling=scaling,
+      layer_windows=windows,
       max_position_embeddings=hf["max_position_embeddings"],
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rms_norm_eps=float(hf.get(family.eps_key, 1e-6)),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      attention_bias=family.attention_bias,
-      qk_norm=family.qk_norm,
       initializer_range=float(hf.get("initializer_range", 0.02)),
+      **rope,
+      **family.all_switches,
   )
+  return {**fields, **family.extras_from_hf(hf, num_layers, windows)}
 
 
 def _read_config_json(path: str) -> dict:
@@ -250,37 +511,85 @@ def _read_config_json(path: str) -> dict:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+# Dropout keys of the families' configs: swajax has no dropout.
+_DROPOUT_KEYS = ("attention_dropout", "resid_pdrop", "embd_pdrop",
+                 "residual_dropout", "embedding_dropout")
+
+
 def _check_unsupported(model_type, hf):
   """Raises for HF settings this implementation would not reproduce exactly."""
-  act = hf.get("hidden_act", "silu")
-  if act != "silu":
-    raise ValueError(f"hidden_act={act!r}: only 'silu' (SwiGLU) is implemented")
-  dropout = hf.get("attention_dropout", 0.0) or 0.0
-  if dropout != 0:
+  family = FAMILIES[model_type]
+  expected_act = MLP_ACTIVATIONS[family.all_switches["mlp"]]
+  act = hf.get(family.activation_key, "silu")
+  if act != expected_act:
     raise ValueError(
-        f"attention_dropout={dropout!r}: swajax attention has no dropout; "
-        "expected 0.0")
-  if ("attention_bias" in FAMILIES[model_type].bias_switches
-      and hf.get("attention_bias", False)):
+        f"{family.activation_key}={act!r}: only {expected_act!r} is "
+        f"implemented for {family.architecture}")
+  for key in _DROPOUT_KEYS:
+    dropout = hf.get(key, 0.0) or 0.0
+    if dropout != 0:
+      raise ValueError(
+          f"{key}={dropout!r}: swajax has no dropout; expected 0.0")
+  if "attention_bias" in family.bias_switches and hf.get("attention_bias", False):
     raise ValueError(
         f"attention_bias=True with model_type={model_type!r}: adds biases to "
-        "q/k/v and o_proj, which swajax does not implement")
+        "q/k/v and o_proj, which swajax does not implement for this family")
   if hf.get("mlp_bias", False):  # refused whichever family reads it
     raise ValueError("mlp_bias=True: MLP biases are not implemented")
+  for key, value in family.fixed_keys.items():
+    if bool(hf.get(key, value)) != value:
+      raise ValueError(f"{key}={hf[key]!r} with model_type={model_type!r}: "
+                       f"expected {value!r}")
 
 
-def _rope_from_hf(hf):
-  """(rope_theta, rope_scaling) from `rope_scaling` / `rope_parameters` (HF 4 / 5).
+def _flat_rope_from_hf(hf) -> dict:
+  """One RoPE for every layer: `rope_scaling` / `rope_parameters` (HF 4 / 5).
 
   As transformers 5: `rope_scaling` wins over `rope_parameters`; rope_theta
-  comes from the dict, else the top level, else 10000; llama3 and yarn take
-  original_max_position_embeddings from the top level, else the dict, else
-  max_position_embeddings.
+  comes from the dict, else the top level, else 10000 (the family's default
+  when it has one); llama3 and yarn take original_max_position_embeddings
+  from the top level, else the dict, else max_position_embeddings.
   """
   params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-  theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+  theta, scaling = _rope_params(params, hf, hf.get("rope_theta", 10000.0))
+  return dict(rope_theta=float(theta), rope_scaling=scaling)
+
+
+def _per_layer_type_rope_from_hf(family, hf, windows) -> dict:
+  """Gemma 3 / Olmo 3: `rope_parameters` {"full_attention": {...},
+  "sliding_attention": {...}} as transformers 5 writes it, or the legacy
+  keys: rope_theta (+ rope_scaling) for full layers, the family's local key
+  (Gemma 3: rope_local_base_freq) for sliding layers. Sliding layers take
+  default RoPE of their own base (`LOCAL_ROPE`), full ones the (scaled) RoPE.
+  """
+  local_key, local_default = family.rope_per_layer_type
+  params = hf.get("rope_parameters") or {}
+  if params and set(params) != {FULL, SLIDING}:
+    params = {FULL: params}  # a flat dict: the full layers' RoPE
+  full = dict(params.get(FULL) or {})
+  full.update(hf.get("rope_scaling") or {})
+  theta, scaling = _rope_params(full, hf, hf.get("rope_theta", family.defaults.get(
+      "rope_theta", 10000.0)))
+  sliding = dict(params.get(SLIDING) or {})
+  local_theta, local_scaling = _rope_params(sliding, hf,
+                                            hf.get(local_key, local_default))
+  if local_scaling is not None:
+    raise ValueError(
+        f"rope_parameters[{SLIDING!r}]={params[SLIDING]!r}: sliding layers "
+        "support default RoPE only")
+  return dict(rope_theta=float(theta), rope_scaling=scaling,
+              local_rope_theta=float(local_theta),
+              layer_rope=tuple(ROPE if w is None else LOCAL_ROPE for w in windows))
+
+
+def _rope_params(params: dict, hf: dict, default_theta):
+  """(rope_theta, rope_scaling items or None) from one RoPE dict (see
+  `_flat_rope_from_hf`)."""
+  params = dict(params)
+  theta = params.pop("rope_theta", default_theta)
   rope_type = params.pop("rope_type", params.pop("type", "default"))
-  factor = params.pop("partial_rotary_factor", 1.0)
+  factor = params.pop("partial_rotary_factor",
+                      hf.get("partial_rotary_factor", 1.0))
   if factor != 1.0:
     raise ValueError(f"partial_rotary_factor={factor!r}: expected 1.0")
   if rope_type == "default":
@@ -321,13 +630,29 @@ def config_to_hf(config) -> dict:
   exactly.
 
   Raises ValueError when the family cannot express `layer_windows` (Mistral:
-  one window for all layers; Qwen: one window size; Llama: none).
+  one window for all layers; Qwen: one window size; Llama: none) or its
+  `layer_rope`.
   """
   family = FAMILIES[config.model_type]
   windows = family.windows_to_hf(family.architecture, config.layer_windows)
   rope = {"rope_type": "default", **(config.rope_scaling_dict or {}),
           "rope_theta": config.rope_theta}
-  return {
+  if family.rope_per_layer_type:
+    expected = tuple(ROPE if w is None else LOCAL_ROPE
+                     for w in config.layer_windows)
+    if config.layer_rope_kinds != expected:
+      raise ValueError(
+          f"layer_rope={config.layer_rope!r}: HF {family.architecture} has "
+          f"the local RoPE on exactly the sliding layers, expected {expected!r}")
+    rope = {FULL: rope, SLIDING: {"rope_type": "default",
+                                  "rope_theta": config.local_rope_theta}}
+  elif LOCAL_ROPE in config.layer_rope_kinds:
+    raise ValueError(f"layer_rope={config.layer_rope!r}: HF "
+                     f"{family.architecture} has one RoPE base")
+  elif NOPE in config.layer_rope_kinds and family.extras_to_hf is _no_keys_to_hf:
+    raise ValueError(f"layer_rope={config.layer_rope!r}: HF "
+                     f"{family.architecture} applies RoPE to every layer")
+  hf = {
       "architectures": [family.architecture],
       "model_type": config.model_type,
       "vocab_size": config.vocab_size,
@@ -337,14 +662,18 @@ def config_to_hf(config) -> dict:
       "num_attention_heads": config.num_q_heads,
       "num_key_value_heads": config.num_kv_heads,
       "head_dim": config.head_dim,
-      "hidden_act": "silu",
+      family.activation_key: MLP_ACTIVATIONS[config.mlp],
       "max_position_embeddings": config.max_position_embeddings,
-      "rms_norm_eps": config.rms_norm_eps,
+      family.eps_key: config.rms_norm_eps,
       "tie_word_embeddings": config.tie_word_embeddings,
-      "rope_theta": config.rope_theta,
       "rope_parameters": rope,
       "attention_dropout": 0.0,
       "initializer_range": config.initializer_range,
       **windows,
       **{key: False for key in family.bias_switches},
+      **family.fixed_keys,
+      **family.extras_to_hf(config),
   }
+  if not family.rope_per_layer_type:
+    hf["rope_theta"] = config.rope_theta
+  return hf
