@@ -214,7 +214,8 @@ def _gemma_from_hf(hf, num_layers, windows) -> dict:
 
 
 def _gemma_to_hf(config) -> dict:
-  return {"query_pre_attn_scalar": config.query_pre_attn_scalar,
+  scalar = config.query_pre_attn_scalar  # an int in transformers' config class
+  return {"query_pre_attn_scalar": int(scalar) if scalar.is_integer() else scalar,
           "attn_logit_softcapping": config.attn_softcap,
           "final_logit_softcapping": config.final_logit_softcap,
           "hidden_activation": "gelu_pytorch_tanh"}
@@ -669,6 +670,9 @@ def config_to_hf(config) -> dict:
       "rope_parameters": rope,
       "attention_dropout": 0.0,
       "initializer_range": config.initializer_range,
+      # swajax's embedding has no padding row; some class defaults (Phi-3:
+      # 32000, SmolLM3: 128004) lie outside a smaller vocab, which torch refuses.
+      "pad_token_id": None,
       **windows,
       **{key: False for key in family.bias_switches},
       **family.fixed_keys,

@@ -148,7 +148,8 @@ def test_greedy_generation_matches_transformers(checkpoint):
   hf_model.generation_config.pad_token_id = 0
   with torch.no_grad():
     expected = hf_model.generate(
-        torch.tensor(prompt), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        torch.tensor(prompt), attention_mask=torch.ones(prompt.shape),
+        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
         do_sample=False).numpy()
   ours = swajax.generate(load_hf(directory, attn_impl="xla"), prompt,
                          max_new_tokens=NEW_TOKENS)
