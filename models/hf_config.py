@@ -24,8 +24,10 @@ differ, a pair of small rules).
 RoPE scaling ("linear", "llama3", "yarn", see `ROPE_TYPES`) is open to every
 family (on full layers where the RoPE is per layer type).
 
-This module imports nothing of `models`: `ModelConfig.from_hf` builds itself
-from `fields_from_hf`, and `ModelConfig.to_hf` calls `config_to_hf`.
+The rules themselves (windows, default `layer_types`, family keys) are
+`models.hf_rules`. This module imports nothing else of `models`:
+`ModelConfig.from_hf` builds itself from `fields_from_hf`, and
+`ModelConfig.to_hf` calls `config_to_hf`.
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-SLIDING, FULL = "sliding_attention", "full_attention"  # HF layer_types entries
-Windows = tuple[int | None, ...]  # `ModelConfig.layer_windows`
-# `ModelConfig.layer_rope` entries: the layer's positional embedding (RoPE of
-# rope_theta / rope_scaling, default RoPE of local_rope_theta, or none).
-ROPE, LOCAL_ROPE, NOPE = "rope", "local_rope", "nope"
+from models.hf_rules import (FULL, LOCAL_ROPE, NOPE, ROPE, SLIDING, Windows,
+                             all_sliding_if_window, cohere2_from_hf,
+                             cohere2_to_hf, every_layer_windows_from_hf,
+                             every_layer_windows_to_hf, every_nth_full,
+                             gemma_from_hf, gemma_to_hf,
+                             layer_types_windows_from_hf,
+                             layer_types_windows_to_hf, no_keys_from_hf,
+                             no_keys_to_hf, no_windows_from_hf,
+                             no_windows_to_hf, qwen_windows_from_hf,
+                             qwen_windows_to_hf, smollm3_from_hf,
+                             smollm3_layer_types, smollm3_to_hf)
 
 # Keys without a transformers default: a config.json must give them.
 _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size",
@@ -60,224 +68,6 @@ ROPE_TYPES = {
 # Types whose original_max_position_embeddings transformers fills in (see
 # `_rope_params`).
 _ROPE_TYPES_WITH_ORIGINAL_LENGTH = ("llama3", "yarn")
-
-
-# ----- Window rules: config.json <-> layer_windows ----------------------------
-# from_hf(model_type, hf, num_layers) -> layer_windows, with hf the config.json
-# dict over the family's defaults; to_hf(architecture, layer_windows) -> the
-# family's window keys of config.json, or ValueError if it cannot express them.
-
-def _window_size(architecture: str, windows: Windows) -> int | None:
-  """The one sliding window size of `windows` (None: no sliding layer)."""
-  sizes = {w for w in windows if w is not None}
-  if len(sizes) > 1:
-    raise ValueError(
-        f"layer_windows={windows!r}: HF {architecture} has one "
-        "sliding_window size for all sliding layers")
-  return sizes.pop() if sizes else None
-
-
-def _every_layer_windows_from_hf(model_type, hf, num_layers) -> Windows:
-  """`sliding_window` on every layer; `layer_types` must agree (Mistral
-  ignores it)."""
-  window = hf.get("sliding_window")
-  layer_types = hf.get("layer_types")
-  if layer_types is not None and list(layer_types) != [
-      SLIDING if window is not None else FULL] * num_layers:
-    raise ValueError(
-        f"layer_types={layer_types!r} with model_type={model_type!r}: "
-        f"{FAMILIES[model_type].architecture} ignores layer_types and uses "
-        f"sliding_window={window!r} on every layer")
-  return (window,) * num_layers
-
-
-def _every_layer_windows_to_hf(architecture, windows) -> dict:
-  window = _window_size(architecture, windows)
-  if window is not None and None in windows:
-    raise ValueError(
-        f"layer_windows={windows!r}: HF {architecture} applies sliding_window "
-        "to every layer or to none")
-  return {"sliding_window": window}
-
-
-def _qwen_windows_from_hf(model_type, hf, num_layers) -> Windows:
-  """`layer_types` when given, else layer i slides iff `use_sliding_window`
-  and i >= `max_window_layers`; the window is None unless use_sliding_window."""
-  window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
-  layer_types = hf.get("layer_types")
-  if layer_types is None:
-    first = hf.get("max_window_layers", 28)
-    layer_types = [SLIDING if window is not None and i >= first else FULL
-                   for i in range(num_layers)]
-  if len(layer_types) != num_layers or set(layer_types) - {SLIDING, FULL}:
-    raise ValueError(
-        f"layer_types={layer_types!r}: expected {num_layers} entries of "
-        f"{SLIDING!r} / {FULL!r}")
-  if SLIDING in layer_types and window is None:
-    raise ValueError(
-        f"layer_types={layer_types!r} has sliding layers but no window "
-        f"(use_sliding_window={hf.get('use_sliding_window')!r}, "
-        f"sliding_window={hf.get('sliding_window')!r})")
-  return tuple(window if t == SLIDING else None for t in layer_types)
-
-
-def _qwen_windows_to_hf(architecture, windows) -> dict:
-  window = _window_size(architecture, windows)
-  sliding = [w is not None for w in windows]
-  return {"use_sliding_window": window is not None,
-          "sliding_window": window,
-          "max_window_layers": sliding.index(True) if window else len(windows),
-          "layer_types": [SLIDING if s else FULL for s in sliding]}
-
-
-def _no_windows_from_hf(model_type, hf, num_layers) -> Windows:
-  """Full causal on every layer; a `sliding_window` key is refused (the
-  family's transformers class ignores it)."""
-  if hf.get("sliding_window") is not None:
-    raise ValueError(
-        f"sliding_window={hf['sliding_window']!r} with model_type="
-        f"{model_type!r}: transformers ignores it for "
-        f"{FAMILIES[model_type].architecture}; use model_type='mistral'")
-  return (None,) * num_layers
-
-
-def _no_windows_to_hf(architecture, windows) -> dict:
-  if _window_size(architecture, windows) is not None:
-    raise ValueError(
-        f"layer_windows={windows!r}: HF {architecture} has no sliding window; "
-        "use model_type='mistral' or 'qwen2'")
-  return {}
-
-
-def _layer_types_windows_from_hf(model_type, hf, num_layers) -> Windows:
-  """`layer_types` (absent: the family's `default_layer_types`) with one
-  `sliding_window` on the sliding layers. A family with a
-  `use_sliding_window` switch (SmolLM3) must have it on for sliding layers:
-  transformers' eager mask and its flash path disagree otherwise."""
-  layer_types = hf.get("layer_types")
-  if layer_types is None:
-    layer_types = FAMILIES[model_type].default_layer_types(hf, num_layers)
-  _check_layer_types(layer_types, num_layers)
-  window = hf.get("sliding_window")
-  if SLIDING in layer_types and (window is None
-                                 or not hf.get("use_sliding_window", True)):
-    raise ValueError(
-        f"layer_types={list(layer_types)!r} has sliding layers but "
-        f"sliding_window={window!r}, use_sliding_window="
-        f"{hf.get('use_sliding_window', True)!r}: expected a window, switched on")
-  return tuple(window if t == SLIDING else None for t in layer_types)
-
-
-def _layer_types_windows_to_hf(architecture, windows) -> dict:
-  window = _window_size(architecture, windows)
-  return {"sliding_window": window,
-          "layer_types": [FULL if w is None else SLIDING for w in windows]}
-
-
-def _check_layer_types(layer_types, num_layers):
-  if len(layer_types) != num_layers or set(layer_types) - {SLIDING, FULL}:
-    raise ValueError(
-        f"layer_types={layer_types!r}: expected {num_layers} entries of "
-        f"{SLIDING!r} / {FULL!r}")
-
-
-def _every_nth_full(default_period: int, key: str | None = None):
-  """Default `layer_types`: layer i is full iff (i + 1) % period == 0, the
-  period read from `key` (HF's legacy `sliding_window_pattern`) if given."""
-  def layer_types(hf, num_layers):
-    period = hf.get(key, default_period) if key else default_period
-    return [FULL if (i + 1) % period == 0 else SLIDING for i in range(num_layers)]
-  return layer_types
-
-
-def _all_sliding_if_window(hf, num_layers):
-  """Ministral: every layer slides when `sliding_window` is set."""
-  return [SLIDING if hf.get("sliding_window") is not None else FULL] * num_layers
-
-
-def _smollm3_layer_types(hf, num_layers):
-  """SmolLM3: a layer slides iff use_sliding_window, a window is set and the
-  layer has no RoPE (transformers 5.24's rule)."""
-  uses_rope = _smollm3_rope_flags(hf, num_layers)
-  slides = hf.get("use_sliding_window") and hf.get("sliding_window") is not None
-  return [SLIDING if slides and not rope else FULL for rope in uses_rope]
-
-
-# ----- Family-specific keys: config.json <-> ModelConfig fields ---------------
-# Each pair reads (hf, num_layers, layer_windows) -> ModelConfig fields and
-# writes a ModelConfig -> config.json keys.
-
-def _gemma_from_hf(hf, num_layers, windows) -> dict:
-  return dict(query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
-              attn_softcap=_optional_float(hf.get("attn_logit_softcapping")),
-              final_logit_softcap=_optional_float(hf.get("final_logit_softcapping")))
-
-
-def _gemma_to_hf(config) -> dict:
-  scalar = config.query_pre_attn_scalar  # an int in transformers' config class
-  return {"query_pre_attn_scalar": int(scalar) if scalar.is_integer() else scalar,
-          "attn_logit_softcapping": config.attn_softcap,
-          "final_logit_softcapping": config.final_logit_softcap,
-          "hidden_activation": "gelu_pytorch_tanh"}
-
-
-def _cohere2_from_hf(hf, num_layers, windows) -> dict:
-  """Full-attention layers have no positional embedding (NoPE); head_dim is
-  always D / N (transformers overrides a config.json `head_dim`)."""
-  return dict(logit_scale=float(hf["logit_scale"]),
-              head_dim=hf["hidden_size"] // hf["num_attention_heads"],
-              layer_rope=tuple(NOPE if w is None else ROPE for w in windows))
-
-
-def _cohere2_to_hf(config) -> dict:
-  nope = tuple(NOPE if w is None else ROPE for w in config.layer_windows)
-  if config.layer_rope_kinds != nope:
-    raise ValueError(
-        f"layer_rope={config.layer_rope!r}: HF Cohere2ForCausalLM has RoPE "
-        f"on exactly the sliding layers, expected {nope!r}")
-  if config.head_dim * config.num_q_heads != config.hidden_size:
-    raise ValueError(
-        f"head_dim={config.head_dim}: HF Cohere2ForCausalLM uses hidden_size "
-        f"/ num_attention_heads = {config.hidden_size / config.num_q_heads}")
-  return {"logit_scale": config.logit_scale}
-
-
-def _smollm3_rope_flags(hf, num_layers) -> list[int]:
-  """`no_rope_layers`: 1 = the layer uses RoPE (absent: every
-  `no_rope_layer_interval`-th layer has none)."""
-  flags = hf.get("no_rope_layers")
-  if flags is None:
-    interval = hf.get("no_rope_layer_interval", 4)
-    flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
-  if len(flags) != num_layers or set(flags) - {0, 1}:
-    raise ValueError(f"no_rope_layers={flags!r}: expected {num_layers} "
-                     "entries of 0 (NoPE) / 1 (RoPE)")
-  return list(flags)
-
-
-def _smollm3_from_hf(hf, num_layers, windows) -> dict:
-  return dict(layer_rope=tuple(ROPE if rope else NOPE for rope in
-                               _smollm3_rope_flags(hf, num_layers)))
-
-
-def _smollm3_to_hf(config) -> dict:
-  if LOCAL_ROPE in config.layer_rope_kinds:
-    raise ValueError(f"layer_rope={config.layer_rope!r}: HF SmolLM3 has one "
-                     f"RoPE base; expected {ROPE!r} / {NOPE!r} entries")
-  return {"no_rope_layers": [int(k == ROPE) for k in config.layer_rope_kinds],
-          "use_sliding_window": any(w is not None for w in config.layer_windows)}
-
-
-def _no_keys_from_hf(hf, num_layers, windows) -> dict:
-  return {}
-
-
-def _no_keys_to_hf(config) -> dict:
-  return {}
-
-
-def _optional_float(x):
-  return None if x is None else float(x)
 
 
 # ----- The family table ------------------------------------------------------
@@ -323,9 +113,9 @@ class Family:
   fixed_keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # `layer_types` when config.json has none (layer_types families).
   default_layer_types: Callable[[dict, int], list] | None = None
-  # The family's own keys (`_gemma_from_hf`, ...).
-  extras_from_hf: Callable[[dict, int, Windows], dict] = _no_keys_from_hf
-  extras_to_hf: Callable[[Any], dict] = _no_keys_to_hf
+  # The family's own keys (`gemma_from_hf`, ...).
+  extras_from_hf: Callable[[dict, int, Windows], dict] = no_keys_from_hf
+  extras_to_hf: Callable[[Any], dict] = no_keys_to_hf
   # Key names: the activation and the norms' epsilon.
   activation_key: str = "hidden_act"
   eps_key: str = "rms_norm_eps"
@@ -349,64 +139,64 @@ FAMILIES: dict[str, Family] = {
         "MistralForCausalLM",
         dict(num_key_value_heads=8, sliding_window=4096,
              max_position_embeddings=131072),
-        _every_layer_windows_from_hf, _every_layer_windows_to_hf),
+        every_layer_windows_from_hf, every_layer_windows_to_hf),
     "qwen2": Family(
         "Qwen2ForCausalLM",
         dict(num_key_value_heads=32, use_sliding_window=False,
              sliding_window=4096, max_window_layers=28,
              max_position_embeddings=32768),
-        _qwen_windows_from_hf, _qwen_windows_to_hf,
+        qwen_windows_from_hf, qwen_windows_to_hf,
         switches=dict(attention_bias=True)),
     "qwen3": Family(
         "Qwen3ForCausalLM",
         dict(num_key_value_heads=32, head_dim=128, use_sliding_window=False,
              sliding_window=4096, max_window_layers=28,
              max_position_embeddings=32768),
-        _qwen_windows_from_hf, _qwen_windows_to_hf,
+        qwen_windows_from_hf, qwen_windows_to_hf,
         switches=dict(qk_norm="head"), bias_switches=("attention_bias",)),
     "llama": Family(
         "LlamaForCausalLM",
         dict(max_position_embeddings=2048),
-        _no_windows_from_hf, _no_windows_to_hf,
+        no_windows_from_hf, no_windows_to_hf,
         bias_switches=("attention_bias", "mlp_bias")),
     "gemma2": Family(
         "Gemma2ForCausalLM",
         dict(_GEMMA_DEFAULTS, max_position_embeddings=8192,
              final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
-        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
         switches=_GEMMA, bias_switches=("attention_bias",),
         fixed_keys=dict(use_bidirectional_attention=False),
-        default_layer_types=_every_nth_full(2),
-        extras_from_hf=_gemma_from_hf, extras_to_hf=_gemma_to_hf,
+        default_layer_types=every_nth_full(2),
+        extras_from_hf=gemma_from_hf, extras_to_hf=gemma_to_hf,
         activation_key="hidden_activation"),
     "gemma3_text": Family(
         "Gemma3ForCausalLM",
         dict(_GEMMA_DEFAULTS, max_position_embeddings=131072, rope_theta=1e6,
              final_logit_softcapping=None, attn_logit_softcapping=None),
-        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
         switches=dict(_GEMMA, qk_norm="head"), bias_switches=("attention_bias",),
         fixed_keys=dict(use_bidirectional_attention=False),
-        default_layer_types=_every_nth_full(6, "sliding_window_pattern"),
-        extras_from_hf=_gemma_from_hf, extras_to_hf=_gemma_to_hf,
+        default_layer_types=every_nth_full(6, "sliding_window_pattern"),
+        extras_from_hf=gemma_from_hf, extras_to_hf=gemma_to_hf,
         activation_key="hidden_activation",
         rope_per_layer_type=("rope_local_base_freq", 10000.0)),
     "ministral": Family(
         "MinistralForCausalLM",
         dict(num_key_value_heads=8, sliding_window=4096,
              max_position_embeddings=131072),
-        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
-        default_layer_types=_all_sliding_if_window),
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
+        default_layer_types=all_sliding_if_window),
     "phi3": Family(
         "Phi3ForCausalLM",
         dict(sliding_window=None, rms_norm_eps=1e-5, max_position_embeddings=4096),
-        _every_layer_windows_from_hf, _every_layer_windows_to_hf,
+        every_layer_windows_from_hf, every_layer_windows_to_hf,
         switches=dict(fused_projections=True)),
     "starcoder2": Family(
         "Starcoder2ForCausalLM",
         dict(num_key_value_heads=2, sliding_window=None, norm_epsilon=1e-5,
              hidden_act="gelu_pytorch_tanh", max_position_embeddings=4096,
              tie_word_embeddings=True, initializer_range=0.018042),
-        _every_layer_windows_from_hf, _every_layer_windows_to_hf,
+        every_layer_windows_from_hf, every_layer_windows_to_hf,
         switches=dict(norm="layer_norm", norm_bias=True, mlp="gelu",
                       mlp_bias=True, attention_bias=True,
                       attention_out_bias=True),
@@ -415,29 +205,29 @@ FAMILIES: dict[str, Family] = {
         "Olmo3ForCausalLM",
         dict(rms_norm_eps=1e-5, rope_theta=500000.0, sliding_window=4096,
              max_position_embeddings=2048),
-        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
         switches=dict(block="post_norm", qk_norm="all_heads"),
         bias_switches=("attention_bias",),
-        default_layer_types=_every_nth_full(4),
+        default_layer_types=every_nth_full(4),
         rope_per_layer_type=("rope_theta", 500000.0)),
     "smollm3": Family(
         "SmolLM3ForCausalLM",
         dict(num_key_value_heads=4, rope_theta=2e6, use_sliding_window=False,
              sliding_window=None, max_position_embeddings=32768,
              tie_word_embeddings=True),
-        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
         bias_switches=("attention_bias", "mlp_bias"),
-        default_layer_types=_smollm3_layer_types,
-        extras_from_hf=_smollm3_from_hf, extras_to_hf=_smollm3_to_hf),
+        default_layer_types=smollm3_layer_types,
+        extras_from_hf=smollm3_from_hf, extras_to_hf=smollm3_to_hf),
     "cohere2": Family(
         "Cohere2ForCausalLM",
         dict(layer_norm_eps=1e-5, logit_scale=0.0625, sliding_window=4096,
              max_position_embeddings=8192, tie_word_embeddings=True),
-        _layer_types_windows_from_hf, _layer_types_windows_to_hf,
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
         switches=dict(block="parallel", norm="layer_norm", rope_interleaved=True),
         bias_switches=("attention_bias",),
-        default_layer_types=_every_nth_full(4, "sliding_window_pattern"),
-        extras_from_hf=_cohere2_from_hf, extras_to_hf=_cohere2_to_hf,
+        default_layer_types=every_nth_full(4, "sliding_window_pattern"),
+        extras_from_hf=cohere2_from_hf, extras_to_hf=cohere2_to_hf,
         eps_key="layer_norm_eps"),
 }
 
@@ -474,7 +264,7 @@ def fields_from_hf(config) -> dict[str, Any]:
   _check_unsupported(model_type, hf)
   num_layers = hf["num_hidden_layers"]
   num_q_heads = hf["num_attention_heads"]
-  windows = family.windows_from_hf(model_type, hf, num_layers)
+  windows = family.windows_from_hf(family, hf, num_layers)
   rope = (_per_layer_type_rope_from_hf(family, hf, windows)
           if family.rope_per_layer_type else _flat_rope_from_hf(hf))
   fields = dict(
@@ -650,7 +440,7 @@ def config_to_hf(config) -> dict:
   elif LOCAL_ROPE in config.layer_rope_kinds:
     raise ValueError(f"layer_rope={config.layer_rope!r}: HF "
                      f"{family.architecture} has one RoPE base")
-  elif NOPE in config.layer_rope_kinds and family.extras_to_hf is _no_keys_to_hf:
+  elif NOPE in config.layer_rope_kinds and family.extras_to_hf is no_keys_to_hf:
     raise ValueError(f"layer_rope={config.layer_rope!r}: HF "
                      f"{family.architecture} applies RoPE to every layer")
   hf = {
