@@ -120,7 +120,8 @@ class Family:
   activation_key: str = "hidden_act"
   eps_key: str = "rms_norm_eps"
   # `rope_parameters` per layer type ({"full_attention": ..., "sliding_attention":
-  # ...}): (legacy top-level key of the sliding layers' base, its default).
+  # ...}): (legacy top-level key of the sliding layers' base or None, the
+  # default base of the sliding layers).
   rope_per_layer_type: tuple[str, float] | None = None
 
   @property
@@ -209,7 +210,7 @@ FAMILIES: dict[str, Family] = {
         switches=dict(block="post_norm", qk_norm="all_heads"),
         bias_switches=("attention_bias",),
         default_layer_types=every_nth_full(4),
-        rope_per_layer_type=("rope_theta", 500000.0)),
+        rope_per_layer_type=(None, 500000.0)),
     "smollm3": Family(
         "SmolLM3ForCausalLM",
         dict(num_key_value_heads=4, rope_theta=2e6, use_sliding_window=False,
@@ -350,20 +351,23 @@ def _per_layer_type_rope_from_hf(family, hf, windows) -> dict:
   """Gemma 3 / Olmo 3: `rope_parameters` {"full_attention": {...},
   "sliding_attention": {...}} as transformers 5 writes it, or the legacy
   keys: rope_theta (+ rope_scaling) for full layers, the family's local key
-  (Gemma 3: rope_local_base_freq) for sliding layers. Sliding layers take
+  (Gemma 3: rope_local_base_freq; Olmo 3: none, as transformers 5.24 gives
+  its sliding layers 500000 whatever rope_theta says) for sliding layers. Sliding layers take
   default RoPE of their own base (`LOCAL_ROPE`), full ones the (scaled) RoPE.
   """
   local_key, local_default = family.rope_per_layer_type
   params = hf.get("rope_parameters") or {}
-  if params and set(params) != {FULL, SLIDING}:
-    params = {FULL: params}  # a flat dict: the full layers' RoPE
+  if set(params) - {FULL, SLIDING}:
+    raise ValueError(
+        f"rope_parameters={params!r}: {family.architecture} expects a dict per "
+        f"layer type ({FULL!r}, {SLIDING!r}); transformers ignores other keys")
   full = dict(params.get(FULL) or {})
   full.update(hf.get("rope_scaling") or {})
   theta, scaling = _rope_params(full, hf, hf.get("rope_theta", family.defaults.get(
       "rope_theta", 10000.0)))
   sliding = dict(params.get(SLIDING) or {})
-  local_theta, local_scaling = _rope_params(sliding, hf,
-                                            hf.get(local_key, local_default))
+  local_theta, local_scaling = _rope_params(
+      sliding, hf, hf.get(local_key, local_default) if local_key else local_default)
   if local_scaling is not None:
     raise ValueError(
         f"rope_parameters[{SLIDING!r}]={params[SLIDING]!r}: sliding layers "

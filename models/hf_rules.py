@@ -171,7 +171,8 @@ def gemma_from_hf(hf, num_layers, windows) -> dict:
 
 def gemma_to_hf(config) -> dict:
   scalar = config.query_pre_attn_scalar  # an int in transformers' config class
-  return {"query_pre_attn_scalar": int(scalar) if scalar.is_integer() else scalar,
+  return {"query_pre_attn_scalar": int(scalar) if float(scalar).is_integer()
+          else scalar,
           "attn_logit_softcapping": config.attn_softcap,
           "final_logit_softcapping": config.final_logit_softcap,
           "hidden_activation": "gelu_pytorch_tanh"}

@@ -287,6 +287,29 @@ def test_from_hf_refuses_what_it_cannot_honour(hf, match):
     ModelConfig.from_hf(hf)
 
 
+@pytest.mark.parametrize("family, fields", [
+    ("olmo3", dict(rope_theta=1234.0)),  # full layers only; sliding keep 5e5
+    ("gemma3_text", dict(rope_theta=1234.0, rope_local_base_freq=99.0,
+                         rope_scaling=dict(rope_type="linear", factor=2.0))),
+    ("gemma3_text", dict(rope_parameters={FULL: dict(rope_type="default")})),
+])
+def test_per_layer_type_rope_reads_as_transformers(family, fields):
+  hf = transformers.AutoConfig.for_model(family, num_hidden_layers=4, **fields)
+  ours = ModelConfig.from_hf({"model_type": family, **SMALL,
+                              "num_hidden_layers": 4, **fields})
+  full, sliding = hf.rope_parameters[FULL], hf.rope_parameters[SLIDE]
+  assert (ours.rope_theta, ours.local_rope_theta) == (
+      full["rope_theta"], sliding["rope_theta"])
+  assert (ours.rope_scaling_dict or {}).get("factor") == full.get("factor")
+  assert ModelConfig.from_hf(ours.to_hf()) == ours
+
+
+def test_flat_rope_parameters_refused_where_transformers_ignores_them():
+  with pytest.raises(ValueError, match="a dict per layer type"):
+    ModelConfig.from_hf(_hf("olmo3", rope_parameters=dict(
+        rope_type="default", rope_theta=77.0)))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_from_hf_absent_keys_take_transformers_class_defaults(family):
   """A config.json with only the required keys reads as transformers reads it."""
