@@ -20,9 +20,9 @@ ROPE, LOCAL_ROPE, NOPE = "rope", "local_rope", "nope"
 
 # ----- Window rules: config.json <-> layer_windows ----------------------------
 # from_hf(family, hf, num_layers) -> layer_windows, with family the `Family`
-# row and hf the config.json
-# dict over the family's defaults; to_hf(architecture, layer_windows) -> the
-# family's window keys of config.json, or ValueError if it cannot express them.
+# row and hf the config.json dict over the family's defaults;
+# to_hf(architecture, layer_windows) -> the family's window keys of
+# config.json, or ValueError if it cannot express them.
 
 def _window_size(architecture: str, windows: Windows) -> int | None:
   """The one sliding window size of `windows` (None: no sliding layer)."""
@@ -66,10 +66,7 @@ def qwen_windows_from_hf(family, hf, num_layers) -> Windows:
     first = hf.get("max_window_layers", 28)
     layer_types = [SLIDING if window is not None and i >= first else FULL
                    for i in range(num_layers)]
-  if len(layer_types) != num_layers or set(layer_types) - {SLIDING, FULL}:
-    raise ValueError(
-        f"layer_types={layer_types!r}: expected {num_layers} entries of "
-        f"{SLIDING!r} / {FULL!r}")
+  _check_layer_types(layer_types, num_layers)
   if SLIDING in layer_types and window is None:
     raise ValueError(
         f"layer_types={layer_types!r} has sliding layers but no window "
