@@ -1,4 +1,4 @@
-"""`DecoderLayer` and `CausalLM`: embedding, pre-norm decoder layers, LM head.
+"""`DecoderLayer` and `CausalLM`: embedding, decoder layers, LM head.
 
 Dimension letters: B batch, T sequence, D model dim, V vocab.
 """
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import Attention
-from models.config import ModelConfig
+from models.config import BLOCKS, ModelConfig
 from models.kv_cache import KVCache, LayerCache, init_cache
-from models.layers import MLP, RMSNorm, param_init
+from models.layers import MLP, norm, param_init
 
 # remat= -> jax checkpoint policy for each decoder layer ("none": no remat).
 REMAT_POLICIES = {
@@ -22,32 +22,59 @@ REMAT_POLICIES = {
 
 
 class DecoderLayer(nnx.Module):
-  """x + attn(input_norm(x)), then x + mlp(post_attn_norm(x)); [B, T, D]."""
+  """Attention and MLP around the residual stream, laid out as `config.block`
+  (`config.BLOCKS`); [B, T, D] -> [B, T, D]:
+    pre_norm   x + attn(input_norm(x)), then x + mlp(post_attn_norm(x))
+    sandwich   x + post_attn_norm(attn(input_norm(x))),
+               then x + post_mlp_norm(mlp(pre_mlp_norm(x)))
+    post_norm  x + post_attn_norm(attn(x)), then x + post_mlp_norm(mlp(x))
+    parallel   x + attn(input_norm(x)) + mlp(input_norm(x))
+  Norms a layout lacks are None.
+  """
 
-  def __init__(self, config: ModelConfig, *, window: int | None, dtype,
-               param_dtype, attn_impl: str, rngs: nnx.Rngs):
-    norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                rngs=rngs)
-    self.input_norm = RMSNorm(config.hidden_size, **norm)
-    self.attn = Attention(config, window=window, dtype=dtype,
-                          param_dtype=param_dtype, attn_impl=attn_impl, rngs=rngs)
-    self.post_attn_norm = RMSNorm(config.hidden_size, **norm)
-    self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, config: ModelConfig, *, layer: int, dtype, param_dtype,
+               attn_impl: str, rngs: nnx.Rngs):
+    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.block = config.block
+    has = BLOCKS[config.block]
+    make = lambda name: (norm(config, config.hidden_size, **common)
+                         if name in has else None)
+    self.input_norm = make("input_norm")
+    self.post_attn_norm = make("post_attn_norm")
+    self.pre_mlp_norm = make("pre_mlp_norm")
+    self.post_mlp_norm = make("post_mlp_norm")
+    self.attn = Attention(config, layer=layer, attn_impl=attn_impl, **common)
+    self.mlp = MLP(config, **common)
 
   def __call__(self, x, positions, segment_ids=None):
     """x [B, T, D], positions int32 [B, T], segment_ids int32 [B, T] | None
     -> [B, T, D]."""
-    x = x + self.attn(self.input_norm(x), positions, segment_ids)
-    return self._mlp_residual(x)
+    return self._residual(x, lambda h: (self.attn(h, positions, segment_ids),
+                                        None))[0]
 
   def forward_with_cache(self, x, positions, cache: LayerCache):
     """x [B, T, D], positions int32 [B, T] (-1: padding), this layer's `cache`
     -> ([B, T, D], the updated cache); see `Attention.forward_with_cache`."""
-    h, cache = self.attn.forward_with_cache(self.input_norm(x), positions, cache)
-    return self._mlp_residual(x + h), cache
+    return self._residual(
+        x, lambda h: self.attn.forward_with_cache(h, positions, cache))
 
-  def _mlp_residual(self, x):
-    return x + self.mlp(self.post_attn_norm(x))
+  def _residual(self, x, attend):
+    """The block layout around attend(h) -> (out, cache): (x out, cache)."""
+    if self.block == "parallel":
+      h = self.input_norm(x)
+      out, cache = attend(h)
+      return x + out + self.mlp(h), cache
+    if self.block == "pre_norm":
+      out, cache = attend(self.input_norm(x))
+      x = x + out
+      return x + self.mlp(self.post_attn_norm(x)), cache
+    if self.block == "sandwich":
+      out, cache = attend(self.input_norm(x))
+      x = x + self.post_attn_norm(out)
+      return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))), cache
+    out, cache = attend(x)  # post_norm
+    x = x + self.post_attn_norm(out)
+    return x + self.post_mlp_norm(self.mlp(x)), cache
 
 
 def _call_layer(layer, x, positions, segment_ids):
@@ -55,7 +82,7 @@ def _call_layer(layer, x, positions, segment_ids):
 
 
 class CausalLM(nnx.Module):
-  """A Mistral / Qwen2 / Qwen3 / Llama decoder with its LM head.
+  """A decoder of any `hf_config.FAMILIES` family with its LM head.
 
   `model(input_ids [B, T] int32, *, positions=None, segment_ids=None)`
   -> logits [B, T, V] float32. positions [B, T] int32 default to arange(T);
@@ -63,7 +90,10 @@ class CausalLM(nnx.Module):
   (packed documents: pass positions restarting at 0 for each document).
 
   dtype: compute dtype (activations, matmuls); param_dtype: stored weights.
-  Norms, RoPE angles and softmax run in fp32; logits are fp32.
+  Norms, RoPE angles and softmax run in fp32; logits are fp32 (times
+  `config.logit_scale`, then softcapped by `config.final_logit_softcap`).
+  With `config.scale_embeddings` the embedding is multiplied by sqrt(D)
+  rounded to the compute dtype (Gemma).
   attn_impl: passed to `sliding_window_attention` ("auto", "pallas", "xla",
   "reference", "cudnn"), and to `decode_attention` for cached single tokens
   ("cudnn" becomes "auto" there). remat: "none", "full" or "dots_saveable",
@@ -92,11 +122,11 @@ class CausalLM(nnx.Module):
         param_dtype=param_dtype,
         embedding_init=param_init(config, (None, "fsdp")), rngs=rngs)
     self.layers = nnx.List([
-        DecoderLayer(config, window=w, dtype=dtype, param_dtype=param_dtype,
+        DecoderLayer(config, layer=i, dtype=dtype, param_dtype=param_dtype,
                      attn_impl=attn_impl, rngs=rngs)
-        for w in config.layer_windows])
-    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
-                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for i in range(config.num_layers)])
+    self.norm = norm(config, config.hidden_size, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
     if not config.tie_word_embeddings:
       self.lm_head = nnx.Einsum(
           "BTD,DV->BTV", (config.hidden_size, config.vocab_size),
@@ -137,7 +167,7 @@ class CausalLM(nnx.Module):
     call = _call_layer
     if self.remat != "none":
       call = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
-    x = self.embed(input_ids)  # (B, T, D)
+    x = self._embed(input_ids)  # (B, T, D)
     for layer in self.layers:
       x = call(layer, x, positions, segment_ids)
     return self._logits(x)
@@ -147,21 +177,35 @@ class CausalLM(nnx.Module):
     -> (logits [B, T, V] float32, the updated `KVCache`) (see the class)."""
     _check_tokens(input_ids, positions, None)
     _check_cache(cache, positions, len(self.layers))
-    x = self.embed(input_ids)  # (B, T, D)
+    x = self._embed(input_ids)  # (B, T, D)
     layer_caches = []
     for layer, layer_cache in zip(self.layers, cache.layers):
       x, layer_cache = layer.forward_with_cache(x, positions, layer_cache)
       layer_caches.append(layer_cache)
     return self._logits(x), KVCache(tuple(layer_caches))
 
+  def _embed(self, input_ids):
+    """input_ids [B, T] -> x [B, T, D] (times sqrt(D) if scale_embeddings)."""
+    x = self.embed(input_ids)  # (B, T, D)
+    if self.config.scale_embeddings:
+      x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype)
+    return x
+
   def _logits(self, x):
     """The final norm and LM head: x [B, T, D] -> logits [B, T, V] float32."""
     x = self.norm(x)
     if self.config.tie_word_embeddings:
-      return jnp.einsum("BTD,VD->BTV", x,  # (B, T, V)
-                        self.embed.embedding[...].astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    return self.lm_head(x).astype(jnp.float32)  # (B, T, V)
+      logits = jnp.einsum("BTD,VD->BTV", x,  # (B, T, V)
+                          self.embed.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head(x).astype(jnp.float32)  # (B, T, V)
+    if self.config.logit_scale is not None:
+      logits = logits * self.config.logit_scale
+    cap = self.config.final_logit_softcap
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
 
 
 def _check_cache(cache, positions, num_layers):

@@ -1,9 +1,13 @@
 """`ModelConfig`: one frozen dataclass for the decoder families and its presets.
 
-The families (`models.hf_config.FAMILIES`) differ only in a few switches:
-q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), and how windows are spread over
-the layers. `ModelConfig.from_hf` / `to_hf` read and write a Hugging Face
-`config.json` through `models.hf_config`, the one place of those rules.
+The families (`models.hf_config.FAMILIES`) differ only in named variant
+fields: the block layout (pre-norm, Gemma's sandwich, Olmo's post-norm,
+Cohere's parallel block), the norm kind, the MLP kind, biases, fused
+projections, q/k norms, RoPE per layer (or none), the embedding scale, the
+attention scale and softcap, and the logit scale and softcap; and in how
+windows are spread over the layers. `ModelConfig.from_hf` / `to_hf` read and
+write a Hugging Face `config.json` through `models.hf_config`, the one place
+of those rules.
 """
 
 from __future__ import annotations
@@ -11,20 +15,37 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from models.hf_config import (FAMILIES, check_model_type, check_rope_scaling,
+from models.hf_config import (FAMILIES, LOCAL_ROPE, NOPE, ROPE,
+                              check_model_type, check_rope_scaling,
                               config_to_hf, fields_from_hf)
 from pallas_kernels.validation import check_positive_int
 
 
+# Variant values (`ModelConfig` fields of the same name).
+BLOCKS = {
+    # x + attn(n1(x)); x + mlp(n2(x))  (Llama, Mistral, Qwen, Phi-3, ...)
+    "pre_norm": ("input_norm", "post_attn_norm"),
+    # x + n2(attn(n1(x))); x + n4(mlp(n3(x)))  (Gemma 2 / 3)
+    "sandwich": ("input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm"),
+    # x + n2(attn(x)); x + n4(mlp(x))  (Olmo 2 / 3)
+    "post_norm": ("post_attn_norm", "post_mlp_norm"),
+    # x + attn(n1(x)) + mlp(n1(x))  (Cohere)
+    "parallel": ("input_norm",),
+}  # block -> the DecoderLayer norms it has, in order
+NORMS = ("rms", "rms_one_plus", "layer_norm")  # see `models.layers.Norm`
+MLPS = ("swiglu", "geglu", "gelu")  # see `models.layers.MLP`
+QK_NORMS = (None, "head", "all_heads")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A decoder-only transformer: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+  """A decoder-only transformer: norms, RoPE, GQA attention, gated MLP.
 
   Dimension letters: V vocab, D hidden_size, F intermediate_size, N query heads,
   K kv heads, H head_dim, W window.
   """
 
-  # Family: "mistral" | "qwen2" | "qwen3" | "llama" (`hf_config.FAMILIES`).
+  # Family: a key of `hf_config.FAMILIES` ("mistral", "gemma2", ...).
   model_type: str
   # Sizes.
   vocab_size: int          # V
@@ -43,12 +64,33 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rope_scaling: tuple[tuple[str, Any], ...] | None = None
   max_position_embeddings: int = 4096
-  # Normalisation and output head.
+  # Per layer: "rope" (rope_theta, rope_scaling), "local_rope" (default RoPE
+  # of base local_rope_theta: Gemma 3's sliding layers) or "nope" (no
+  # positional embedding: Cohere2's full layers, SmolLM3); None = all "rope".
+  layer_rope: tuple[str, ...] | None = None
+  local_rope_theta: float | None = None
+  rope_interleaved: bool = False  # rotate pairs (2i, 2i+1), not (i, i + H/2) (Cohere)
+  # Normalisation (eps of every norm) and output head.
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
-  # Family switches (must match `hf_config.FAMILIES[model_type]`).
+  # Attention math: scores q·k * query_pre_attn_scalar**-0.5 (None: H**-0.5),
+  # then softcap * tanh(scores / softcap) if attn_softcap (Gemma 2).
+  query_pre_attn_scalar: float | None = None
+  attn_softcap: float | None = None
+  # Logits: times logit_scale (Cohere), then softcapped (Gemma 2).
+  logit_scale: float | None = None
+  final_logit_softcap: float | None = None
+  # Family switches (must match `hf_config.FAMILIES[model_type].switches`).
+  block: str = "pre_norm"        # a key of BLOCKS
+  norm: str = "rms"              # NORMS: RMSNorm, RMSNorm times (1 + w) (Gemma), LayerNorm
+  norm_bias: bool = False        # LayerNorm with a bias (Starcoder2)
+  mlp: str = "swiglu"            # MLPS: SwiGLU, GeGLU (Gemma), GELU (Starcoder2)
+  mlp_bias: bool = False         # MLP projections have biases (Starcoder2)
+  fused_projections: bool = False  # one qkv_proj and one gate_up_proj (Phi-3)
   attention_bias: bool = False   # q/k/v projections have a bias (Qwen2)
-  qk_norm: bool = False          # RMSNorm over H on q and k before RoPE (Qwen3)
+  attention_out_bias: bool = False  # o_proj has a bias (Starcoder2)
+  qk_norm: str | None = None     # norm q and k per head (Qwen3, Gemma 3) or over all heads (Olmo 3)
+  scale_embeddings: bool = False  # embedding times sqrt(D), in the compute dtype (Gemma)
   # Initialisation: normal(0, initializer_range) for projections and embedding.
   initializer_range: float = 0.02
 
@@ -74,13 +116,34 @@ class ModelConfig:
       if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
         raise ValueError(
             f"layer_windows={windows!r}: expected entries None or int >= 1")
-    if (self.attention_bias, self.qk_norm) != (family.attention_bias,
-                                               family.qk_norm):
+    for name, expected in family.all_switches.items():
+      if getattr(self, name) != expected:
+        raise ValueError(
+            f"{name}={getattr(self, name)!r} with model_type="
+            f"{self.model_type!r}: expected {expected!r} (the "
+            f"{family.architecture} layout)")
+    for name, allowed in (("block", tuple(BLOCKS)), ("norm", NORMS),
+                          ("mlp", MLPS), ("qk_norm", QK_NORMS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected one of "
+                         f"{allowed}")
+    if self.layer_rope is not None:
+      object.__setattr__(self, "layer_rope", tuple(self.layer_rope))
+      if (len(self.layer_rope) != self.num_layers
+          or set(self.layer_rope) - {ROPE, LOCAL_ROPE, NOPE}):
+        raise ValueError(
+            f"layer_rope={self.layer_rope!r}: expected {self.num_layers} "
+            f"entries of {ROPE!r} / {LOCAL_ROPE!r} / {NOPE!r}")
+    if (LOCAL_ROPE in self.layer_rope_kinds) != (self.local_rope_theta is not None):
       raise ValueError(
-          f"attention_bias={self.attention_bias}, qk_norm={self.qk_norm} with "
-          f"model_type={self.model_type!r}: expected attention_bias="
-          f"{family.attention_bias}, qk_norm={family.qk_norm} (the "
-          f"{family.architecture} layout)")
+          f"local_rope_theta={self.local_rope_theta!r}, layer_rope="
+          f"{self.layer_rope!r}: expected a base exactly when some layer is "
+          f"{LOCAL_ROPE!r}")
+    for name in ("query_pre_attn_scalar", "attn_softcap", "logit_scale",
+                 "final_logit_softcap"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"{name}={value!r}: expected None or a float > 0")
     if self.rope_scaling is not None:
       object.__setattr__(self, "rope_scaling",
                          tuple(sorted(dict(self.rope_scaling).items())))
@@ -90,8 +153,21 @@ class ModelConfig:
   def rope_scaling_dict(self) -> dict | None:
     return None if self.rope_scaling is None else dict(self.rope_scaling)
 
+  @property
+  def layer_rope_kinds(self) -> tuple[str, ...]:
+    """`layer_rope` with None spelled out: one entry per layer."""
+    return self.layer_rope or (ROPE,) * self.num_layers
+
+  @property
+  def attn_scale(self) -> float | None:
+    """The attention scale the op applies (None: its H**-0.5 default)."""
+    if self.query_pre_attn_scalar is None:
+      return None
+    return self.query_pre_attn_scalar ** -0.5
+
   def with_full_attention(self) -> "ModelConfig":
-    """The same model with every window removed (negative controls, benchmarks)."""
+    """The same model with every window removed (negative controls,
+    benchmarks); each layer keeps its RoPE (`layer_rope`)."""
     return dataclasses.replace(self, layer_windows=(None,) * self.num_layers)
 
   # ----- Hugging Face config.json ---------------------------------------------
@@ -119,13 +195,23 @@ _TINY = dict(vocab_size=264, hidden_size=256, intermediate_size=768,
              max_position_embeddings=4096)
 
 
-def _preset(model_type, windows, overrides):
+def _preset(model_type, windows, overrides, **family_fields):
+  """A tiny config of `model_type`: its switches, `windows(num_layers)` and
+  `family_fields` (which may also be functions of num_layers), overridden."""
   fields = {**_TINY, "model_type": model_type,
-            "attention_bias": FAMILIES[model_type].attention_bias,
-            "qk_norm": FAMILIES[model_type].qk_norm, **overrides}
-  if "layer_windows" not in overrides:
-    fields["layer_windows"] = windows(fields["num_layers"])
+            **FAMILIES[model_type].all_switches, **overrides}
+  num_layers = fields["num_layers"]
+  derived = {"layer_windows": windows, **family_fields}
+  for name, value in derived.items():
+    if name not in overrides:
+      fields[name] = value(num_layers) if callable(value) else value
   return ModelConfig(**fields)
+
+
+def _alternating(period, window=128):
+  """Layer i full iff (i + 1) % period == 0, the others window `window`."""
+  return lambda n: tuple(None if (i + 1) % period == 0 else window
+                         for i in range(n))
 
 
 def mistral_tiny(**overrides) -> ModelConfig:
@@ -150,3 +236,69 @@ def qwen3_tiny(**overrides) -> ModelConfig:
 def llama_tiny(**overrides) -> ModelConfig:
   """As `mistral_tiny`, Llama layout: full causal attention on every layer."""
   return _preset("llama", lambda n: (None,) * n, overrides)
+
+
+def gemma2_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, Gemma 2 layout: sliding (128) and full layers
+  alternating, query_pre_attn_scalar 32, softcaps 50 / 30, tied embedding."""
+  return _preset("gemma2", _alternating(2), overrides, query_pre_attn_scalar=32.0,
+                 attn_softcap=50.0, final_logit_softcap=30.0,
+                 tie_word_embeddings=True)
+
+
+def gemma3_tiny(**overrides) -> ModelConfig:
+  """As `gemma2_tiny`, Gemma 3 layout: q/k norms, no softcaps, every 6th
+  layer full with RoPE base 1e6, sliding layers base 1e4."""
+  return _preset("gemma3_text", _alternating(6), overrides,
+                 query_pre_attn_scalar=32.0, tie_word_embeddings=True,
+                 rope_theta=1e6, local_rope_theta=1e4,
+                 layer_rope=lambda n: tuple(
+                     ROPE if w is None else LOCAL_ROPE
+                     for w in overrides.get("layer_windows",
+                                            _alternating(6)(n))))
+
+
+def ministral_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, Ministral layout: every 4th layer full."""
+  return _preset("ministral", _alternating(4), overrides)
+
+
+def phi3_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, Phi-3 layout: fused qkv / gate_up projections."""
+  return _preset("phi3", lambda n: (128,) * n, overrides)
+
+
+def starcoder2_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, Starcoder2 layout: LayerNorm and biases, GELU MLP,
+  tied embedding."""
+  return _preset("starcoder2", lambda n: (128,) * n, overrides,
+                 tie_word_embeddings=True)
+
+
+def olmo3_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, Olmo 3 layout: post-norm block, q/k norm over all
+  heads, every 4th layer full."""
+  windows = _alternating(4)
+  return _preset("olmo3", windows, overrides, rope_theta=5e5,
+                 local_rope_theta=5e5, layer_rope=lambda n: tuple(
+                     ROPE if w is None else LOCAL_ROPE
+                     for w in overrides.get("layer_windows", windows(n))))
+
+
+def smollm3_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, SmolLM3 layout: every 4th layer without RoPE and
+  sliding (128), the others full; tied embedding."""
+  return _preset("smollm3", lambda n: tuple(
+      128 if (i + 1) % 4 == 0 else None for i in range(n)), overrides,
+      tie_word_embeddings=True, layer_rope=lambda n: tuple(
+          NOPE if (i + 1) % 4 == 0 else ROPE for i in range(n)))
+
+
+def cohere2_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, Cohere2 layout: parallel block, interleaved RoPE on
+  the sliding layers, every 4th layer full without RoPE, logit_scale 0.25."""
+  windows = _alternating(4)
+  return _preset("cohere2", windows, overrides, logit_scale=0.25,
+                 tie_word_embeddings=True, layer_rope=lambda n: tuple(
+                     NOPE if w is None else ROPE
+                     for w in overrides.get("layer_windows", windows(n))))

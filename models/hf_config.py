@@ -1,18 +1,33 @@
 """The one mapping between Hugging Face `config.json` and `ModelConfig` fields.
 
 `FAMILIES` holds one `Family` row per transformers model type: its
-architecture, the `ModelConfig` switches it fixes, transformers' class
-defaults, and its rule for per-layer windows in each direction. A new family
-is a row (and, if its window keys differ, one pair of window rules).
-  mistral  one `sliding_window` for every layer (None: full causal)
-  qwen2    q/k/v biases; `use_sliding_window` + `max_window_layers`, or `layer_types`
-  qwen3    per-head RMSNorm on q and k before RoPE; windows as qwen2
-  llama    no window; RoPE scaling "llama3" (Llama 3.1+)
+architecture, the `ModelConfig` switches it fixes (block layout, norm and MLP
+kind, biases, fused projections, ...), transformers' class defaults, its rule
+for per-layer windows in each direction, and the family's own config keys
+(softcaps, scales, per-layer RoPE). A new family is a row (and, if its keys
+differ, a pair of small rules).
+  mistral     one `sliding_window` for every layer (None: full causal)
+  qwen2       q/k/v biases; `use_sliding_window` + `max_window_layers`, or `layer_types`
+  qwen3       per-head RMSNorm on q and k before RoPE; windows as qwen2
+  llama       no window; RoPE scaling "llama3" (Llama 3.1+)
+  gemma2      sandwich norms (1 + w), GeGLU, sqrt(D) embedding scale,
+              query_pre_attn_scalar, attention and final logit softcaps,
+              `layer_types` (default: alternating sliding / full)
+  gemma3_text gemma2 + q/k norms, a local RoPE base on sliding layers
+  ministral   the Mistral block with `layer_types`
+  phi3        fused qkv_proj and gate_up_proj; `sliding_window` on every layer
+  starcoder2  LayerNorm with bias, biased projections, GELU MLP; every layer
+  olmo3       post-norm block, q/k RMSNorm over all heads, `layer_types`
+  smollm3     NoPE layers (`no_rope_layers`), `use_sliding_window` + `layer_types`
+  cohere2     parallel block on one bias-free LayerNorm, interleaved RoPE on
+              sliding layers, NoPE full layers, `logit_scale`
 RoPE scaling ("linear", "llama3", "yarn", see `ROPE_TYPES`) is open to every
-family.
+family (on full layers where the RoPE is per layer type).
 
-This module imports nothing of `models`: `ModelConfig.from_hf` builds itself
-from `fields_from_hf`, and `ModelConfig.to_hf` calls `config_to_hf`.
+The rules themselves (windows, default `layer_types`, family keys) are
+`models.hf_rules`. This module imports nothing else of `models`:
+`ModelConfig.from_hf` builds itself from `fields_from_hf`, and
+`ModelConfig.to_hf` calls `config_to_hf`.
 """
 
 from __future__ import annotations
@@ -23,8 +38,17 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-SLIDING, FULL = "sliding_attention", "full_attention"  # HF layer_types entries
-Windows = tuple[int | None, ...]  # `ModelConfig.layer_windows`
+from models.hf_rules import (FULL, LOCAL_ROPE, NOPE, ROPE, SLIDING, Windows,
+                             all_sliding_if_window, cohere2_from_hf,
+                             cohere2_to_hf, every_layer_windows_from_hf,
+                             every_layer_windows_to_hf, every_nth_full,
+                             gemma_from_hf, gemma_to_hf,
+                             layer_types_windows_from_hf,
+                             layer_types_windows_to_hf, no_keys_from_hf,
+                             no_keys_to_hf, no_windows_from_hf,
+                             no_windows_to_hf, qwen_windows_from_hf,
+                             qwen_windows_to_hf, smollm3_from_hf,
+                             smollm3_layer_types, smollm3_to_hf)
 
 # Keys without a transformers default: a config.json must give them.
 _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size",
@@ -42,98 +66,31 @@ ROPE_TYPES = {
               "mscale_all_dim", "truncate")),
 }
 # Types whose original_max_position_embeddings transformers fills in (see
-# `_rope_from_hf`).
+# `_rope_params`).
 _ROPE_TYPES_WITH_ORIGINAL_LENGTH = ("llama3", "yarn")
 
 
-# ----- Window rules: config.json <-> layer_windows ----------------------------
-# from_hf(model_type, hf, num_layers) -> layer_windows, with hf the config.json
-# dict over the family's defaults; to_hf(architecture, layer_windows) -> the
-# family's window keys of config.json, or ValueError if it cannot express them.
-
-def _window_size(architecture: str, windows: Windows) -> int | None:
-  """The one sliding window size of `windows` (None: no sliding layer)."""
-  sizes = {w for w in windows if w is not None}
-  if len(sizes) > 1:
-    raise ValueError(
-        f"layer_windows={windows!r}: HF {architecture} has one "
-        "sliding_window size for all sliding layers")
-  return sizes.pop() if sizes else None
-
-
-def _every_layer_windows_from_hf(model_type, hf, num_layers) -> Windows:
-  """`sliding_window` on every layer; `layer_types` must agree (Mistral
-  ignores it)."""
-  window = hf.get("sliding_window")
-  layer_types = hf.get("layer_types")
-  if layer_types is not None and list(layer_types) != [
-      SLIDING if window is not None else FULL] * num_layers:
-    raise ValueError(
-        f"layer_types={layer_types!r} with model_type={model_type!r}: "
-        f"{FAMILIES[model_type].architecture} ignores layer_types and uses "
-        f"sliding_window={window!r} on every layer")
-  return (window,) * num_layers
-
-
-def _every_layer_windows_to_hf(architecture, windows) -> dict:
-  window = _window_size(architecture, windows)
-  if window is not None and None in windows:
-    raise ValueError(
-        f"layer_windows={windows!r}: HF {architecture} applies sliding_window "
-        "to every layer or to none")
-  return {"sliding_window": window}
-
-
-def _qwen_windows_from_hf(model_type, hf, num_layers) -> Windows:
-  """`layer_types` when given, else layer i slides iff `use_sliding_window`
-  and i >= `max_window_layers`; the window is None unless use_sliding_window."""
-  window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
-  layer_types = hf.get("layer_types")
-  if layer_types is None:
-    first = hf.get("max_window_layers", 28)
-    layer_types = [SLIDING if window is not None and i >= first else FULL
-                   for i in range(num_layers)]
-  if len(layer_types) != num_layers or set(layer_types) - {SLIDING, FULL}:
-    raise ValueError(
-        f"layer_types={layer_types!r}: expected {num_layers} entries of "
-        f"{SLIDING!r} / {FULL!r}")
-  if SLIDING in layer_types and window is None:
-    raise ValueError(
-        f"layer_types={layer_types!r} has sliding layers but no window "
-        f"(use_sliding_window={hf.get('use_sliding_window')!r}, "
-        f"sliding_window={hf.get('sliding_window')!r})")
-  return tuple(window if t == SLIDING else None for t in layer_types)
-
-
-def _qwen_windows_to_hf(architecture, windows) -> dict:
-  window = _window_size(architecture, windows)
-  sliding = [w is not None for w in windows]
-  return {"use_sliding_window": window is not None,
-          "sliding_window": window,
-          "max_window_layers": sliding.index(True) if window else len(windows),
-          "layer_types": [SLIDING if s else FULL for s in sliding]}
-
-
-def _no_windows_from_hf(model_type, hf, num_layers) -> Windows:
-  """Full causal on every layer; a `sliding_window` key is refused (the
-  family's transformers class ignores it)."""
-  if hf.get("sliding_window") is not None:
-    raise ValueError(
-        f"sliding_window={hf['sliding_window']!r} with model_type="
-        f"{model_type!r}: transformers ignores it for "
-        f"{FAMILIES[model_type].architecture}; use model_type='mistral'")
-  return (None,) * num_layers
-
-
-def _no_windows_to_hf(architecture, windows) -> dict:
-  if _window_size(architecture, windows) is not None:
-    raise ValueError(
-        f"layer_windows={windows!r}: HF {architecture} has no sliding window; "
-        "use model_type='mistral' or 'qwen2'")
-  return {}
-
-
 # ----- The family table ------------------------------------------------------
+
+# The `ModelConfig` switches a family fixes, with the values most families
+# use (`Family.switches` overrides some).
+SWITCH_DEFAULTS = dict(
+    block="pre_norm",         # `ModelConfig.block`
+    norm="rms",               # `ModelConfig.norm`
+    norm_bias=False,
+    mlp="swiglu",             # `ModelConfig.mlp`
+    mlp_bias=False,
+    fused_projections=False,  # qkv_proj and gate_up_proj (Phi-3)
+    attention_bias=False,     # q/k/v biases
+    attention_out_bias=False,  # o_proj bias
+    qk_norm=None,             # None | "head" | "all_heads"
+    rope_interleaved=False,
+    scale_embeddings=False,   # embedding times sqrt(D)
+)
+# MLP kind -> the HF activation it computes.
+MLP_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh",
+                   "gelu": "gelu_pytorch_tanh"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -144,40 +101,135 @@ class Family:
   defaults: Mapping[str, Any]
   windows_from_hf: Callable[[str, dict, int], Windows]
   windows_to_hf: Callable[[str, Windows], dict]
-  # The ModelConfig switches the family fixes (`ModelConfig.__post_init__`
-  # enforces them, so every config writes back to a config.json that
-  # transformers reads the same).
-  attention_bias: bool = False  # q/k/v projections have a bias
-  qk_norm: bool = False         # RMSNorm over H on q and k before RoPE
+  # The ModelConfig switches the family fixes, over SWITCH_DEFAULTS
+  # (`ModelConfig.__post_init__` enforces them, so every config writes back
+  # to a config.json that transformers reads the same).
+  switches: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # HF bias switches the class reads that swajax lacks: written False by
   # `config_to_hf`, refused when True by `fields_from_hf`.
   bias_switches: tuple[str, ...] = ()
+  # HF bool switches that must hold the given value (None reads as False;
+  # written so by `config_to_hf`).
+  fixed_keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # `layer_types` when config.json has none (layer_types families).
+  default_layer_types: Callable[[dict, int], list] | None = None
+  # The family's own keys (`gemma_from_hf`, ...).
+  extras_from_hf: Callable[[dict, int, Windows], dict] = no_keys_from_hf
+  extras_to_hf: Callable[[Any], dict] = no_keys_to_hf
+  # Key names: the activation and the norms' epsilon.
+  activation_key: str = "hidden_act"
+  eps_key: str = "rms_norm_eps"
+  # `rope_parameters` per layer type ({"full_attention": ..., "sliding_attention":
+  # ...}): (legacy top-level key of the sliding layers' base or None, the
+  # default base of the sliding layers).
+  rope_per_layer_type: tuple[str, float] | None = None
 
+  @property
+  def all_switches(self) -> dict[str, Any]:
+    return {**SWITCH_DEFAULTS, **self.switches}
+
+
+_GEMMA = dict(block="sandwich", norm="rms_one_plus", mlp="geglu",
+              scale_embeddings=True)
+_GEMMA_DEFAULTS = dict(num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, query_pre_attn_scalar=256,
+                       sliding_window=4096, hidden_activation="gelu_pytorch_tanh")
 
 FAMILIES: dict[str, Family] = {
     "mistral": Family(
         "MistralForCausalLM",
         dict(num_key_value_heads=8, sliding_window=4096,
              max_position_embeddings=131072),
-        _every_layer_windows_from_hf, _every_layer_windows_to_hf),
+        every_layer_windows_from_hf, every_layer_windows_to_hf),
     "qwen2": Family(
         "Qwen2ForCausalLM",
         dict(num_key_value_heads=32, use_sliding_window=False,
              sliding_window=4096, max_window_layers=28,
              max_position_embeddings=32768),
-        _qwen_windows_from_hf, _qwen_windows_to_hf, attention_bias=True),
+        qwen_windows_from_hf, qwen_windows_to_hf,
+        switches=dict(attention_bias=True)),
     "qwen3": Family(
         "Qwen3ForCausalLM",
         dict(num_key_value_heads=32, head_dim=128, use_sliding_window=False,
              sliding_window=4096, max_window_layers=28,
              max_position_embeddings=32768),
-        _qwen_windows_from_hf, _qwen_windows_to_hf, qk_norm=True,
-        bias_switches=("attention_bias",)),
+        qwen_windows_from_hf, qwen_windows_to_hf,
+        switches=dict(qk_norm="head"), bias_switches=("attention_bias",)),
     "llama": Family(
         "LlamaForCausalLM",
         dict(max_position_embeddings=2048),
-        _no_windows_from_hf, _no_windows_to_hf,
+        no_windows_from_hf, no_windows_to_hf,
         bias_switches=("attention_bias", "mlp_bias")),
+    "gemma2": Family(
+        "Gemma2ForCausalLM",
+        dict(_GEMMA_DEFAULTS, max_position_embeddings=8192,
+             final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
+        switches=_GEMMA, bias_switches=("attention_bias",),
+        fixed_keys=dict(use_bidirectional_attention=False),
+        default_layer_types=every_nth_full(2),
+        extras_from_hf=gemma_from_hf, extras_to_hf=gemma_to_hf,
+        activation_key="hidden_activation"),
+    "gemma3_text": Family(
+        "Gemma3ForCausalLM",
+        dict(_GEMMA_DEFAULTS, max_position_embeddings=131072, rope_theta=1e6,
+             final_logit_softcapping=None, attn_logit_softcapping=None),
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
+        switches=dict(_GEMMA, qk_norm="head"), bias_switches=("attention_bias",),
+        fixed_keys=dict(use_bidirectional_attention=False),
+        default_layer_types=every_nth_full(6, "sliding_window_pattern"),
+        extras_from_hf=gemma_from_hf, extras_to_hf=gemma_to_hf,
+        activation_key="hidden_activation",
+        rope_per_layer_type=("rope_local_base_freq", 10000.0)),
+    "ministral": Family(
+        "MinistralForCausalLM",
+        dict(num_key_value_heads=8, sliding_window=4096,
+             max_position_embeddings=131072),
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
+        default_layer_types=all_sliding_if_window),
+    "phi3": Family(
+        "Phi3ForCausalLM",
+        dict(sliding_window=None, rms_norm_eps=1e-5, max_position_embeddings=4096),
+        every_layer_windows_from_hf, every_layer_windows_to_hf,
+        switches=dict(fused_projections=True)),
+    "starcoder2": Family(
+        "Starcoder2ForCausalLM",
+        dict(num_key_value_heads=2, sliding_window=None, norm_epsilon=1e-5,
+             hidden_act="gelu_pytorch_tanh", max_position_embeddings=4096,
+             tie_word_embeddings=True, initializer_range=0.018042),
+        every_layer_windows_from_hf, every_layer_windows_to_hf,
+        switches=dict(norm="layer_norm", norm_bias=True, mlp="gelu",
+                      mlp_bias=True, attention_bias=True,
+                      attention_out_bias=True),
+        fixed_keys=dict(use_bias=True), eps_key="norm_epsilon"),
+    "olmo3": Family(
+        "Olmo3ForCausalLM",
+        dict(rms_norm_eps=1e-5, rope_theta=500000.0, sliding_window=4096,
+             max_position_embeddings=2048),
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
+        switches=dict(block="post_norm", qk_norm="all_heads"),
+        bias_switches=("attention_bias",),
+        default_layer_types=every_nth_full(4),
+        rope_per_layer_type=(None, 500000.0)),
+    "smollm3": Family(
+        "SmolLM3ForCausalLM",
+        dict(num_key_value_heads=4, rope_theta=2e6, use_sliding_window=False,
+             sliding_window=None, max_position_embeddings=32768,
+             tie_word_embeddings=True),
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
+        bias_switches=("attention_bias", "mlp_bias"),
+        default_layer_types=smollm3_layer_types,
+        extras_from_hf=smollm3_from_hf, extras_to_hf=smollm3_to_hf),
+    "cohere2": Family(
+        "Cohere2ForCausalLM",
+        dict(layer_norm_eps=1e-5, logit_scale=0.0625, sliding_window=4096,
+             max_position_embeddings=8192, tie_word_embeddings=True),
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
+        switches=dict(block="parallel", norm="layer_norm", rope_interleaved=True),
+        bias_switches=("attention_bias",),
+        default_layer_types=every_nth_full(4, "sliding_window_pattern"),
+        extras_from_hf=cohere2_from_hf, extras_to_hf=cohere2_to_hf,
+        eps_key="layer_norm_eps"),
 }
 
 
@@ -198,7 +250,7 @@ def fields_from_hf(config) -> dict[str, Any]:
   Follows transformers 5.24: absent keys take the family's class defaults;
   windows follow the family's rule (`FAMILIES`). Raises ValueError for
   anything it cannot honour exactly (other model types, activations,
-  dropout, biases, RoPE variants).
+  dropout, biases, RoPE variants), naming the field.
   """
   if isinstance(config, (str, os.PathLike)):
     config = _read_config_json(os.fspath(config))
@@ -213,8 +265,10 @@ def fields_from_hf(config) -> dict[str, Any]:
   _check_unsupported(model_type, hf)
   num_layers = hf["num_hidden_layers"]
   num_q_heads = hf["num_attention_heads"]
-  theta, scaling = _rope_from_hf(hf)
-  return dict(
+  windows = family.windows_from_hf(family, hf, num_layers)
+  rope = (_per_layer_type_rope_from_hf(family, hf, windows)
+          if family.rope_per_layer_type else _flat_rope_from_hf(hf))
+  fields = dict(
       model_type=model_type,
       vocab_size=hf["vocab_size"],
       hidden_size=hf["hidden_size"],
@@ -223,16 +277,15 @@ def fields_from_hf(config) -> dict[str, Any]:
       num_q_heads=num_q_heads,
       num_kv_heads=hf.get("num_key_value_heads") or num_q_heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // num_q_heads,
-      layer_windows=family.windows_from_hf(model_type, hf, num_layers),
-      rope_theta=float(theta),
-      rope_scaling=scaling,
+      layer_windows=windows,
       max_position_embeddings=hf["max_position_embeddings"],
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rms_norm_eps=float(hf.get(family.eps_key, 1e-6)),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      attention_bias=family.attention_bias,
-      qk_norm=family.qk_norm,
       initializer_range=float(hf.get("initializer_range", 0.02)),
+      **rope,
+      **family.all_switches,
   )
+  return {**fields, **family.extras_from_hf(hf, num_layers, windows)}
 
 
 def _read_config_json(path: str) -> dict:
@@ -250,37 +303,88 @@ def _read_config_json(path: str) -> dict:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+# Dropout keys of the families' configs: swajax has no dropout.
+_DROPOUT_KEYS = ("attention_dropout", "resid_pdrop", "embd_pdrop",
+                 "residual_dropout", "embedding_dropout")
+
+
 def _check_unsupported(model_type, hf):
   """Raises for HF settings this implementation would not reproduce exactly."""
-  act = hf.get("hidden_act", "silu")
-  if act != "silu":
-    raise ValueError(f"hidden_act={act!r}: only 'silu' (SwiGLU) is implemented")
-  dropout = hf.get("attention_dropout", 0.0) or 0.0
-  if dropout != 0:
+  family = FAMILIES[model_type]
+  expected_act = MLP_ACTIVATIONS[family.all_switches["mlp"]]
+  act = hf.get(family.activation_key, "silu")
+  if act != expected_act:
     raise ValueError(
-        f"attention_dropout={dropout!r}: swajax attention has no dropout; "
-        "expected 0.0")
-  if ("attention_bias" in FAMILIES[model_type].bias_switches
-      and hf.get("attention_bias", False)):
+        f"{family.activation_key}={act!r}: only {expected_act!r} is "
+        f"implemented for {family.architecture}")
+  for key in _DROPOUT_KEYS:
+    dropout = hf.get(key, 0.0) or 0.0
+    if dropout != 0:
+      raise ValueError(
+          f"{key}={dropout!r}: swajax has no dropout; expected 0.0")
+  if "attention_bias" in family.bias_switches and hf.get("attention_bias", False):
     raise ValueError(
         f"attention_bias=True with model_type={model_type!r}: adds biases to "
-        "q/k/v and o_proj, which swajax does not implement")
+        "q/k/v and o_proj, which swajax does not implement for this family")
   if hf.get("mlp_bias", False):  # refused whichever family reads it
     raise ValueError("mlp_bias=True: MLP biases are not implemented")
+  for key, value in family.fixed_keys.items():
+    if bool(hf.get(key, value)) != value:
+      raise ValueError(f"{key}={hf[key]!r} with model_type={model_type!r}: "
+                       f"expected {value!r}")
 
 
-def _rope_from_hf(hf):
-  """(rope_theta, rope_scaling) from `rope_scaling` / `rope_parameters` (HF 4 / 5).
+def _flat_rope_from_hf(hf) -> dict:
+  """One RoPE for every layer: `rope_scaling` / `rope_parameters` (HF 4 / 5).
 
   As transformers 5: `rope_scaling` wins over `rope_parameters`; rope_theta
-  comes from the dict, else the top level, else 10000; llama3 and yarn take
-  original_max_position_embeddings from the top level, else the dict, else
-  max_position_embeddings.
+  comes from the dict, else the top level, else 10000 (the family's default
+  when it has one); llama3 and yarn take original_max_position_embeddings
+  from the top level, else the dict, else max_position_embeddings.
   """
   params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-  theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+  theta, scaling = _rope_params(params, hf, hf.get("rope_theta", 10000.0))
+  return dict(rope_theta=float(theta), rope_scaling=scaling)
+
+
+def _per_layer_type_rope_from_hf(family, hf, windows) -> dict:
+  """Gemma 3 / Olmo 3: `rope_parameters` {"full_attention": {...},
+  "sliding_attention": {...}} as transformers 5 writes it, or the legacy
+  keys: rope_theta (+ rope_scaling) for full layers, the family's local key
+  (Gemma 3: rope_local_base_freq; Olmo 3: none, as transformers 5.24 gives
+  its sliding layers 500000 whatever rope_theta says) for sliding layers. Sliding layers take
+  default RoPE of their own base (`LOCAL_ROPE`), full ones the (scaled) RoPE.
+  """
+  local_key, local_default = family.rope_per_layer_type
+  params = hf.get("rope_parameters") or {}
+  if set(params) - {FULL, SLIDING}:
+    raise ValueError(
+        f"rope_parameters={params!r}: {family.architecture} expects a dict per "
+        f"layer type ({FULL!r}, {SLIDING!r}); transformers ignores other keys")
+  full = dict(params.get(FULL) or {})
+  full.update(hf.get("rope_scaling") or {})
+  theta, scaling = _rope_params(full, hf, hf.get("rope_theta", family.defaults.get(
+      "rope_theta", 10000.0)))
+  sliding = dict(params.get(SLIDING) or {})
+  local_theta, local_scaling = _rope_params(
+      sliding, hf, hf.get(local_key, local_default) if local_key else local_default)
+  if local_scaling is not None:
+    raise ValueError(
+        f"rope_parameters[{SLIDING!r}]={params[SLIDING]!r}: sliding layers "
+        "support default RoPE only")
+  return dict(rope_theta=float(theta), rope_scaling=scaling,
+              local_rope_theta=float(local_theta),
+              layer_rope=tuple(ROPE if w is None else LOCAL_ROPE for w in windows))
+
+
+def _rope_params(params: dict, hf: dict, default_theta):
+  """(rope_theta, rope_scaling items or None) from one RoPE dict (see
+  `_flat_rope_from_hf`)."""
+  params = dict(params)
+  theta = params.pop("rope_theta", default_theta)
   rope_type = params.pop("rope_type", params.pop("type", "default"))
-  factor = params.pop("partial_rotary_factor", 1.0)
+  factor = params.pop("partial_rotary_factor",
+                      hf.get("partial_rotary_factor", 1.0))
   if factor != 1.0:
     raise ValueError(f"partial_rotary_factor={factor!r}: expected 1.0")
   if rope_type == "default":
@@ -321,13 +425,29 @@ def config_to_hf(config) -> dict:
   exactly.
 
   Raises ValueError when the family cannot express `layer_windows` (Mistral:
-  one window for all layers; Qwen: one window size; Llama: none).
+  one window for all layers; Qwen: one window size; Llama: none) or its
+  `layer_rope`.
   """
   family = FAMILIES[config.model_type]
   windows = family.windows_to_hf(family.architecture, config.layer_windows)
   rope = {"rope_type": "default", **(config.rope_scaling_dict or {}),
           "rope_theta": config.rope_theta}
-  return {
+  if family.rope_per_layer_type:
+    expected = tuple(ROPE if w is None else LOCAL_ROPE
+                     for w in config.layer_windows)
+    if config.layer_rope_kinds != expected:
+      raise ValueError(
+          f"layer_rope={config.layer_rope!r}: HF {family.architecture} has "
+          f"the local RoPE on exactly the sliding layers, expected {expected!r}")
+    rope = {FULL: rope, SLIDING: {"rope_type": "default",
+                                  "rope_theta": config.local_rope_theta}}
+  elif LOCAL_ROPE in config.layer_rope_kinds:
+    raise ValueError(f"layer_rope={config.layer_rope!r}: HF "
+                     f"{family.architecture} has one RoPE base")
+  elif NOPE in config.layer_rope_kinds and family.extras_to_hf is no_keys_to_hf:
+    raise ValueError(f"layer_rope={config.layer_rope!r}: HF "
+                     f"{family.architecture} applies RoPE to every layer")
+  hf = {
       "architectures": [family.architecture],
       "model_type": config.model_type,
       "vocab_size": config.vocab_size,
@@ -337,14 +457,21 @@ def config_to_hf(config) -> dict:
       "num_attention_heads": config.num_q_heads,
       "num_key_value_heads": config.num_kv_heads,
       "head_dim": config.head_dim,
-      "hidden_act": "silu",
+      family.activation_key: MLP_ACTIVATIONS[config.mlp],
       "max_position_embeddings": config.max_position_embeddings,
-      "rms_norm_eps": config.rms_norm_eps,
+      family.eps_key: config.rms_norm_eps,
       "tie_word_embeddings": config.tie_word_embeddings,
-      "rope_theta": config.rope_theta,
       "rope_parameters": rope,
       "attention_dropout": 0.0,
       "initializer_range": config.initializer_range,
+      # swajax's embedding has no padding row; some class defaults (Phi-3:
+      # 32000, SmolLM3: 128004) lie outside a smaller vocab, which torch refuses.
+      "pad_token_id": None,
       **windows,
       **{key: False for key in family.bias_switches},
+      **family.fixed_keys,
+      **family.extras_to_hf(config),
   }
+  if not family.rope_per_layer_type:
+    hf["rope_theta"] = config.rope_theta
+  return hf

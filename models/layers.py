@@ -1,11 +1,13 @@
-"""Building blocks: RMSNorm, SwiGLU MLP, parameter initialisers (RoPE:
-`models.rope`).
+"""Building blocks: norms (RMS, Gemma's 1 + w RMS, LayerNorm), the MLP
+(SwiGLU, GeGLU, GELU), parameter initialisers (RoPE: `models.rope`).
 
 Dimension letters: B batch, T sequence, D model dim, F MLP dim. Parameter
 sharding names: "fsdp" (and None = replicated).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,37 +30,85 @@ def param_init(config: ModelConfig, sharding: tuple):
   return sharded(nnx.initializers.normal(config.initializer_range), sharding)
 
 
-class RMSNorm(nnx.Module):
-  """x / sqrt(mean(x², last axis) + eps) * weight, in fp32, cast to `dtype`.
+class Norm(nnx.Module):
+  """One norm over the last axis of size `dim`, in fp32, cast to `dtype`:
+  [..., dim] -> [..., dim].
 
-  Applies over the last axis of size `dim`: [..., dim] -> [..., dim].
+  kind "rms": x / sqrt(mean(x²) + eps) * w, w initialised to ones;
+  "rms_one_plus" (Gemma): the same times (1 + w), w initialised to zeros;
+  "layer_norm": (x - mean) / sqrt(var + eps) * w (+ bias if `bias`).
   """
 
-  def __init__(self, dim: int, *, eps: float, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    init = sharded(nnx.initializers.ones, (None,))
-    self.weight = nnx.Param(init(rngs.params(), (dim,), param_dtype))
+  def __init__(self, dim: int, *, kind: str, eps: float, dtype, param_dtype,
+               bias: bool = False, rngs: nnx.Rngs):
+    init = nnx.initializers.zeros if kind == "rms_one_plus" else nnx.initializers.ones
+    self.weight = nnx.Param(sharded(init, (None,))(rngs.params(), (dim,),
+                                                   param_dtype))
+    self.bias = (nnx.Param(sharded(nnx.initializers.zeros, (None,))(
+        rngs.params(), (dim,), param_dtype)) if bias else None)
+    self.kind = kind
     self.eps = eps
     self.dtype = dtype
 
   def __call__(self, x):
     xf = x.astype(jnp.float32)
+    if self.kind == "layer_norm":
+      xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (xf * self.weight[...].astype(jnp.float32)).astype(self.dtype)
+    weight = self.weight[...].astype(jnp.float32)
+    if self.kind == "rms_one_plus":
+      weight = 1.0 + weight
+    xf = xf * weight
+    if self.bias is not None:
+      xf = xf + self.bias[...].astype(jnp.float32)
+    return xf.astype(self.dtype)
+
+
+def norm(config: ModelConfig, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+         bias: bool | None = None) -> Norm:
+  """A `Norm` of `config`'s kind and eps over `dim` (bias: config.norm_bias)."""
+  return Norm(dim, kind=config.norm, eps=config.rms_norm_eps, dtype=dtype,
+              param_dtype=param_dtype,
+              bias=config.norm_bias if bias is None else bias, rngs=rngs)
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)); [B, T, D] -> [B, T, D]."""
+  """`config.mlp`: [B, T, D] -> [B, T, D].
+
+  "swiglu": down(silu(gate(x)) * up(x)); "geglu": the same with tanh-GELU;
+  "gelu": down(gelu_tanh(up(x))) (Starcoder2's c_fc / c_proj). With
+  `config.fused_projections` gate and up are one gate_up_proj [D, 2, F]
+  (Phi-3); with `config.mlp_bias` every projection has a bias.
+  """
 
   def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     d, f = config.hidden_size, config.intermediate_size
-    reads_d = dict(kernel_init=param_init(config, ("fsdp", None)),
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gate_proj = nnx.Einsum("BTD,DF->BTF", (d, f), **reads_d)
-    self.up_proj = nnx.Einsum("BTD,DF->BTF", (d, f), **reads_d)
+    self.kind = config.mlp
+    bias = sharded(nnx.initializers.zeros, (None,))
+    common = dict(dtype=dtype, param_dtype=param_dtype, bias_init=bias, rngs=rngs)
+    reads_d = dict(kernel_init=param_init(config, ("fsdp", None)), **common)
+    with_bias = lambda shape: shape if config.mlp_bias else None
+    fused, gated = config.fused_projections, self.kind != "gelu"
+    self.gate_up_proj = nnx.Einsum(
+        "BTD,DGF->BTGF", (d, 2, f), with_bias((2, f)),
+        **{**reads_d, "kernel_init": param_init(config, ("fsdp", None, None))}
+    ) if fused else None
+    self.gate_proj = nnx.Einsum("BTD,DF->BTF", (d, f), with_bias((f,)),
+                                **reads_d) if gated and not fused else None
+    self.up_proj = nnx.Einsum("BTD,DF->BTF", (d, f), with_bias((f,)),
+                              **reads_d) if not fused else None
     self.down_proj = nnx.Einsum(
-        "BTF,FD->BTD", (f, d), kernel_init=param_init(config, (None, "fsdp")),
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        "BTF,FD->BTD", (f, d), with_bias((d,)),
+        kernel_init=param_init(config, (None, "fsdp")), **common)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if self.gate_up_proj is not None:
+      gate_up = self.gate_up_proj(x)  # (B, T, 2, F)
+      gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    elif self.kind == "gelu":
+      return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    act = jax.nn.silu if self.kind == "swiglu" else functools.partial(
+        jax.nn.gelu, approximate=True)
+    return self.down_proj(act(gate) * up)

@@ -1,5 +1,6 @@
 """Rotary position embedding: the frequencies of `ModelConfig`'s RoPE (plain,
-or scaled "linear" / "llama3" / "yarn") and their rotation of q and k.
+or scaled "linear" / "llama3" / "yarn", or the local base of "local_rope"
+layers) and their rotation of q and k (halves, or interleaved pairs).
 
 `rope_frequencies` is the one place RoPE frequencies are computed (float32
 numpy, static per model); `apply_rope` rotates [B, T, N, H] activations by
@@ -18,21 +19,25 @@ import numpy as np
 from models.config import ModelConfig
 
 
-def rope_frequencies(config: ModelConfig) -> tuple[np.ndarray, float]:
+def rope_frequencies(config: ModelConfig, *, local: bool = False
+                     ) -> tuple[np.ndarray, float]:
   """(inv_freq [H / 2] float32, attention_factor) for `config`'s RoPE.
 
   The one place RoPE frequencies are computed: plain RoPE, or
   `config.rope_scaling` ("linear", "llama3", "yarn") applied as transformers 5
-  does. attention_factor multiplies cos and sin (yarn; 1.0 otherwise). Float32
-  numpy in the order of transformers' torch code, so the angles match bit for
-  bit up to the cos/sin implementation.
+  does; local=True: the plain RoPE of `config.local_rope_theta` (the
+  "local_rope" layers of `config.layer_rope`). attention_factor multiplies
+  cos and sin (yarn; 1.0 otherwise). Float32 numpy in the order of
+  transformers' torch code, so the angles match bit for bit up to the cos/sin
+  implementation.
   """
   dim = config.head_dim
+  theta = config.local_rope_theta if local else config.rope_theta
   # theta^(2i / H), i < H / 2.
-  pos_freqs = config.rope_theta ** (
+  pos_freqs = theta ** (
       np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
   inv_freq = 1.0 / pos_freqs
-  scaling = config.rope_scaling_dict
+  scaling = None if local else config.rope_scaling_dict
   if scaling is None:
     return inv_freq, 1.0
   if scaling["rope_type"] == "linear":
@@ -101,14 +106,24 @@ def _yarn_mscale(factor, mscale=1.0):
   return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def apply_rope(x, positions, inv_freq, attention_factor: float = 1.0):
+def apply_rope(x, positions, inv_freq, attention_factor: float = 1.0, *,
+               interleaved: bool = False):
   """Rotates x [B, T, N, H] by angles positions [B, T] x inv_freq [H / 2].
 
-  HF "rotate_half" convention: dimension h pairs with h + H/2 (not interleaved).
-  Angles, cos and sin in fp32, cos and sin times `attention_factor` (see
-  `rope_frequencies`); the result in x.dtype.
+  HF "rotate_half" convention: dimension h pairs with h + H/2, rotated in
+  x.dtype; interleaved=True (Cohere): dimension 2i pairs with 2i + 1, rotated
+  in fp32. Angles, cos and sin in fp32, cos and sin times `attention_factor`
+  (see `rope_frequencies`); the result in x.dtype.
   """
   angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # (B, T, H/2)
+  if interleaved:
+    angles = jnp.repeat(angles, 2, axis=-1)[:, :, None, :]  # (B, T, 1, H): a a b b ...
+    cos = (jnp.cos(angles) * attention_factor).astype(x.dtype).astype(jnp.float32)
+    sin = (jnp.sin(angles) * attention_factor).astype(x.dtype).astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    pairs = xf.reshape(*x.shape[:-1], -1, 2)  # (B, T, N, H/2, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return (xf * cos + rotated * sin).astype(x.dtype)
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, H)
   cos = (jnp.cos(angles) * attention_factor).astype(x.dtype)
   sin = (jnp.sin(angles) * attention_factor).astype(x.dtype)

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from models import CausalLM, ModelConfig
+from models.config import BLOCKS
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
 from swajax.peft_io import load_adapter
@@ -57,47 +58,68 @@ class TensorSpec:
   transposed: bool
 
 
+# Our DecoderLayer norm -> its HF module name (`models.config.BLOCKS`).
+NORM_HF_NAMES = {"input_norm": "input_layernorm",
+                 "post_attn_norm": "post_attention_layernorm",
+                 "pre_mlp_norm": "pre_feedforward_layernorm",
+                 "post_mlp_norm": "post_feedforward_layernorm"}
+# Our MLP projection -> its HF name, where it differs (Starcoder2's GELU MLP).
+MLP_HF_NAMES = {"gelu": {"up_proj": "c_fc", "down_proj": "c_proj"}}
+
+
 def tensor_table(config: ModelConfig) -> list[TensorSpec]:
   """Every tensor of a HF checkpoint of `config`, in file order."""
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-  qd = config.num_q_heads * config.head_dim
-  kd = config.num_kv_heads * config.head_dim
+  n, k, h = config.num_q_heads, config.num_kv_heads, config.head_dim
+  qd, kd = n * h, k * h
+
+  def norm_specs(hf_name, path, dim=d, bias=config.norm_bias):
+    return [TensorSpec(f"{hf_name}.weight", (*path, "weight"), (dim,), False)] + (
+        [TensorSpec(f"{hf_name}.bias", (*path, "bias"), (dim,), False)]
+        if bias else [])
+
+  def linear_specs(hf_name, path, out_in, bias):
+    """An nn.Linear [out, in] (and its bias [out]) <-> our Einsum at `path`."""
+    return [TensorSpec(f"{hf_name}.weight", (*path, "kernel"), out_in, True)] + (
+        [TensorSpec(f"{hf_name}.bias", (*path, "bias"), out_in[:1], False)]
+        if bias else [])
+
+  attention = (("qkv", qd + 2 * kd),) if config.fused_projections else (
+      ("q", qd), ("k", kd), ("v", kd))
+  mlp_names = MLP_HF_NAMES.get(config.mlp, {})
+  mlp = [("down_proj", (d, f))]
+  if config.fused_projections:
+    mlp.insert(0, ("gate_up_proj", (2 * f, d)))
+  else:
+    mlp[:0] = [(name, (f, d)) for name in (
+        ("up_proj",) if config.mlp == "gelu" else ("gate_proj", "up_proj"))]
+  block_norms = BLOCKS[config.block]
   table = [TensorSpec("model.embed_tokens.weight", ("embed", "embedding"),
                       (v, d), False)]
   for i in range(config.num_layers):
     hf, ours = f"model.layers.{i}.", ("layers", i)
-    table += [
-        TensorSpec(hf + "input_layernorm.weight", (*ours, "input_norm", "weight"),
-                   (d,), False),
-        TensorSpec(hf + "self_attn.q_proj.weight",
-                   (*ours, "attn", "q_proj", "kernel"), (qd, d), True),
-        TensorSpec(hf + "self_attn.k_proj.weight",
-                   (*ours, "attn", "k_proj", "kernel"), (kd, d), True),
-        TensorSpec(hf + "self_attn.v_proj.weight",
-                   (*ours, "attn", "v_proj", "kernel"), (kd, d), True),
-        TensorSpec(hf + "self_attn.o_proj.weight",
-                   (*ours, "attn", "o_proj", "kernel"), (d, qd), True),
-        TensorSpec(hf + "post_attention_layernorm.weight",
-                   (*ours, "post_attn_norm", "weight"), (d,), False),
-        TensorSpec(hf + "mlp.gate_proj.weight",
-                   (*ours, "mlp", "gate_proj", "kernel"), (f, d), True),
-        TensorSpec(hf + "mlp.up_proj.weight",
-                   (*ours, "mlp", "up_proj", "kernel"), (f, d), True),
-        TensorSpec(hf + "mlp.down_proj.weight",
-                   (*ours, "mlp", "down_proj", "kernel"), (d, f), True),
-    ]
-    if config.attention_bias:
-      table += [
-          TensorSpec(hf + f"self_attn.{name}_proj.bias",
-                     (*ours, "attn", f"{name}_proj", "bias"), (size,), False)
-          for name, size in (("q", qd), ("k", kd), ("v", kd))]
-    if config.qk_norm:
-      table += [
-          TensorSpec(hf + f"self_attn.{name}_norm.weight",
-                     (*ours, "attn", f"{name}_norm", "weight"),
-                     (config.head_dim,), False)
-          for name in ("q", "k")]
-  table.append(TensorSpec("model.norm.weight", ("norm", "weight"), (d,), False))
+    layer = []
+    if "input_norm" in block_norms:
+      layer += norm_specs(hf + "input_layernorm", (*ours, "input_norm"))
+    for name, size in attention:
+      layer += linear_specs(hf + f"self_attn.{name}_proj",
+                            (*ours, "attn", f"{name}_proj"), (size, d),
+                            config.attention_bias)
+    layer += linear_specs(hf + "self_attn.o_proj", (*ours, "attn", "o_proj"),
+                          (d, qd), config.attention_out_bias)
+    if config.qk_norm is not None:
+      per_head = config.qk_norm == "head"
+      for name, size in (("q", qd), ("k", kd)):
+        layer += norm_specs(hf + f"self_attn.{name}_norm",
+                            (*ours, "attn", f"{name}_norm"),
+                            h if per_head else size, bias=False)
+    for name in block_norms[1:] if "input_norm" in block_norms else block_norms:
+      layer += norm_specs(hf + NORM_HF_NAMES[name], (*ours, name))
+    for name, out_in in mlp:
+      layer += linear_specs(hf + "mlp." + mlp_names.get(name, name),
+                            (*ours, "mlp", name), out_in, config.mlp_bias)
+    table += layer
+  table += norm_specs("model.norm", ("norm",))
   if not config.tie_word_embeddings:
     table.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (v, d), True))
   return table

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import models
 from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
                     qwen3_tiny)
 
@@ -42,6 +43,52 @@ def test_presets_build_and_round_trip_hf_config(family):
   assert config.model_type == family
   assert ModelConfig.from_hf(config.to_hf()) == config
   assert ModelConfig.from_hf(tiny(family).to_hf()) == tiny(family)
+
+
+FAMILY_PRESETS = {"gemma2": "gemma2_tiny", "gemma3_text": "gemma3_tiny",
+                  "ministral": "ministral_tiny", "phi3": "phi3_tiny",
+                  "starcoder2": "starcoder2_tiny", "olmo3": "olmo3_tiny",
+                  "smollm3": "smollm3_tiny", "cohere2": "cohere2_tiny"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_family_presets_run_and_round_trip_hf_config(family):
+  """The sliding-window families' presets (HF parity: test_families.py):
+  6 layers so that every layer pattern has sliding and full layers."""
+  config = getattr(models, FAMILY_PRESETS[family])(**{**SMALL, "num_layers": 6})
+  assert config.model_type == family
+  assert any(w is not None for w in config.layer_windows)
+  assert ModelConfig.from_hf(config.to_hf()) == config
+  assert ModelConfig.from_hf(getattr(models, FAMILY_PRESETS[family])().to_hf()) == (
+      getattr(models, FAMILY_PRESETS[family])())
+  model = CausalLM(config, attn_impl="reference", rngs=nnx.Rngs(0))
+  logits = forward(model, tokens(0, 1, 8))
+  chex.assert_shape(logits, (1, 8, config.vocab_size))
+  chex.assert_tree_all_finite(logits)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(block="sandwich"), "block='sandwich'"),
+    (dict(norm="layer_norm"), "norm='layer_norm'"),
+    (dict(layer_rope=("rope",)), "expected 2 entries"),
+    (dict(layer_rope=("rope", "local_rope")), "local_rope_theta=None"),
+    (dict(attn_softcap=0.0), "attn_softcap=0.0"),
+])
+def test_variant_field_validation(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    tiny("mistral", **overrides)
+
+
+@pytest.mark.parametrize("config, match", [
+    (models.cohere2_tiny(num_layers=4, layer_rope=("rope",) * 4),
+     "RoPE on exactly the sliding layers"),
+    (models.gemma3_tiny(num_layers=2, layer_windows=(4, 4),
+                        layer_rope=("rope", "local_rope")), "local RoPE on exactly"),
+    (tiny("mistral", layer_rope=("rope", "nope")), "applies RoPE to every layer"),
+])
+def test_to_hf_refuses_inexpressible_rope(config, match):
+  with pytest.raises(ValueError, match=match):
+    config.to_hf()
 
 
 @pytest.mark.parametrize("family, tied", [
@@ -219,7 +266,7 @@ def test_from_hf_absent_keys_take_transformers_class_defaults(family):
 
 
 @pytest.mark.parametrize("hf, match", [
-    (_hf("gemma2"), "model_type='gemma2'"),
+    (_hf("gemma"), "model_type='gemma'"),
     (_hf("mistral", hidden_act="gelu"), "hidden_act='gelu'"),
     (_hf("qwen2", attention_dropout=0.1), "attention_dropout=0.1"),
     (_hf("llama", attention_bias=True), "attention_bias=True"),
