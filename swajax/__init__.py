@@ -4,14 +4,15 @@ Users import from here; `pallas_kernels` (the op) and `models` (Flax NNX
 modules) sit below and never import this package.
 """
 
-from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
-                    qwen3_tiny)
+from models import (CausalLM, ModelConfig, cohere2_tiny, gemma2_tiny, gemma3_tiny,
+                    llama_tiny, ministral_tiny, mistral_tiny, olmo3_tiny, phi3_tiny,
+                    qwen2_tiny, qwen3_tiny, smollm3_tiny, starcoder2_tiny)
 from models.kv_cache import KVCache, LayerCache, init_cache
 from pallas_kernels import (Band, DecodeBlockSizes, FlashBlockSizes,
-                            XlaBlockSizes, decode_attention, kv_block_range,
+                            XlaBlockSizes, context_parallel_attention,
+                            decode_attention, kv_block_range,
                             reference_attention, sliding_window_attention,
                             visited_blocks, window_mask)
-from pallas_kernels import context_parallel_attention
 from swajax.data import ByteTokenizer, pack_sequences
 from swajax.generation import generate, generate_stream
 from swajax.hf_io import load_hf, save_hf
@@ -29,32 +30,39 @@ __all__ = [
     "FlashBlockSizes",
     "KVCache",
     "LayerCache",
+    "LoraSpec",
     "ModelConfig",
     "TrainConfig",
     "XlaBlockSizes",
+    "add_lora",
+    "cohere2_tiny",
     "context_parallel_attention",
     "decode_attention",
+    "gemma2_tiny",
+    "gemma3_tiny",
     "generate",
     "generate_stream",
     "init_cache",
     "kv_block_range",
     "llama_tiny",
+    "load_adapter",
     "load_hf",
+    "merged_model",
+    "ministral_tiny",
     "mistral_tiny",
+    "olmo3_tiny",
     "pack_sequences",
+    "phi3_tiny",
     "qwen2_tiny",
     "qwen3_tiny",
     "reference_attention",
     "sample_next_token",
+    "save_adapter",
     "save_hf",
     "sliding_window_attention",
+    "smollm3_tiny",
+    "starcoder2_tiny",
     "train",
     "visited_blocks",
     "window_mask",
-    # LoRA / QLoRA and PEFT adapters
-    "LoraSpec",
-    "add_lora",
-    "load_adapter",
-    "merged_model",
-    "save_adapter",
 ]
