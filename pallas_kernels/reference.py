@@ -38,7 +38,12 @@ def dense_attention(q, k, v, mask, problem: AttentionProblem, *, precision,
   lse = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf on empty rows
   if sinks is not None:
     sink = sinks.astype(jnp.float32).reshape(p.num_kv_heads, p.group_size)
-    lse = jnp.logaddexp(lse, sink[None, :, :, None])
+    sink = jnp.broadcast_to(sink[None, :, :, None], lse.shape)
+    # A -inf sink on a row that sees no key: lse stays -inf, and the
+    # gradient 0 rather than logaddexp(-inf, -inf)'s NaN.
+    none = (lse == -jnp.inf) & (sink == -jnp.inf)
+    lse = jnp.where(none, -jnp.inf, jnp.logaddexp(jnp.where(none, 0.0, lse),
+                                                  jnp.where(none, 0.0, sink)))
   safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
   probs = jnp.where(mask, jnp.exp(s - safe_lse[..., None]), 0.0)
   out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(probs_dtype), v,
