@@ -93,7 +93,8 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
 
   impl: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla", "reference"
     (dense masked, O(T·S)), or "cudnn" (GPU only; causal windows, no
-    segments/softcap/lse/sinks). A feature an impl lacks raises NotImplementedError.
+    segments/softcap/lse/sinks). A feature an impl lacks raises
+    NotImplementedError.
   block_sizes: the impl's own block-size dataclass (`FlashBlockSizes` for
     "pallas", `XlaBlockSizes` for "xla"), or None for its default.
   interpret: pallas only; None runs the kernels in interpret mode when no GPU

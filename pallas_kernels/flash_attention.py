@@ -54,8 +54,9 @@ def attention(q, k, v, segment_ids, problem: AttentionProblem, *, sinks=None,
   """The impl="pallas" entry: (out [B, T, N, H] q.dtype, lse [B, N, T] fp32).
 
   q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: int32 [B, T] or None;
-  sinks: [N] or None; `problem` from `validation.check_attention_args`. block_sizes: a
-  `FlashBlockSizes` or None for `FlashBlockSizes.default(problem)`.
+  sinks: [N] or None; `problem` from `validation.check_attention_args`.
+  block_sizes: a `FlashBlockSizes` or None for
+  `FlashBlockSizes.default(problem)`.
   interpret: None runs Pallas in interpret mode when the default backend is
   not a GPU. Differentiable in q, k, v and sinks through both outputs.
   """

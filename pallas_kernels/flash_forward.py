@@ -66,7 +66,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, sink_ref, out_ref, lse_ref,
 
   lo, hi = block_range(kv_block_range, q_block, bq, bk, config)
   if sink_ref is None:
-    m0, l0 = jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32)
+    m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((bq,), jnp.float32)
   else:  # the sink as the first "key": max = sink, sum = exp2(0) = 1
     m0 = jnp.zeros((bq,), jnp.float32) + sink_ref[...] * LOG2_E
     l0 = jnp.ones((bq,), jnp.float32)

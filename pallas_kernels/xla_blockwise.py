@@ -163,7 +163,7 @@ def _rows_from_chunks(x, t: _Tiling):
 
 
 def _sink_rows(sinks, t: _Tiling):
-  """Sinks [N] -> fp32 [1, K, G·bq], each chunk row's sink (None stays None)."""
+  """Sinks [N] -> fp32 [1, K, G·bq]: each chunk row's sink; None stays None."""
   if sinks is None:
     return None
   p = t.problem
@@ -233,7 +233,8 @@ def _forward(q, k, v, segment_ids, sinks, t: _Tiling):
 
     shape = (p.batch, p.num_kv_heads, rows)
     if sink_rows is None:
-      m0, l0 = jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32)
+      m0 = jnp.full(shape, -jnp.inf, jnp.float32)
+      l0 = jnp.zeros(shape, jnp.float32)
     else:
       m0, l0 = jnp.broadcast_to(sink_rows, shape), jnp.ones(shape, jnp.float32)
     init = (m0, l0, jnp.zeros((*shape, p.head_dim), jnp.float32))

@@ -1,7 +1,8 @@
 """One correctness grid, run on every implementation available here.
 
-Each case compares forward, LSE and dq/dk/dv against the fp32 dense reference
-(tests/attention_cases.py holds the tolerances). Pallas runs in interpret mode
+Each case compares forward, LSE and dq/dk/dv (and dsinks, with attention
+sinks) against the fp32 dense reference (tests/attention_cases.py holds the
+tolerances). Pallas runs in interpret mode
 on CPU; on a GPU machine the same grid runs the compiled kernels.
 """
 
