@@ -20,9 +20,9 @@ from pallas_kernels.validation import (check_attention_args,
 class Impl(NamedTuple):
   """One implementation of the op: its entry function and what it supports.
 
-  attention(q, k, v, segment_ids, problem, *, block_sizes[, interpret]) ->
-  (out [B, T, N, H], lse [B, N, T] or None); features: the `features`
-  names it computes exactly.
+  attention(q, k, v, segment_ids, problem, *, sinks, block_sizes[,
+  interpret]) -> (out [B, T, N, H], lse [B, N, T] or None); sinks: [N] or
+  None; features: the `features` names it computes exactly.
   """
 
   attention: Callable
@@ -42,7 +42,7 @@ IMPLS = {
 def sliding_window_attention(q, k, v, *, window=None, causal=True,
                              segment_ids=None, softcap=None, scale=None,
                              impl="auto", block_sizes=None, return_lse=False,
-                             interpret=None):
+                             interpret=None, sinks=None):
   """Sliding-window (local) attention, exact: the window is never dropped.
 
   Shapes (B batch, T query length, S key length, N query heads, K kv heads,
@@ -80,17 +80,26 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   softcap: finite c > 0 replaces each scaled score s by c * tanh(s / c).
   scale: finite, multiplies q·k before the softcap; default 1 / sqrt(H).
 
+  sinks: float [N] (any float dtype; the math runs in fp32) or None: a
+    learned sink logit per query head (gpt-oss) that takes part in the
+    softmax but adds nothing to the output. For row i of head n with visible
+    keys J(i): p_ij = exp(s_ij) / (exp(sinks[n]) + sum_{k in J(i)} exp(s_ik)),
+    out_i = sum_j p_ij v_j, and lse is the log of that whole denominator.
+    Differentiable: the gradient w.r.t. sinks comes back in sinks.dtype.
+
   A batch of 0 rows (B = 0) returns empty out [0, T, N, H] and lse [0, N, T]
   from every impl. The window (each side) is a static integer: an int or any
   integer-like (np.int64, a concrete 0-d int array); a traced window is a
   TypeError.
 
   A query row that sees no key (e.g. with T > S the first T - S queries sit
-  before every key) returns out = 0, lse = -inf and zero gradients, never NaN.
+  before every key) returns out = 0, lse = -inf and zero gradients, never NaN;
+  with sinks, out = 0 and lse = sinks[n].
 
   impl: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla", "reference"
     (dense masked, O(T·S)), or "cudnn" (GPU only; causal windows, no
-    segments/softcap/lse). A feature an impl lacks raises NotImplementedError.
+    segments/softcap/lse/sinks). A feature an impl lacks raises
+    NotImplementedError.
   block_sizes: the impl's own block-size dataclass (`FlashBlockSizes` for
     "pallas", `XlaBlockSizes` for "xla"), or None for its default.
   interpret: pallas only; None runs the kernels in interpret mode when no GPU
@@ -98,7 +107,7 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   """
   problem = check_attention_args(
       q, k, v, window=window, causal=causal, segment_ids=segment_ids,
-      softcap=softcap, scale=scale)
+      softcap=softcap, scale=scale, sinks=sinks)
   impl = resolve_impl(impl, sorted(IMPLS))
   check_features(impl, IMPLS[impl].features, problem, return_lse)
   if interpret is not None and impl != "pallas":
@@ -108,7 +117,7 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
     out = jnp.zeros(q.shape, q.dtype)
     lse = jnp.zeros((0, problem.num_q_heads, problem.q_len), jnp.float32)
     return (out, lse) if return_lse else out
-  out, lse = IMPLS[impl].attention(q, k, v, segment_ids, problem,
+  out, lse = IMPLS[impl].attention(q, k, v, segment_ids, problem, sinks=sinks,
                                    block_sizes=block_sizes, **kwargs)
   return (out, lse) if return_lse else out
 
@@ -167,7 +176,7 @@ def visited_blocks(q_len, kv_len=None, *, window=None, causal=True, block_q,
 
 def reference_attention(q, k, v, *, window=None, causal=True, segment_ids=None,
                         softcap=None, scale=None, impl="reference",
-                        block_sizes=None, return_lse=False):
+                        block_sizes=None, return_lse=False, sinks=None):
   """The dense masked oracle: `sliding_window_attention(..., impl="reference")`.
 
   Same arguments and results; fp32 math at HIGHEST precision, O(T·S) memory.
@@ -177,4 +186,4 @@ def reference_attention(q, k, v, *, window=None, causal=True, segment_ids=None,
   return sliding_window_attention(
       q, k, v, window=window, causal=causal, segment_ids=segment_ids,
       softcap=softcap, scale=scale, impl="reference", block_sizes=block_sizes,
-      return_lse=return_lse)
+      return_lse=return_lse, sinks=sinks)

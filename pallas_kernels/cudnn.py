@@ -15,7 +15,8 @@ and hence `FEATURES`, the "cudnn" row of `api.IMPLS`:
   local window (jax raises for a right window without causal), q_len !=
   kv_len (cuDNN's causal mask is top-left aligned, ours bottom-right), and
   lse (`return_residual=True` gives it forward-only: the VJP drops its
-  cotangent, so gradients through it would be silently wrong).
+  cotangent, so gradients through it would be silently wrong), and
+  attention sinks (the API has no sink argument).
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ def _window_args(problem: AttentionProblem) -> dict:
   return dict(is_causal=True, local_window_size=(band.left, 0))
 
 
-def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
+def attention(q, k, v, segment_ids, problem: AttentionProblem, *, sinks=None,
               block_sizes=None):
   """The impl="cudnn" entry of the dispatch table.
 
   q: [B, T, N, H]; k, v: [B, S, K, H] (T == S), bf16/fp16. Returns
-  (out [B, T, N, H], None): cuDNN gives no usable lse.
+  (out [B, T, N, H], None): cuDNN gives no usable lse. sinks: always None
+  here (`check_features` refuses them).
   """
+  del sinks
   if block_sizes is not None:
     raise ValueError(
         f"block_sizes={block_sizes!r}: impl='cudnn' takes no block sizes")

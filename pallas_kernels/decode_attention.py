@@ -15,6 +15,8 @@ File order: block sizes -> Pallas kernel -> its wrapper and the split combine
 -> the dense paths (`reference.dense_attention` masked by slot positions) ->
 validation -> the table of implementations -> `decode_attention`.
 The Pallas kernel is forward only (generation does not need a gradient).
+Attention sinks join each row's denominator once, in the split combine
+(`combine_splits`), never per split.
 """
 
 from __future__ import annotations
@@ -145,13 +147,18 @@ def _decode_kernel(q_ref, row_pos_ref, kv_pos_ref, k_ref, v_ref, o_ref, lse_ref,
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def combine_splits(out, lse):
+def combine_splits(out, lse, sinks=None):
   """Merges per-split results: out [..., S, R, H], lse [..., S, R] fp32.
 
   Each split's output is normalised over its own slots; weighting by
-  exp(lse_split - lse) renormalises over all. All -inf rows give 0, -inf.
+  exp(lse_split - lse) renormalises over all. sinks: fp32 broadcastable to
+  [..., R] (each row's sink logit) or None; it joins the total denominator
+  here, once, and so scales every split's weight down. All -inf rows give
+  0, -inf (0, sink with sinks).
   """
   total = jax.nn.logsumexp(lse, axis=-2)  # [..., R]
+  if sinks is not None:
+    total = jnp.logaddexp(total, sinks)
   safe = jnp.where(jnp.isfinite(total), total, 0.0)
   weights = jnp.exp(lse - safe[..., None, :])  # 0 for splits that saw nothing
   return jnp.sum(weights[..., None] * out, axis=-3), total
@@ -159,7 +166,7 @@ def combine_splits(out, lse):
 
 @functools.partial(jax.jit, static_argnames=("problem", "block_sizes",
                                              "interpret"))
-def _pallas_decode(q, k_cache, v_cache, q_positions, kv_positions, *,
+def _pallas_decode(q, k_cache, v_cache, q_positions, kv_positions, sinks, *,
                    problem: AttentionProblem, block_sizes: DecodeBlockSizes,
                    interpret: bool):
   """Flash-decoding: grid (B, K, splits), then `combine_splits` in jnp."""
@@ -219,7 +226,13 @@ def _pallas_decode(q, k_cache, v_cache, q_positions, kv_positions, *,
       interpret=interpret,
       name="swa_decode",
   )(q_rows, row_pos, kv_positions, k_cache, v_cache)
-  out, lse = combine_splits(out, lse)  # (B, K, R, H), (B, K, R)
+  sink_rows = None
+  if sinks is not None:  # [N] -> [K, R]: row t * G + g has head k * G + g
+    sink_rows = jnp.tile(sinks.astype(jnp.float32).reshape(num_kv, 1, group),
+                         (1, q_len, 1)).reshape(num_kv, rows)
+    sink_rows = jnp.pad(sink_rows, ((0, 0), (0, padded_rows - rows)),
+                        constant_values=-jnp.inf)
+  out, lse = combine_splits(out, lse, sink_rows)  # (B, K, R, H), (B, K, R)
   out = out[:, :, :rows, :p.head_dim].reshape(batch, num_kv, q_len, group,
                                                p.head_dim)
   out = out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, p.num_q_heads,
@@ -238,7 +251,7 @@ def _forward_only_jvp(primals, tangents):
 
 
 def pallas_decode(q, k_cache, v_cache, q_positions, kv_positions,
-                  problem: AttentionProblem, *, block_sizes=None,
+                  problem: AttentionProblem, *, sinks=None, block_sizes=None,
                   interpret=None):
   """impl="pallas": the flash-decoding kernel, forward only.
 
@@ -256,7 +269,7 @@ def pallas_decode(q, k_cache, v_cache, q_positions, kv_positions,
       _pallas_decode, problem=problem, block_sizes=block_sizes,
       interpret=bool(interpret)))
   forward.defjvp(_forward_only_jvp)
-  return forward(q, k_cache, v_cache, q_positions, kv_positions)
+  return forward(q, k_cache, v_cache, q_positions, kv_positions, sinks)
 
 
 def _slot_mask(q_positions, kv_positions, problem: AttentionProblem):
@@ -266,20 +279,20 @@ def _slot_mask(q_positions, kv_positions, problem: AttentionProblem):
 
 
 def xla_decode(q, k_cache, v_cache, q_positions, kv_positions,
-               problem: AttentionProblem):
+               problem: AttentionProblem, *, sinks=None):
   """impl="xla": input-dtype matmuls with fp32 accumulation (fp32: no TF32)."""
   return dense_attention(
       q, k_cache, v_cache, _slot_mask(q_positions, kv_positions, problem),
       problem, precision=matmul_precision(problem.dtype),
-      probs_dtype=v_cache.dtype)
+      probs_dtype=v_cache.dtype, sinks=sinks)
 
 
 def reference_decode(q, k_cache, v_cache, q_positions, kv_positions,
-                     problem: AttentionProblem):
+                     problem: AttentionProblem, *, sinks=None):
   """impl="reference": the same masked softmax in fp32 at HIGHEST precision."""
   return fp32_dense_attention(q, k_cache, v_cache,
                               _slot_mask(q_positions, kv_positions, problem),
-                              problem)
+                              problem, sinks=sinks)
 
 
 def _check_positions(name, positions, shape):
@@ -293,16 +306,17 @@ def _check_positions(name, positions, shape):
 
 
 def check_decode_args(q, k_cache, v_cache, q_positions, kv_positions, *,
-                      window, softcap, scale) -> AttentionProblem:
+                      window, softcap, scale, sinks=None) -> AttentionProblem:
   """Validates a decode call; returns the problem (kv_len = C cache slots).
 
   Array checks are those of the prefill op (`check_attention_args`, where
-  k, v name the caches); positions must be int32 [B, T] and [B, C].
+  k, v name the caches); positions must be int32 [B, T] and [B, C]; sinks
+  float [N] or None.
   """
   try:
     problem = check_attention_args(
         q, k_cache, v_cache, window=window, causal=True, segment_ids=None,
-        softcap=softcap, scale=scale)
+        softcap=softcap, scale=scale, sinks=sinks)
   except (TypeError, ValueError) as e:
     raise type(e)(f"decode_attention (k = k_cache, v = v_cache): {e}") from None
   _check_positions("q_positions", q_positions, (problem.batch, problem.q_len))
@@ -311,8 +325,8 @@ def check_decode_args(q, k_cache, v_cache, q_positions, kv_positions, *,
   return problem
 
 
-# impl -> entry (q, k_cache, v_cache, q_positions, kv_positions, problem) ->
-# (out, lse); only "pallas" takes block_sizes= and interpret=.
+# impl -> entry (q, k_cache, v_cache, q_positions, kv_positions, problem, *,
+# sinks) -> (out, lse); only "pallas" takes block_sizes= and interpret=.
 DECODE_IMPLS = {
     "pallas": pallas_decode,
     "xla": xla_decode,
@@ -322,7 +336,8 @@ DECODE_IMPLS = {
 
 def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
                      window=None, softcap=None, scale=None, impl="auto",
-                     block_sizes=None, interpret=None, return_lse=False):
+                     block_sizes=None, interpret=None, return_lse=False,
+                     sinks=None):
   """Causal (sliding-window) attention of new queries to a KV cache.
 
   Shapes (B batch, T new queries, C cache slots, N query heads, K kv heads,
@@ -333,7 +348,8 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
     kv_positions: int32 [B, C], the absolute position held by each slot;
       negative (-1) marks an empty slot.
     Returns out [B, T, N, H] in q.dtype, and with `return_lse=True` also
-    lse [B, N, T] fp32 (natural-log logsumexp of each row's scores).
+    lse [B, N, T] fp32 (natural-log logsumexp of each row's scores, the
+    sink included).
 
   Slot c is visible to query t iff kv_positions[b, c] >= 0 and
   `mask.visible(q_positions[b, t], kv_positions[b, c], band)` with the causal
@@ -345,7 +361,11 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
   buffer, C >= W + T - 1 keeps every query's window in the cache (a slot
   overwritten by a later new token is no longer there to see).
 
-  Rows that see no slot return out = 0, lse = -inf, never NaN.
+  sinks: float [N] or None, one learned sink logit per query head, as in
+    `sliding_window_attention`: it joins every row's softmax denominator
+    and adds nothing to out.
+  Rows that see no slot return out = 0, lse = -inf (the sink with sinks),
+  never NaN.
   softcap: c > 0 maps each scaled score s to c * tanh(s / c).
   scale: multiplies q·k before the softcap; default 1 / sqrt(H).
   impl: "auto" (pallas on GPU, xla elsewhere), "pallas" (flash-decoding
@@ -356,7 +376,8 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
   NotImplementedError); "xla" and "reference" are plain jnp.
   """
   problem = check_decode_args(q, k_cache, v_cache, q_positions, kv_positions,
-                              window=window, softcap=softcap, scale=scale)
+                              window=window, softcap=softcap, scale=scale,
+                              sinks=sinks)
   impl = resolve_impl(impl, list(DECODE_IMPLS))
   pallas_args = dict(block_sizes=block_sizes, interpret=interpret)
   if impl != "pallas":
@@ -365,5 +386,5 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
         raise ValueError(f"{name}={value!r}: only impl='pallas' takes it")
     pallas_args = {}
   out, lse = DECODE_IMPLS[impl](q, k_cache, v_cache, q_positions, kv_positions,
-                                problem, **pallas_args)
+                                problem, sinks=sinks, **pallas_args)
   return (out, lse) if return_lse else out

@@ -23,13 +23,14 @@ SOFTCAP = "softcap"
 GQA = "gqa"                            # num_q_heads > num_kv_heads
 UNEQUAL_LENGTHS = "q_len != kv_len"    # bottom-right aligned
 RETURN_LSE = "return_lse"
+SINKS = "sinks"                        # a learned sink logit per query head
 FLOAT32 = "float32"
 BFLOAT16 = "bfloat16"
 FLOAT16 = "float16"
 
 ALL_FEATURES = frozenset({
     CAUSAL, CAUSAL_WINDOW, BIDIRECTIONAL, LOCAL_WINDOW, SEGMENT_IDS, SOFTCAP,
-    GQA, UNEQUAL_LENGTHS, RETURN_LSE, FLOAT32, BFLOAT16, FLOAT16})
+    GQA, UNEQUAL_LENGTHS, RETURN_LSE, SINKS, FLOAT32, BFLOAT16, FLOAT16})
 
 
 def required_features(problem: AttentionProblem, return_lse: bool) -> frozenset:
@@ -53,6 +54,8 @@ def required_features(problem: AttentionProblem, return_lse: bool) -> frozenset:
     need.add(UNEQUAL_LENGTHS)
   if return_lse:
     need.add(RETURN_LSE)
+  if problem.has_sinks:
+    need.add(SINKS)
   need.add(problem.dtype.name)
   return frozenset(need)
 

@@ -29,38 +29,39 @@ from pallas_kernels.validation import AttentionProblem
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("config",))
-def _flash(q, k, v, segment_ids, config: KernelConfig):
-  return forward(q, k, v, segment_ids, config=config)
+def _flash(q, k, v, segment_ids, sinks, config: KernelConfig):
+  return forward(q, k, v, segment_ids, sinks, config=config)
 
 
-def _flash_fwd(q, k, v, segment_ids, config: KernelConfig):
-  out, lse = forward(q, k, v, segment_ids, config=config)
-  return (out, lse), (q, k, v, segment_ids, out, lse)
+def _flash_fwd(q, k, v, segment_ids, sinks, config: KernelConfig):
+  out, lse = forward(q, k, v, segment_ids, sinks, config=config)
+  return (out, lse), (q, k, v, segment_ids, sinks, out, lse)
 
 
 def _flash_bwd(config: KernelConfig, residuals, cotangents):
-  q, k, v, segment_ids, out, lse = residuals
+  q, k, v, segment_ids, sinks, out, lse = residuals
   d_out, d_lse = cotangents
-  dq, dk, dv = backward(q, k, v, segment_ids, out, lse, d_out, d_lse,
-                        config=config)
-  return dq, dk, dv, None
+  dq, dk, dv, d_sinks = backward(q, k, v, segment_ids, sinks, out, lse, d_out,
+                                 d_lse, config=config)
+  return dq, dk, dv, None, d_sinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
+def attention(q, k, v, segment_ids, problem: AttentionProblem, *, sinks=None,
               block_sizes=None, interpret=None):
   """The impl="pallas" entry: (out [B, T, N, H] q.dtype, lse [B, N, T] fp32).
 
   q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: int32 [B, T] or None;
-  `problem` from `validation.check_attention_args`. block_sizes: a
-  `FlashBlockSizes` or None for `FlashBlockSizes.default(problem)`.
+  sinks: [N] or None; `problem` from `validation.check_attention_args`.
+  block_sizes: a `FlashBlockSizes` or None for
+  `FlashBlockSizes.default(problem)`.
   interpret: None runs Pallas in interpret mode when the default backend is
-  not a GPU. Differentiable in q, k, v through both outputs.
+  not a GPU. Differentiable in q, k, v and sinks through both outputs.
   """
   config = KernelConfig.make(problem, block_sizes, interpret)
-  return _flash(q, k, v, segment_ids, config=config)
+  return _flash(q, k, v, segment_ids, sinks, config=config)
 
 
 def visit_counts(problem: AttentionProblem, block_sizes=None) -> dict:

@@ -5,6 +5,9 @@ Both recompute probabilities from the saved LSE, p = exp(s - lse), and use
   ds = p * (dp - delta),  dp = dO·Vᵀ,  delta = rowsum(dO * O) - d_lse,
 
 where the `- d_lse` term carries the LSE output's cotangent (d lse / d s = p).
+With attention sinks the kernels are unchanged: the saved LSE includes the
+sink, so p already is its share of the whole denominator; dsinks is the
+[B, N, T] reduction `numerics.sink_gradient` of (lse, delta), in jnp.
 With a softcap s = c·tanh(u / c), ds is multiplied by 1 - tanh(u / c)² before
 the chain rule through u = scale·q·kᵀ.
 
@@ -32,6 +35,7 @@ from pallas_kernels.flash_tiles import (
     LOG2_E, KernelConfig, apply_mask, block_range, load_kv_block, load_row,
     load_tile, round_up, scores, store_tile, tile_start)
 from pallas_kernels.mask import kv_block_range, q_block_range
+from pallas_kernels.numerics import sink_gradient
 
 
 def _probs_and_dscores(q, k, v, do, lse2, delta, masker, config: KernelConfig):
@@ -138,10 +142,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse2_ref, delta_ref,
   store_tile(dv_ref, dv, k_rows, p.kv_len, p.head_dim)
 
 
-def backward(q, k, v, segment_ids, out, lse, d_out, d_lse, *,
+def backward(q, k, v, segment_ids, sinks, out, lse, d_out, d_lse, *,
              config: KernelConfig):
-  """dq [B, T, N, H], dk, dv [B, S, K, H] from the forward's out and lse.
+  """dq [B, T, N, H], dk, dv [B, S, K, H] and dsinks [N] (or None).
 
+  From the forward's out and lse (sink included); sinks: [N] or None;
   d_out: [B, T, N, H] cotangent of out; d_lse: [B, N, T] cotangent of lse.
   """
   p = config.problem
@@ -195,4 +200,5 @@ def backward(q, k, v, segment_ids, out, lse, d_out, d_lse, *,
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       name="swa_flash_backward_dkv", **params,
   )(q, k, v, segment_ids, d_out, lse2, delta)
-  return dq, dk, dv
+  d_sinks = None if sinks is None else sink_gradient(sinks, lse, delta)
+  return dq, dk, dv, d_sinks

@@ -5,6 +5,8 @@ its band (`mask.kv_block_range`), so work is O(T·W) rather than O(T·S), and
 keeps an online softmax in fp32 (base 2). Interior blocks
 (`mask.block_fully_visible`) skip the mask; edge blocks, partial blocks at
 the sequence ends and all blocks under segment ids apply `mask.visible`.
+With attention sinks the running max starts at the head's sink and the
+running sum at 1, so the sink joins each row's denominator exactly once.
 GQA/MQA: K/V stay [B, S, K, H]; query head n reads KV head n // G, no repeat.
 
 Builds on `flash_tiles.py` only; `flash_attention.py` pairs it with
@@ -27,12 +29,13 @@ from pallas_kernels.flash_tiles import (
 from pallas_kernels.mask import kv_block_range
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref, *,
-                    config: KernelConfig):
+def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, sink_ref, out_ref, lse_ref,
+                    *, config: KernelConfig):
   """One (query block, batch, query head) program.
 
   q_ref: [bq, Hp]; k_ref, v_ref: [S', Hp] (KV head n // G, S' = S rounded up
-  to block_k); seg_ref: [S'] or None; out_ref: [bq, Hp]; lse_ref: [bq].
+  to block_k); seg_ref: [S'] or None; sink_ref: [] fp32 (head n's sink) or
+  None; out_ref: [bq, Hp]; lse_ref: [bq].
   """
   p = config.problem
   bq, bk = config.blocks.block_q, config.blocks.block_k
@@ -62,21 +65,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref, *,
     return acc, m_new, l
 
   lo, hi = block_range(kv_block_range, q_block, bq, bk, config)
-  init = (jnp.zeros((bq, config.head_dim_padded), jnp.float32),
-          jnp.full((bq,), -jnp.inf, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
+  if sink_ref is None:
+    m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((bq,), jnp.float32)
+  else:  # the sink as the first "key": max = sink, sum = exp2(0) = 1
+    m0 = jnp.zeros((bq,), jnp.float32) + sink_ref[...] * LOG2_E
+    l0 = jnp.ones((bq,), jnp.float32)
+  init = (jnp.zeros((bq, config.head_dim_padded), jnp.float32), m0, l0)
   acc, m, l = lax.fori_loop(lo, hi, body, init)
-  empty = l == 0.0  # rows that see no key: out 0, lse -inf
+  # Rows that see no key: out 0, lse -inf (with a sink: l = 1, lse = sink).
+  empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
   store_tile(out_ref, acc / l_safe[:, None], q_rows, p.q_len, p.head_dim)
   lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) / LOG2_E)
   plgpu.store(lse_ref, lse, mask=q_rows < p.q_len)
 
 
-def forward(q, k, v, segment_ids, *, config: KernelConfig):
+def forward(q, k, v, segment_ids, sinks, *, config: KernelConfig):
   """Runs the forward kernel: (out [B, T, N, H] q.dtype, lse [B, N, T] fp32).
 
-  q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: int32 [B, T] or None.
+  q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: int32 [B, T] or None;
+  sinks: [N] (any float dtype) or None. lse includes the sink.
   """
   p = config.problem
   bq, bk = config.blocks.block_q, config.blocks.block_k
@@ -92,6 +101,7 @@ def forward(q, k, v, segment_ids, *, config: KernelConfig):
       None if segment_ids is None else pl.BlockSpec(
           (None, max(kv_rows, round_up(p.q_len, bq))),
           lambda i, b, n: (b, 0)),
+      None if sinks is None else pl.BlockSpec((None,), lambda i, b, n: (n,)),
   ]
   out_specs = [
       pl.BlockSpec((None, bq, None, hp), lambda i, b, n: (b, i, n, 0)),
@@ -106,4 +116,4 @@ def forward(q, k, v, segment_ids, *, config: KernelConfig):
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=config.compiler_params(), interpret=config.interpret,
       name="swa_flash_forward",
-  )(q, k, v, segment_ids)
+  )(q, k, v, segment_ids, None if sinks is None else sinks.astype(jnp.float32))

@@ -37,6 +37,7 @@ class AttentionProblem:
   has_segments: bool
   softcap: float | None
   scale: float
+  has_sinks: bool = False  # a learned sink logit per query head
 
   @property
   def group_size(self) -> int:
@@ -117,13 +118,35 @@ def check_window(window, causal) -> Band:
   return Band.from_window(window, causal)
 
 
+def check_sinks(sinks, num_q_heads: int) -> None:
+  """Raises unless `sinks` is None or a float array of shape [N] (N q heads).
+
+  Any float dtype is accepted (the impls do the sink's math in fp32).
+  """
+  if sinks is None:
+    return
+  if not hasattr(sinks, "shape") or not hasattr(sinks, "dtype"):
+    raise TypeError(
+        f"sinks: expected a float array [num_q_heads] = [{num_q_heads}] or "
+        f"None, got {type(sinks).__name__}")
+  if tuple(sinks.shape) != (num_q_heads,):
+    raise ValueError(
+        f"sinks.shape={tuple(sinks.shape)}: expected [num_q_heads] = "
+        f"({num_q_heads},), one sink logit per query head")
+  if not jnp.issubdtype(sinks.dtype, jnp.floating):
+    raise ValueError(
+        f"sinks.dtype={sinks.dtype}: expected a float dtype (the sink is a "
+        "logit; its math runs in float32)")
+
+
 def check_attention_args(q, k, v, *, window, causal, segment_ids, softcap,
-                         scale) -> AttentionProblem:
+                         scale, sinks=None) -> AttentionProblem:
   """Validates the op's arguments; returns the static problem description.
 
   q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0; same float dtype.
   B may be 0 (every impl then returns empty results); T, S, N, K, H >= 1.
   segment_ids: int32 [B, T] (requires T == S) or None.
+  sinks: float [N] or None (`check_sinks`).
   """
   for name, x in (("q", q), ("k", k), ("v", v)):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -184,8 +207,9 @@ def check_attention_args(q, k, v, *, window, causal, segment_ids, softcap,
     scale = head_dim ** -0.5
   else:
     scale = _check_finite("scale", scale, "a finite float or None")
+  check_sinks(sinks, num_q_heads)
   return AttentionProblem(
       batch=batch, q_len=q_len, kv_len=kv_len, num_q_heads=num_q_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=jnp.dtype(q.dtype),
       band=band, has_segments=segment_ids is not None, softcap=softcap,
-      scale=float(scale))
+      scale=float(scale), has_sinks=sinks is not None)

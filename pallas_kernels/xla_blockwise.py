@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.mask import (block_fully_visible, cdiv, kv_block_range,
                                  visible)
-from pallas_kernels.numerics import matmul_precision, soft_cap
+from pallas_kernels.numerics import matmul_precision, sink_gradient, soft_cap
 from pallas_kernels.validation import AttentionProblem, check_positive_int
 
 
@@ -162,6 +162,15 @@ def _rows_from_chunks(x, t: _Tiling):
   return x.reshape(p.batch, p.num_q_heads, -1)[:, :, :p.q_len]
 
 
+def _sink_rows(sinks, t: _Tiling):
+  """Sinks [N] -> fp32 [1, K, G·bq]: each chunk row's sink; None stays None."""
+  if sinks is None:
+    return None
+  p = t.problem
+  sink = sinks.astype(jnp.float32).reshape(p.num_kv_heads, p.group_size)
+  return jnp.repeat(sink, t.block_q, axis=1)[None]
+
+
 def _kv_layout(x, t: _Tiling):
   """k/v [B, S, K, H] -> [B, K, nk·bk, H] (zero padded)."""
   return _pad_to(x, t.num_kv_blocks * t.block_k, axis=1).transpose(0, 2, 1, 3)
@@ -194,13 +203,19 @@ def _masked(t: _Tiling, i, j, q_seg, k_seg, s):
   return jax.lax.cond(t.skips_mask(i, j), lambda s: s, with_mask, s)
 
 
-def _forward(q, k, v, segment_ids, t: _Tiling):
-  """Returns out [B, T, N, H] in q.dtype and lse [B, N, T] fp32."""
+def _forward(q, k, v, segment_ids, sinks, t: _Tiling):
+  """Returns out [B, T, N, H] in q.dtype and lse [B, N, T] fp32.
+
+  With sinks [N], each row's running max starts at its sink and its running
+  sum at 1 (the sink's exp(sink - max)): the sink joins the denominator once
+  and adds nothing to the accumulator.
+  """
   p = t.problem
   qc = _to_chunks(q, t)
   kt, vt = _kv_layout(k, t), _kv_layout(v, t)
   q_segs, k_seg = _segment_layout(segment_ids, t)
   rows = qc.shape[3]
+  sink_rows = _sink_rows(sinks, t)
 
   def chunk(i, q_blk, q_seg):
     def kv_step(j, carry):
@@ -217,8 +232,12 @@ def _forward(q, k, v, segment_ids, t: _Tiling):
       return (m_new, alpha * l + probs.sum(-1), alpha[..., None] * acc + pv)
 
     shape = (p.batch, p.num_kv_heads, rows)
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros((*shape, p.head_dim), jnp.float32))
+    if sink_rows is None:
+      m0 = jnp.full(shape, -jnp.inf, jnp.float32)
+      l0 = jnp.zeros(shape, jnp.float32)
+    else:
+      m0, l0 = jnp.broadcast_to(sink_rows, shape), jnp.ones(shape, jnp.float32)
+    init = (m0, l0, jnp.zeros((*shape, p.head_dim), jnp.float32))
     lo, hi = t.kv_range(i)
     m, l, acc = jax.lax.fori_loop(lo, hi, kv_step, init)
     seen = l > 0
@@ -234,11 +253,13 @@ def _forward(q, k, v, segment_ids, t: _Tiling):
   return _from_chunks(out, t), _rows_from_chunks(lse, t)
 
 
-def _backward(q, k, v, segment_ids, out, lse, d_out, d_lse, t: _Tiling):
-  """dq, dk, dv by recomputing each visited tile from (q, k, v, lse).
+def _backward(q, k, v, segment_ids, sinks, out, lse, d_out, d_lse,
+              t: _Tiling):
+  """dq, dk, dv (and dsinks, or None) by recomputing each visited tile.
 
-  With P the probabilities, dP = dO·Vᵀ and Δ = rowsum(dO ∘ O), the score
-  gradient is dS = P ∘ (dP − Δ + dLSE), times the softcap's 1 − tanh².
+  With P the probabilities (from lse, which includes the sink), dP = dO·Vᵀ
+  and Δ = rowsum(dO ∘ O), the score gradient is dS = P ∘ (dP − Δ + dLSE),
+  times the softcap's 1 − tanh²; dsinks is `numerics.sink_gradient`.
   """
   p = t.problem
   qc, doc = _to_chunks(q, t), _to_chunks(d_out.astype(q.dtype), t)
@@ -248,7 +269,8 @@ def _backward(q, k, v, segment_ids, out, lse, d_out, d_lse, t: _Tiling):
                      precision=jax.lax.Precision.HIGHEST)
   # Empty rows (lse = -inf) have no visible pair: any finite stand-in works.
   lse_c = _rows_to_chunks(jnp.where(jnp.isfinite(lse), lse, 0.0), t)
-  shift_c = _rows_to_chunks(delta - d_lse, t)
+  shift = delta - d_lse
+  shift_c = _rows_to_chunks(shift, t)
   kt, vt = _kv_layout(k, t), _kv_layout(v, t)
   q_segs, k_seg = _segment_layout(segment_ids, t)
 
@@ -288,7 +310,9 @@ def _backward(q, k, v, segment_ids, out, lse, d_out, d_lse, t: _Tiling):
   def kv_back(x):  # [B, K, nk·bk, H] -> [B, S, K, H]
     return x.transpose(0, 2, 1, 3)[:, :p.kv_len].astype(k.dtype)
 
-  return _from_chunks(dq, t).astype(q.dtype), kv_back(dk), kv_back(dv)
+  d_sinks = None if sinks is None else sink_gradient(sinks, lse, shift)
+  return (_from_chunks(dq, t).astype(q.dtype), kv_back(dk), kv_back(dv),
+          d_sinks)
 
 
 def _add_block(acc, update, j, t: _Tiling):
@@ -298,32 +322,33 @@ def _add_block(acc, update, j, t: _Tiling):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("tiling",))
-def _attention(q, k, v, segment_ids, tiling):
-  return _forward(q, k, v, segment_ids, tiling)
+def _attention(q, k, v, segment_ids, sinks, tiling):
+  return _forward(q, k, v, segment_ids, sinks, tiling)
 
 
-def _attention_fwd(q, k, v, segment_ids, tiling):
-  out, lse = _forward(q, k, v, segment_ids, tiling)
-  return (out, lse), (q, k, v, segment_ids, out, lse)
+def _attention_fwd(q, k, v, segment_ids, sinks, tiling):
+  out, lse = _forward(q, k, v, segment_ids, sinks, tiling)
+  return (out, lse), (q, k, v, segment_ids, sinks, out, lse)
 
 
 def _attention_bwd(tiling, residuals, cotangents):
-  q, k, v, segment_ids, out, lse = residuals
+  q, k, v, segment_ids, sinks, out, lse = residuals
   d_out, d_lse = cotangents
-  dq, dk, dv = _backward(q, k, v, segment_ids, out, lse, d_out, d_lse, tiling)
-  return dq, dk, dv, None
+  dq, dk, dv, d_sinks = _backward(q, k, v, segment_ids, sinks, out, lse,
+                                  d_out, d_lse, tiling)
+  return dq, dk, dv, None, d_sinks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
-              block_sizes: XlaBlockSizes | None = None):
+              sinks=None, block_sizes: XlaBlockSizes | None = None):
   """The impl="xla" entry of the dispatch table.
 
-  q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: int32 [B, T] or None.
-  Returns (out [B, T, N, H] in q.dtype, lse [B, N, T] fp32); differentiable
-  in q, k, v (including through lse).
+  q: [B, T, N, H]; k, v: [B, S, K, H]; segment_ids: int32 [B, T] or None;
+  sinks: [N] or None. Returns (out [B, T, N, H] in q.dtype, lse [B, N, T]
+  fp32); differentiable in q, k, v and sinks (including through lse).
   """
   if block_sizes is None:
     block_sizes = XlaBlockSizes.default(problem)
@@ -332,4 +357,4 @@ def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
         f"block_sizes={block_sizes!r}: expected "
         "pallas_kernels.XlaBlockSizes or None")
   tiling = _Tiling(problem, block_sizes.block_q, block_sizes.block_k)
-  return _attention(q, k, v, segment_ids, tiling=tiling)
+  return _attention(q, k, v, segment_ids, sinks, tiling=tiling)

@@ -63,32 +63,43 @@ def make_inputs(seed, *, batch=1, q_len=16, kv_len=None, num_q_heads=2,
   return q, k, v, segment_ids
 
 
+def make_sinks(num_q_heads, dtype=jnp.float32):
+  """Sink logits [N] spread over [-1, 3]: from a weak sink to one that takes
+  most of a short row's mass (scores of these inputs are about N(0, 1))."""
+  return jnp.linspace(-1.0, 3.0, num_q_heads).astype(dtype)
+
+
 def assert_matches_reference(q, k, v, *, impl, cotangent_scale=1.0, **kwargs):
-  """Forward, LSE and dq/dk/dv of `impl` against the fp32 reference.
+  """Forward, LSE and dq/dk/dv (and dsinks) of `impl` against the fp32 reference.
 
   Gradients go through `jax.vjp` with a random normal cotangent on both
   outputs, times `cotangent_scale` (> 1 gives large gradients). Gradients
   are linear in the cotangent, and so are the kernels' accumulated rounding
-  errors: the absolute gradient tolerance is scaled by it too.
+  errors: the absolute gradient tolerance is scaled by it too. With
+  `sinks=` the sink gradient is compared too (it comes back in the sinks'
+  dtype); the oracle gets the same sink values in fp32.
   Returns the largest absolute errors seen, per quantity, and the largest
   reference gradient magnitude ("grad_max").
   """
   dtype = q.dtype
   seg = kwargs.pop("segment_ids", None)
   block_sizes = kwargs.pop("block_sizes", None)  # the impl's, not the oracle's
+  sinks = kwargs.pop("sinks", None)
 
-  def fn(q, k, v, seg):
+  def fn(q, k, v, seg, sinks):
     return sliding_window_attention(q, k, v, impl=impl, return_lse=True,
                                     segment_ids=seg, block_sizes=block_sizes,
-                                    **kwargs)
+                                    sinks=sinks, **kwargs)
 
-  def ref(q, k, v, seg):
+  def ref(q, k, v, seg, sinks):
     return reference_attention(
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-        return_lse=True, segment_ids=seg, **kwargs)
+        return_lse=True, segment_ids=seg,
+        sinks=None if sinks is None else sinks.astype(jnp.float32), **kwargs)
 
-  def fwd_and_grads(f, q, k, v, seg, d_out, d_lse):
-    (out, lse), vjp = jax.vjp(lambda q, k, v: f(q, k, v, seg), q, k, v)
+  def fwd_and_grads(f, q, k, v, seg, sinks, d_out, d_lse):
+    (out, lse), vjp = jax.vjp(lambda q, k, v, sinks: f(q, k, v, seg, sinks),
+                              q, k, v, sinks)
     return out, lse, vjp((d_out.astype(out.dtype), d_lse))
 
   # One compiled program per side: forward and gradients together.
@@ -97,8 +108,9 @@ def assert_matches_reference(q, k, v, *, impl, cotangent_scale=1.0, **kwargs):
   d_lse = cotangent_scale * jax.random.normal(
       kl, (q.shape[0], q.shape[2], q.shape[1]))
   run = jax.jit(fwd_and_grads, static_argnums=0)
-  out, lse, grads = run(fn, q, k, v, seg, d_out, d_lse)
-  out_ref, lse_ref, grads_ref = run(ref, q, k, v, seg, d_out, d_lse)
+  out, lse, (*grads, d_sinks) = run(fn, q, k, v, seg, sinks, d_out, d_lse)
+  out_ref, lse_ref, (*grads_ref, d_sinks_ref) = run(ref, q, k, v, seg, sinks,
+                                                    d_out, d_lse)
   chex.assert_shape(out, q.shape)
   chex.assert_type(out, dtype)
   chex.assert_shape(lse, (q.shape[0], q.shape[2], q.shape[1]))
@@ -124,7 +136,29 @@ def assert_matches_reference(q, k, v, *, impl, cotangent_scale=1.0, **kwargs):
                                 custom_message=name)
     errors[name] = float(jnp.max(jnp.abs(g - g_ref)))
   errors["grad_max"] = max(float(jnp.max(jnp.abs(g))) for g in grads_ref)
+  if sinks is not None:
+    chex.assert_type(d_sinks, sinks.dtype)
+    errors["dsinks"] = assert_sink_gradient_close(
+        d_sinks, d_sinks_ref, dtype=dtype, rows=q.shape[0] * q.shape[1],
+        cotangent_scale=cotangent_scale)
   return errors
+
+
+def assert_sink_gradient_close(d_sinks, d_sinks_ref, *, dtype, rows,
+                               cotangent_scale=1.0):
+  """dsinks [N] vs the oracle's; returns the largest absolute error.
+
+  dsinks[n] sums `rows` = B·T per-row terms p_sink·(rowsum(dO·O) − dLSE),
+  each off by about the "grad" tolerance in `dtype` (O is rounded to it),
+  with independent signs: the absolute bound grows as sqrt(rows).
+  """
+  tol = tolerance(dtype, "grad")
+  d_sinks = d_sinks.astype(jnp.float32)
+  chex.assert_trees_all_close(
+      d_sinks, d_sinks_ref.astype(jnp.float32),
+      atol=tol["atol"] * cotangent_scale * np.sqrt(rows), rtol=tol["rtol"],
+      custom_message="dsinks")
+  return float(jnp.max(jnp.abs(d_sinks - d_sinks_ref)))
 
 
 def jaxpr_equations(jaxpr):

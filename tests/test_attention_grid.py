@@ -1,16 +1,21 @@
 """One correctness grid, run on every implementation available here.
 
-Each case compares forward, LSE and dq/dk/dv against the fp32 dense reference
-(tests/attention_cases.py holds the tolerances). Pallas runs in interpret mode
+Each case compares forward, LSE and dq/dk/dv (and dsinks, with attention
+sinks) against the fp32 dense reference (tests/attention_cases.py holds the
+tolerances). Pallas runs in interpret mode
 on CPU; on a GPU machine the same grid runs the compiled kernels.
 """
 
+import chex
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from pallas_kernels import FlashBlockSizes
-from tests.attention_cases import assert_matches_reference, make_inputs
+from pallas_kernels import FlashBlockSizes, sliding_window_attention
+from tests.attention_cases import (assert_matches_reference, make_inputs,
+                                   make_sinks)
 
 IMPLS = ["reference", "xla", "pallas"]
 # Small tiles for the short sequences here, so every case spans several
@@ -18,43 +23,51 @@ IMPLS = ["reference", "xla", "pallas"]
 BLOCK_SIZES = {"pallas": FlashBlockSizes(16, 16, 16, 16, 16, 16)}
 
 # (q_len, kv_len, num_q_heads, num_kv_heads, head_dim, window, causal,
-#  num_segments, softcap)
+#  num_segments, softcap, also with sinks)
 GRID = [
-    # windows: 1, small, not a block multiple, >= seq_len, full causal
-    (40, 40, 2, 1, 32, 1, True, None, None),
-    (40, 40, 2, 2, 32, 5, True, None, None),
-    (70, 70, 4, 2, 64, 19, True, None, None),
-    (33, 33, 2, 1, 32, 64, True, None, None),
-    (45, 45, 2, 1, 32, None, True, None, None),
+    # windows: 1 (with a sink: it competes with a single key), small, not a
+    # block multiple, >= seq_len, full causal
+    (40, 40, 2, 1, 32, 1, True, None, None, True),
+    (40, 40, 2, 2, 32, 5, True, None, None, False),
+    (70, 70, 4, 2, 64, 19, True, None, None, False),
+    (33, 33, 2, 1, 32, 64, True, None, None, False),
+    (45, 45, 2, 1, 32, None, True, None, None, True),
     # GQA ratios 4, 8 and MQA
-    (37, 37, 8, 2, 32, 9, True, None, None),
-    (37, 37, 8, 1, 32, 9, True, None, None),
+    (37, 37, 8, 2, 32, 9, True, None, None, True),
+    (37, 37, 8, 1, 32, 9, True, None, None, False),
     # packed segments, softcap, both
-    (50, 50, 4, 2, 32, 12, True, 3, None),
-    (50, 50, 2, 1, 32, 12, True, None, 5.0),
-    (50, 50, 4, 1, 32, None, True, 4, 3.0),
+    (50, 50, 4, 2, 32, 12, True, 3, None, True),
+    (50, 50, 2, 1, 32, 12, True, None, 5.0, True),
+    (50, 50, 4, 1, 32, None, True, 4, 3.0, False),
     # bidirectional local and full
-    (41, 41, 2, 1, 32, (3, 7), False, None, None),
-    (41, 41, 2, 1, 32, (0, 0), False, 2, None),
-    (30, 30, 2, 1, 32, None, False, None, None),
-    # bottom-right alignment: fewer queries than keys, and more
-    (9, 40, 2, 1, 32, 6, True, None, None),
-    (40, 9, 2, 1, 32, 6, True, None, None),
+    (41, 41, 2, 1, 32, (3, 7), False, None, None, True),
+    (41, 41, 2, 1, 32, (0, 0), False, 2, None, False),
+    (30, 30, 2, 1, 32, None, False, None, None, False),
+    # bottom-right alignment: fewer queries than keys, and more (the first
+    # 31 rows see no key: with a sink, out 0 and lse = the sink)
+    (9, 40, 2, 1, 32, 6, True, None, None, True),
+    (40, 9, 2, 1, 32, 6, True, None, None, True),
 ]
+# Every row without sinks; the rows marked above with them too.
+CASES = ([(*row[:-1], False) for row in GRID]
+         + [(*row[:-1], True) for row in GRID if row[-1]])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "q_len, kv_len, num_q_heads, num_kv_heads, head_dim, window, causal, "
-    "num_segments, softcap", GRID)
+    "num_segments, softcap, with_sinks", CASES)
 def test_fp32_matches_reference(impl, q_len, kv_len, num_q_heads, num_kv_heads,
-                                head_dim, window, causal, num_segments, softcap):
+                                head_dim, window, causal, num_segments, softcap,
+                                with_sinks):
   q, k, v, seg = make_inputs(
       0, batch=2, q_len=q_len, kv_len=kv_len, num_q_heads=num_q_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim, num_segments=num_segments)
-  assert_matches_reference(q, k, v, impl=impl, window=window, causal=causal,
-                           segment_ids=seg, softcap=softcap,
-                           block_sizes=BLOCK_SIZES.get(impl))
+  sinks = make_sinks(num_q_heads) if with_sinks else None
+  errors = assert_matches_reference(
+      q, k, v, impl=impl, window=window, causal=causal, segment_ids=seg,
+      softcap=softcap, sinks=sinks, block_sizes=BLOCK_SIZES.get(impl))
+  assert ("dsinks" in errors) == with_sinks
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -64,6 +77,20 @@ def test_low_precision_head_dims(impl, dtype, head_dim):
   q, k, v, seg = make_inputs(1, q_len=48, num_q_heads=4, num_kv_heads=2,
                              head_dim=head_dim, dtype=dtype, num_segments=2)
   assert_matches_reference(q, k, v, impl=impl, window=13, segment_ids=seg,
+                           block_sizes=BLOCK_SIZES.get(impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype, sinks_dtype", [
+    (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32),
+    (jnp.bfloat16, jnp.bfloat16),  # dsinks comes back in the sinks' dtype
+])
+def test_low_precision_with_sinks(impl, dtype, sinks_dtype):
+  q, k, v, seg = make_inputs(1, batch=2, q_len=48, num_q_heads=4,
+                             num_kv_heads=2, head_dim=64, dtype=dtype,
+                             num_segments=2)
+  assert_matches_reference(q, k, v, impl=impl, window=13, segment_ids=seg,
+                           softcap=10.0, sinks=make_sinks(4, sinks_dtype),
                            block_sizes=BLOCK_SIZES.get(impl))
 
 
@@ -100,13 +127,17 @@ def test_hypothesis_shapes_and_windows(impl):
       segments = None
     softcap = data.draw(st.one_of(st.none(), st.floats(1.0, 30.0)),
                         "softcap")
+    sinks = data.draw(st.one_of(st.none(), st.lists(
+        st.floats(-5.0, 5.0), min_size=kv_heads * group,
+        max_size=kv_heads * group)), "sinks")
     q, k, v, seg = make_inputs(data.draw(st.integers(0, 2**16), "seed"),
                                q_len=seq, num_q_heads=kv_heads * group,
                                num_kv_heads=kv_heads, head_dim=32,
                                num_segments=segments)
-    assert_matches_reference(q, k, v, impl=impl, window=window, causal=causal,
-                             segment_ids=seg, softcap=softcap,
-                             block_sizes=BLOCK_SIZES.get(impl))
+    assert_matches_reference(
+        q, k, v, impl=impl, window=window, causal=causal, segment_ids=seg,
+        softcap=softcap, sinks=None if sinks is None else jnp.asarray(sinks),
+        block_sizes=BLOCK_SIZES.get(impl))
 
   check()
 
@@ -118,3 +149,40 @@ def test_rows_that_see_nothing_give_zeros_and_finite_grads(impl):
   errors = assert_matches_reference(q, k, v, impl=impl, window=4,
                                     block_sizes=BLOCK_SIZES.get(impl))
   assert errors["out"] < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_that_see_nothing_with_sinks_give_zeros_and_the_sink(impl):
+  # Queries at positions -3..-1 see no key: out 0 and lse = their head's
+  # sink; d lse / d sink = 1 there, so those rows add d_lse to dsinks.
+  q, k, v, _ = make_inputs(4, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1)
+  sinks = make_sinks(2)
+  errors = assert_matches_reference(q, k, v, impl=impl, window=4, sinks=sinks,
+                                    block_sizes=BLOCK_SIZES.get(impl))
+  assert errors["dsinks"] < 1e-4, errors
+  out, lse = sliding_window_attention(q, k, v, window=4, sinks=sinks, impl=impl,
+                                      return_lse=True,
+                                      block_sizes=BLOCK_SIZES.get(impl))
+  np.testing.assert_array_equal(np.asarray(out[:, :3]), 0.0)
+  np.testing.assert_array_equal(np.asarray(lse[:, :, :3]),
+                                np.broadcast_to(np.asarray(sinks)[None, :, None],
+                                                (1, 2, 3)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_minus_infinity_sinks_are_no_sinks(impl):
+  # exp(-inf) = 0 joins no denominator: the op without sinks, also on rows
+  # that see no key (lse -inf), with zero sink gradients and no NaN.
+  q, k, v, _ = make_inputs(5, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1)
+  kwargs = dict(window=4, impl=impl, return_lse=True,
+                block_sizes=BLOCK_SIZES.get(impl))
+  sinks = jnp.full((2,), -jnp.inf)
+  chex.assert_trees_all_close(
+      sliding_window_attention(q, k, v, sinks=sinks, **kwargs),
+      sliding_window_attention(q, k, v, **kwargs), atol=1e-6)
+
+  def loss(sinks):
+    out, lse = sliding_window_attention(q, k, v, sinks=sinks, **kwargs)
+    return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  np.testing.assert_array_equal(jax.grad(loss)(sinks), 0.0)

@@ -30,6 +30,14 @@ def test_float32_is_refused_before_any_kernel():
     sliding_window_attention(q, k, v, window=4, impl="cudnn")
 
 
+def test_sinks_are_refused_naming_them():
+  # JAX's cuDNN attention has no sink argument.
+  q, k, v, _ = make_inputs(0, dtype=jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="impl='cudnn'.*sinks"):
+    sliding_window_attention(q, k, v, window=4, impl="cudnn",
+                             sinks=jnp.zeros((q.shape[2],)))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("seq, heads, kv_heads, head_dim, window, causal", [

@@ -18,7 +18,7 @@ from hypothesis import given, strategies as st
 
 from pallas_kernels import (DecodeBlockSizes, decode_attention,
                             reference_attention)
-from tests.attention_cases import tolerance
+from tests.attention_cases import make_sinks, tolerance
 from tests.cuda_lowering import lowered_cuda_text
 
 DECODE_IMPLS = ["xla", "pallas"]
@@ -81,12 +81,14 @@ def jitted_decode(impl, **kwargs):
                                    return_lse=True, **kwargs))
 
 
-def decode(impl, q, k_cache, v_cache, q_positions, kv_positions, **kwargs):
+def decode(impl, q, k_cache, v_cache, q_positions, kv_positions, *,
+           sinks=None, **kwargs):
+  """`decode_attention(..., return_lse=True)`; sinks is traced, the rest static."""
   if impl == "pallas":
     kwargs.setdefault("block_sizes", SMALL_BLOCKS)
   return jitted_decode(impl, **kwargs)(q, k_cache, v_cache,
                                        q_positions=q_positions,
-                                       kv_positions=kv_positions)
+                                       kv_positions=kv_positions, sinks=sinks)
 
 
 def assert_matches_decode_reference(impl, q, k_cache, v_cache, q_positions,
@@ -114,6 +116,7 @@ def assert_matches_decode_reference(impl, q, k_cache, v_cache, q_positions,
 
 
 # (layout, last positions per batch row, T, C, N, K, H, window, softcap, dtype)
+# Each row runs with and without sinks (`make_sinks`).
 GRID = [
     # GQA 1, window == C, one ring wrapped 3x and one partly filled
     ("ring", [100, 20], 1, 32, 2, 2, 32, 32, None, jnp.float32),
@@ -132,17 +135,20 @@ GRID = [
 
 
 @pytest.mark.parametrize("impl", DECODE_IMPLS)
+@pytest.mark.parametrize("with_sinks", [False, True])
 @pytest.mark.parametrize(
     "layout, last, q_len, num_slots, num_q_heads, num_kv_heads, head_dim, "
     "window, softcap, dtype", GRID)
-def test_matches_decode_reference(impl, layout, last, q_len, num_slots,
-                                  num_q_heads, num_kv_heads, head_dim, window,
-                                  softcap, dtype):
+def test_matches_decode_reference(impl, with_sinks, layout, last, q_len,
+                                  num_slots, num_q_heads, num_kv_heads,
+                                  head_dim, window, softcap, dtype):
   args = make_decode_case(
       0, layout=layout, last=last, q_len=q_len, num_slots=num_slots,
       num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
       dtype=dtype)
-  assert_matches_decode_reference(impl, *args, window=window, softcap=softcap)
+  sinks = make_sinks(num_q_heads) if with_sinks else None
+  assert_matches_decode_reference(impl, *args, window=window, softcap=softcap,
+                                  sinks=sinks)
 
 
 @given(seed=st.integers(0, 2**16), wraps=st.integers(0, 5))
@@ -165,19 +171,22 @@ def test_pallas_random_ring_and_linear_caches(seed, wraps):
 
 
 @pytest.mark.parametrize("impl", ["reference", *DECODE_IMPLS])
-@pytest.mark.parametrize("layout, window, q_len, num_slots", [
-    ("ring", 16, 1, 16),       # a ring of exactly W slots
-    ("ring", 16, 3, 18),       # T > 1 needs W + T - 1 slots
-    ("linear", None, 2, 96),   # a full layer's linear buffer, partly filled
+@pytest.mark.parametrize("layout, window, q_len, num_slots, with_sinks", [
+    ("ring", 16, 1, 16, False),     # a ring of exactly W slots
+    ("ring", 16, 3, 18, False),     # T > 1 needs W + T - 1 slots
+    ("ring", 16, 3, 18, True),      # gpt-oss: a sliding layer with sinks
+    ("linear", None, 2, 96, False),  # a full layer's linear buffer, partly filled
+    ("linear", None, 2, 96, True),
 ])
 def test_ring_buffer_decode_equals_full_attention(impl, layout, window, q_len,
-                                                  num_slots):
+                                                  num_slots, with_sinks):
   """The last T rows of the full-sequence op equal decoding them from the cache."""
   seq_len = 77  # a ring of 16 or 18 slots wraps 4x
   q, k, v = random_qkv(3, batch=2, q_len=seq_len, kv_len=seq_len,
                        num_q_heads=8, num_kv_heads=2, head_dim=32)
+  sinks = make_sinks(8) if with_sinks else None
   out_full, lse_full = reference_attention(q, k, v, window=window,
-                                           return_lse=True)
+                                           return_lse=True, sinks=sinks)
   positions = {"ring": ring_positions, "linear": linear_positions}[layout]
   kv_positions = positions([seq_len - 1] * 2, num_slots)
   k_cache, v_cache = fill_cache(k, v, kv_positions)
@@ -185,7 +194,7 @@ def test_ring_buffer_decode_equals_full_attention(impl, layout, window, q_len,
                                 (2, q_len)).astype(np.int32)
   out, lse = decode(impl, q[:, -q_len:], k_cache, v_cache,
                     jnp.asarray(q_positions), jnp.asarray(kv_positions),
-                    window=window)
+                    window=window, sinks=sinks)
   tol = tolerance(jnp.float32, "out")
   np.testing.assert_allclose(out, out_full[:, -q_len:], **tol)
   np.testing.assert_allclose(lse, lse_full[:, :, -q_len:], **tol)
@@ -222,6 +231,42 @@ def test_rows_seeing_nothing_are_zero(impl):
                     window=10)
   np.testing.assert_array_equal(out, np.zeros(out.shape, np.float32))
   assert np.all(np.isneginf(lse))
+  # With sinks: still out 0, and lse = each head's sink (added once, also
+  # across the pallas kernel's splits).
+  sinks = make_sinks(4)
+  out, lse = decode(impl, q, k_cache, v_cache, q_positions, kv_positions,
+                    window=10, sinks=sinks)
+  np.testing.assert_array_equal(out, np.zeros(out.shape, np.float32))
+  np.testing.assert_array_equal(
+      lse, np.broadcast_to(np.asarray(sinks)[None, :, None], lse.shape))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_sink_gradient_matches_the_prefill_op(impl):
+  """d/d sinks of decoding the last rows equals that of the full-sequence op
+  restricted to those rows (the dense decode paths are plain jnp)."""
+  seq_len, window, q_len = 30, 8, 2
+  q, k, v = random_qkv(9, batch=1, q_len=seq_len, kv_len=seq_len,
+                       num_q_heads=4, num_kv_heads=2, head_dim=16)
+  kv_positions = ring_positions([seq_len - 1], window + q_len - 1)
+  k_cache, v_cache = fill_cache(k, v, kv_positions)
+  q_positions = np.arange(seq_len - q_len, seq_len, dtype=np.int32)[None]
+
+  def full(sinks):
+    out, lse = reference_attention(q, k, v, window=window, sinks=sinks,
+                                   return_lse=True)
+    return jnp.sum(jnp.sin(out[:, -q_len:])) + jnp.sum(lse[:, :, -q_len:])
+
+  def cached(sinks):
+    out, lse = decode_attention(
+        q[:, -q_len:], k_cache, v_cache, q_positions=jnp.asarray(q_positions),
+        kv_positions=jnp.asarray(kv_positions), window=window, sinks=sinks,
+        impl=impl, return_lse=True)
+    return jnp.sum(jnp.sin(out)) + jnp.sum(lse)
+
+  sinks = make_sinks(4)
+  np.testing.assert_allclose(jax.grad(cached)(sinks), jax.grad(full)(sinks),
+                             atol=1e-5)
 
 
 def test_pallas_default_block_sizes_and_odd_head_dim():
@@ -233,7 +278,8 @@ def test_pallas_default_block_sizes_and_odd_head_dim():
                                   block_sizes=None)
 
 
-def test_lowers_to_a_triton_kernel_for_gpu():
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_lowers_to_a_triton_kernel_for_gpu(with_sinks):
   """Compiled (not interpreted) Pallas path lowers for CUDA: bf16, H 128, GQA 8."""
   batch, num_slots, num_kv_heads = 2, 512, 2
   q = jax.ShapeDtypeStruct((batch, 1, 8 * num_kv_heads, 128), jnp.bfloat16)
@@ -241,10 +287,12 @@ def test_lowers_to_a_triton_kernel_for_gpu():
                                jnp.bfloat16)
   q_pos = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
   kv_pos = jax.ShapeDtypeStruct((batch, num_slots), jnp.int32)
+  sinks = (jax.ShapeDtypeStruct((8 * num_kv_heads,), jnp.bfloat16)
+           if with_sinks else None)
   fn = functools.partial(decode_attention, window=256, softcap=30.0,
                          impl="pallas", interpret=False)
   text = lowered_cuda_text(fn, q, cache, cache, q_positions=q_pos,
-                           kv_positions=kv_pos)
+                           kv_positions=kv_pos, sinks=sinks)
   assert "__gpu$xla.gpu.triton" in text
   assert 'name = "swa_decode"' in text
 
@@ -292,6 +340,9 @@ def _good_args():
      "only impl='pallas'"),
     (dict(impl="pallas", block_sizes=(16, 2)), TypeError,
      r"block_sizes=\(16, 2\)"),
+    (dict(sinks=jnp.zeros((2,))), ValueError,
+     r"decode_attention .*sinks.shape=\(2,\): expected"),
+    (dict(sinks=jnp.zeros((4,), jnp.int32)), ValueError, "sinks.dtype=int32"),
 ])
 def test_bad_inputs_raise(change, error, message):
   args = _good_args()
@@ -314,17 +365,19 @@ def test_bad_block_sizes_raise(kwargs, message):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("layout, last, q_len, num_slots, window", [
-    ("ring", [10_000, 3000], 1, 4096, 4096),
-    ("ring", [9000, 20], 4, 4099, 4000),
-    ("linear", [5000, 32_767], 1, 32_768, None),
+@pytest.mark.parametrize("layout, last, q_len, num_slots, window, with_sinks", [
+    ("ring", [10_000, 3000], 1, 4096, 4096, False),
+    ("ring", [9000, 20], 4, 4099, 4000, False),
+    ("ring", [9000, 20], 1, 128, 128, True),  # gpt-oss's sliding layers
+    ("linear", [5000, 32_767], 1, 32_768, None, False),
 ])
 def test_compiled_kernel_at_model_sizes(dtype, layout, last, q_len, num_slots,
-                                        window):
+                                        window, with_sinks):
   """The compiled Triton kernel with default tiling, H 128, GQA 8 (GPU only)."""
   args = make_decode_case(8, layout=layout, last=last, q_len=q_len,
                           num_slots=num_slots, num_q_heads=32, num_kv_heads=4,
                           head_dim=128, dtype=dtype)
   assert_matches_decode_reference("pallas", *args, window=window,
                                   softcap=30.0 if q_len > 1 else None,
-                                  block_sizes=None)
+                                  block_sizes=None,
+                                  sinks=make_sinks(32) if with_sinks else None)

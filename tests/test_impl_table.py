@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels import IMPLS, sliding_window_attention
 from pallas_kernels.features import (
     ALL_FEATURES, BFLOAT16, BIDIRECTIONAL, CAUSAL, CAUSAL_WINDOW, FLOAT16,
-    FLOAT32, GQA, LOCAL_WINDOW, RETURN_LSE, SEGMENT_IDS, SOFTCAP,
+    FLOAT32, GQA, LOCAL_WINDOW, RETURN_LSE, SEGMENT_IDS, SINKS, SOFTCAP,
     UNEQUAL_LENGTHS, default_impl, required_features)
 from pallas_kernels.validation import check_attention_args
 
@@ -42,6 +42,8 @@ def request(features):
     kwargs["segment_ids"] = jnp.array([[0] * 4 + [1] * 4], jnp.int32)
   if SOFTCAP in features:
     kwargs["softcap"] = 5.0
+  if SINKS in features:
+    kwargs["sinks"] = jnp.linspace(-1.0, 1.0, heads)
   kwargs["return_lse"] = RETURN_LSE in features
   return (q, k, v), kwargs
 
@@ -64,7 +66,7 @@ def test_missing_feature_raises_naming_it(impl, feature, features):
   problem = check_attention_args(
       q, k, v, window=kwargs["window"], causal=kwargs["causal"],
       segment_ids=kwargs.get("segment_ids"), softcap=kwargs.get("softcap"),
-      scale=None)
+      scale=None, sinks=kwargs.get("sinks"))
   # The request needs exactly these features: only `feature` is missing.
   assert required_features(problem, kwargs["return_lse"]) == features
   with pytest.raises(NotImplementedError, match=f"impl='{impl}'.*{feature}"):
@@ -96,7 +98,7 @@ def feature_table_markdown() -> str:
   """The README's feature table, generated from `IMPLS`."""
   impls = list(IMPLS)
   order = [*MASKS, SEGMENT_IDS, SOFTCAP, GQA, UNEQUAL_LENGTHS, RETURN_LSE,
-           *DTYPES]
+           SINKS, *DTYPES]
   lines = ["| feature | " + " | ".join(f"`{i}`" for i in impls) + " |",
            "|---|" + "---|" * len(impls)]
   for feature in order:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from jax.test_util import check_grads
 
 from pallas_kernels import (Band, reference_attention, sliding_window_attention,
                             visited_blocks, window_mask)
@@ -214,6 +215,62 @@ def test_reference_empty_rows_are_zero_not_nan():
   np.testing.assert_array_equal(np.asarray(grads[0][:, :2]), 0.0)
 
 
+def numpy_sink_attention(q, k, v, sinks, mask, scale):
+  """The sink formula spelled directly in float64: the sink is one more
+  column of the score matrix that is in every row's softmax and has a zero
+  value vector. q: [T, N, H], k, v: [S, K, H], mask: [T, S] bool."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  group = q.shape[1] // k.shape[1]
+  out = np.zeros(q.shape)
+  lse = np.zeros((q.shape[1], q.shape[0]))
+  for n in range(q.shape[1]):
+    s = q[:, n] @ k[:, n // group].T * scale  # [T, S]
+    s = np.where(mask, s, -np.inf)
+    s = np.concatenate([s, np.full((len(s), 1), float(sinks[n]))], axis=1)
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    lse[n] = np.log(p.sum(axis=1)) + s.max(axis=1)
+    p /= p.sum(axis=1, keepdims=True)
+    out[:, n] = p[:, :-1] @ v[:, n // group]
+  return out, lse
+
+
+@pytest.mark.parametrize("q_len, kv_len, window", [
+    (10, 10, 1),   # the sink against a single key
+    (10, 10, 4),
+    (12, 8, 3),    # the first 4 queries see no key: out 0, lse = sink
+])
+def test_reference_with_sinks_matches_the_formula_in_float64(q_len, kv_len,
+                                                             window):
+  q, k, v, _ = make_inputs(7, q_len=q_len, kv_len=kv_len, num_q_heads=4,
+                           num_kv_heads=2, head_dim=8)
+  sinks = jnp.array([-2.0, 0.0, 1.5, 4.0])
+  out, lse = reference_attention(q, k, v, window=window, sinks=sinks,
+                                 return_lse=True)
+  mask = dense_mask(check_window(window, True), q_len, kv_len).astype(bool)
+  out64, lse64 = numpy_sink_attention(q[0], k[0], v[0], sinks, mask, 8**-0.5)
+  np.testing.assert_allclose(out[0], out64, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(lse[0], lse64, atol=1e-6, rtol=0)
+  empty = ~mask.any(axis=1)
+  np.testing.assert_array_equal(np.asarray(out[0])[empty], 0.0)
+  np.testing.assert_array_equal(
+      np.asarray(lse[0])[:, empty],
+      np.broadcast_to(np.asarray(sinks)[:, None], (4, int(empty.sum()))))
+
+
+def test_reference_sink_gradient_matches_finite_differences():
+  q, k, v, _ = make_inputs(8, q_len=9, num_q_heads=2, num_kv_heads=1,
+                           head_dim=8)
+  sinks = jnp.array([0.5, 2.0])
+
+  def loss(sinks):
+    out, lse = reference_attention(q, k, v, window=3, sinks=sinks,
+                                   return_lse=True)
+    return jnp.sum(out * jnp.cos(out)) + 0.5 * jnp.sum(lse)
+
+  check_grads(loss, (sinks,), order=1, modes=("rev",), eps=1e-2, atol=1e-3,
+              rtol=1e-3)
+
+
 Q, K, V, _ = make_inputs(2, q_len=8, num_q_heads=4, num_kv_heads=2)
 
 
@@ -241,6 +298,12 @@ Q, K, V, _ = make_inputs(2, q_len=8, num_q_heads=4, num_kv_heads=2)
     # Past MAX_WINDOW, int32 position arithmetic would overflow.
     (dict(window=2**31), ValueError, "window=2147483648"),
     (dict(window=(0, 2**31 - 1), causal=False), ValueError, "right"),
+    # One float sink logit per query head (N = 4 here).
+    (dict(sinks=jnp.zeros((2,))), ValueError, "sinks.shape=(2,): expected"),
+    (dict(sinks=jnp.zeros((1, 4))), ValueError, "sinks.shape=(1, 4)"),
+    (dict(sinks=jnp.zeros((4,), jnp.int32)), ValueError,
+     "sinks.dtype=int32: expected a float dtype"),
+    (dict(sinks=[0.0] * 4), TypeError, "sinks: expected a float array"),
 ])
 def test_bad_arguments_raise_clearly(kwargs, error, message):
   with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -19,7 +19,7 @@ from pallas_kernels.flash_tiles import KernelConfig
 from pallas_kernels.mask import visible
 from pallas_kernels.validation import check_attention_args
 from tests.attention_cases import (assert_matches_reference, jaxpr_equations,
-                                   make_inputs)
+                                   make_inputs, make_sinks)
 from tests.cuda_lowering import lowered_cuda_text
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -28,31 +28,34 @@ HEAD_DIMS = [64, 80, 96, 128, 256]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
 
-@pytest.mark.parametrize("head_dim, q_len, num_segments, softcap", [
-    (128, 256, None, None),   # block multiples, power-of-two head dim
-    (80, 200, 3, 30.0),       # padded head dim, ragged ends, segments, softcap
+@pytest.mark.parametrize("head_dim, q_len, num_segments, softcap, with_sinks", [
+    (128, 256, None, None, False),  # block multiples, power-of-two head dim
+    (80, 200, 3, 30.0, False),   # padded head dim, ragged ends, segments, softcap
+    (128, 256, None, None, True),   # sinks: one scalar per program, and dsinks
 ])
 def test_kernels_lower_to_triton_for_gpu(head_dim, q_len, num_segments,
-                                         softcap):
+                                         softcap, with_sinks):
   q, k, v, seg = make_inputs(0, q_len=q_len, num_q_heads=4, num_kv_heads=2,
                              head_dim=head_dim, dtype=jnp.bfloat16,
                              num_segments=num_segments)
+  sinks = make_sinks(4, jnp.bfloat16) if with_sinks else None
 
-  def attend(q, k, v):
+  def attend(q, k, v, sinks):
     return sliding_window_attention(
         q, k, v, window=64, segment_ids=seg, softcap=softcap, impl="pallas",
-        return_lse=True, interpret=False)
+        return_lse=True, interpret=False, sinks=sinks)
 
-  def loss(q, k, v):
-    out, lse = attend(q, k, v)
+  def loss(q, k, v, sinks):
+    out, lse = attend(q, k, v, sinks)
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
   if num_segments is None and head_dim == 128:
-    forward = lowered_cuda_text(attend, q, k, v)
+    forward = lowered_cuda_text(attend, q, k, v, sinks)
     assert forward.count(TRITON_CALL) == 1
     assert "swa_flash_forward" in forward
-  grads = lowered_cuda_text(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
-  # Forward (residuals), dQ, dK/dV.
+  argnums = (0, 1, 2, 3) if with_sinks else (0, 1, 2)
+  grads = lowered_cuda_text(jax.grad(loss, argnums=argnums), q, k, v, sinks)
+  # Forward (residuals), dQ, dK/dV; dsinks is a jnp reduction, no kernel.
   assert grads.count(TRITON_CALL) == 3
   for name in ("swa_flash_forward", "swa_flash_backward_dq",
                "swa_flash_backward_dkv"):
