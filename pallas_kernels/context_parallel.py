@@ -31,6 +31,12 @@ device folds every block into an online softmax (masks from `mask.visible` on
 global positions; blocks outside the band are skipped; each block's scores
 are recomputed in the backward), so a device holds two K/V blocks and one
 [T/P, T/P] score tile per head, and sends O(T·K·H) bytes per layer.
+Attention sinks (one logit per query head, replicated: heads are not split)
+reach the halo path's local op as they are; the ring starts each row's online
+softmax at running max = sink and running sum = 1, so the sink joins the
+denominator once. The halo rows' outputs are dropped, so their cotangent is
+zero and they add nothing to dsinks; shard_map's transpose sums the devices'
+dsinks (the sinks' in_spec mentions no mesh axis).
 `kv_exchange="ring"` forces it on a sliding layer too: the baseline that
 `swajax bench context` compares the halo against. (An all-gather of K/V moves
 the same bytes and holds all T keys: the ring was chosen for the memory.)
@@ -55,16 +61,17 @@ KV_EXCHANGES = ("auto", "halo", "ring")
 
 def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
                                causal=True, segment_ids=None, softcap=None,
-                               scale=None, impl="auto", batch_axes=None,
-                               kv_exchange="auto"):
+                               scale=None, sinks=None, impl="auto",
+                               batch_axes=None, kv_exchange="auto"):
   """`sliding_window_attention` with the sequence sharded over mesh axis `axis`.
 
   q: [B, T, N, H]; k, v: [B, T, K, H] (T == S: self-attention); segment_ids
   int32 [B, T] or None. Global arrays; inside, device d of `axis` (size P)
   works on tokens [d·T/P, (d+1)·T/P). T must be a multiple of P (a
   ValueError otherwise: pad the sequence, e.g. with a segment of its own).
-  window, causal, softcap, scale, impl: as `sliding_window_attention`, same
-  semantics and result (out [B, T, N, H], sharded like q).
+  window, causal, softcap, scale, sinks (float [N] or None), impl: as
+  `sliding_window_attention`, same semantics and result (out [B, T, N, H],
+  sharded like q); differentiable in q, k, v and sinks.
 
   mesh: a `jax.sharding.Mesh`, or the `AbstractMesh` of `jax.set_mesh` inside
     jit (`jax.sharding.get_abstract_mesh()`), with Auto axes.
@@ -79,7 +86,7 @@ def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
   """
   problem = check_attention_args(
       q, k, v, window=window, causal=causal, segment_ids=segment_ids,
-      softcap=softcap, scale=scale)
+      softcap=softcap, scale=scale, sinks=sinks)
   if problem.q_len != problem.kv_len:
     raise ValueError(
         f"q.shape[1]={problem.q_len}, k.shape[1]={problem.kv_len}: context "
@@ -120,18 +127,20 @@ def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
   seq = P(batch_axes or None, axis)
   qkv = P(batch_axes or None, axis, None, None)
   if use_halo:
-    def local(q, k, v, seg):
+    def local(q, k, v, seg, sinks):
       return _halo_attention(
           q, k, v, seg, axis=axis, devices=devices, band=band,
           options=dict(window=window, causal=causal, softcap=softcap,
-                       scale=scale, impl=impl))
+                       scale=scale, sinks=sinks, impl=impl))
   else:
-    def local(q, k, v, seg):
-      return _ring_attention(q, k, v, seg, axis=axis, devices=devices,
+    def local(q, k, v, seg, sinks):
+      return _ring_attention(q, k, v, seg, sinks, axis=axis, devices=devices,
                              problem=problem)
   # check_vma=False: the impls' loop carries are not annotated as varying.
-  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seq),
-                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids)
+  # sinks: replicated (P(): on every device whole); the transpose psums their
+  # cotangent over the mesh. None is an empty pytree and needs no spec.
+  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seq, P()),
+                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids, sinks)
 
 
 def _shift(x, hops, axis, devices):
@@ -187,15 +196,17 @@ def _halo_attention(q, k, v, seg, *, axis, devices, band, options):
   return out[:, left:left + q.shape[1]]
 
 
-def _ring_attention(q, k, v, seg, *, axis, devices, problem):
+def _ring_attention(q, k, v, seg, sinks, *, axis, devices, problem):
   """One device's block against every device's keys, passed around the ring.
 
-  q [B, T/P, N, H], k, v [B, T/P, K, H], seg [B, T/P] -> out [B, T/P, N, H].
+  q [B, T/P, N, H], k, v [B, T/P, K, H], seg [B, T/P], sinks [N] or None
+  -> out [B, T/P, N, H].
   Step s holds the K/V block of device d - s (mod P): an online softmax of
   unnormalised partial sums across the P blocks (`_ring_block`: query tiles
   of up to RING_TILE rows, recomputed in the backward, so one [RING_TILE,
   T/P] score tile per head at a time), and a block outside this device's
-  band is skipped (`lax.cond`).
+  band is skipped (`lax.cond`). With sinks, each row starts at running
+  max = its sink and running sum = 1 (exp(sink - max)).
   """
   local_len = q.shape[1]
   me = jax.lax.axis_index(axis)
@@ -205,8 +216,12 @@ def _ring_attention(q, k, v, seg, *, axis, devices, problem):
   b, _, n, h = q.shape
   kv_heads = k.shape[2]
   shape = (b, kv_heads, n // kv_heads, local_len)
-  m = jnp.full(shape, _NO_SCORE, jnp.float32)
-  l = jnp.zeros(shape, jnp.float32)
+  if sinks is None:
+    m = jnp.full(shape, _NO_SCORE, jnp.float32)
+    l = jnp.zeros(shape, jnp.float32)
+  else:  # head n = k·G + g
+    sink = sinks.astype(jnp.float32).reshape(1, kv_heads, n // kv_heads, 1)
+    m, l = jnp.broadcast_to(sink, shape), jnp.ones(shape, jnp.float32)
   o = jnp.zeros(shape + (h,), jnp.float32)
   ring = [(i, (i + 1) % devices) for i in range(devices)]
   skip = lambda *_: (jnp.full_like(m, _NO_SCORE), jnp.zeros_like(l), jnp.zeros_like(o))

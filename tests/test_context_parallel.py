@@ -2,11 +2,12 @@
 
 The device count must be set before JAX starts, so one worker process (a fresh
 interpreter with `--xla_force_host_platform_device_count=8`) runs every case
-and prints JSON: per case the largest |difference| of out and dq/dk/dv (a
-random cotangent) against `sliding_window_attention(impl="reference")` on
-one device, and what the compiled programs contain. The tests below assert
-on that report. Then training: 8 devices (fsdp x context) and 2 processes (the
-context axis across them) reproduce the one-device losses.
+and prints JSON: per case the largest |difference| of out and dq/dk/dv (and
+dsinks in the cases with sinks; a random cotangent) against
+`sliding_window_attention(impl="reference")` on one device, and what the
+compiled programs contain. The tests below assert on that report. Then
+training: 8 devices (fsdp x context) and 2 processes (the context axis across
+them) reproduce the one-device losses.
 """
 
 import json
@@ -26,23 +27,29 @@ from tests.test_train import TINY_MODEL, tiny_train_config, train_lib
 T = 64           # tokens; 8 devices hold T/P = 8 each
 FP32_ATOL = 1e-5
 
-# name -> (window, causal, segments?, impl, mesh shape (data, context), softcap)
+# name -> (window, causal, segments?, impl, mesh shape (data, context), softcap, sinks?)
 CASES = {
-    "halo_shorter_than_block": (3, True, False, "xla", (1, 8), None),     # W-1 < T/P
-    "halo_equal_to_block": (9, True, False, "xla", (1, 8), None),         # W-1 = T/P
-    "multi_hop": (20, True, False, "xla", (1, 8), None),                  # W-1 > T/P
-    "reach_past_device_0": (60, True, False, "xla", (1, 8), None),        # 7 hops
-    "segments_across_devices": (20, True, True, "xla", (1, 8), None),
-    "softcap": (9, True, True, "xla", (1, 8), 5.0),
-    "reference_impl": (20, True, True, "reference", (1, 8), None),
-    "pallas_impl": (9, True, True, "pallas", (1, 8), None),
-    "batch_over_data_axis": (20, True, True, "xla", (2, 4), None),
-    "bidirectional_halos": ((5, 3), False, True, "xla", (1, 8), None),
-    "bidirectional_multi_hop": ((20, 11), False, False, "xla", (1, 8), None),
-    "full_causal_ring": (None, True, True, "xla", (1, 8), None),
-    "full_bidirectional_ring": (None, False, True, "xla", (1, 8), None),
-    "full_ring_softcap": (None, True, False, "xla", (2, 4), 5.0),
-    "full_ring_query_tiles": (None, True, True, "xla", (1, 8), None),  # RING_TILE = 4
+    "halo_shorter_than_block": (3, True, False, "xla", (1, 8), None, False),     # W-1 < T/P
+    "halo_equal_to_block": (9, True, False, "xla", (1, 8), None, False),         # W-1 = T/P
+    "multi_hop": (20, True, False, "xla", (1, 8), None, False),                  # W-1 > T/P
+    "reach_past_device_0": (60, True, False, "xla", (1, 8), None, False),        # 7 hops
+    "segments_across_devices": (20, True, True, "xla", (1, 8), None, False),
+    "softcap": (9, True, True, "xla", (1, 8), 5.0, False),
+    "reference_impl": (20, True, True, "reference", (1, 8), None, False),
+    "pallas_impl": (9, True, True, "pallas", (1, 8), None, False),
+    "batch_over_data_axis": (20, True, True, "xla", (2, 4), None, False),
+    "bidirectional_halos": ((5, 3), False, True, "xla", (1, 8), None, False),
+    "bidirectional_multi_hop": ((20, 11), False, False, "xla", (1, 8), None, False),
+    "full_causal_ring": (None, True, True, "xla", (1, 8), None, False),
+    "full_bidirectional_ring": (None, False, True, "xla", (1, 8), None, False),
+    "full_ring_softcap": (None, True, False, "xla", (2, 4), 5.0, False),
+    "full_ring_query_tiles": (None, True, True, "xla", (1, 8), None, False),  # RING_TILE = 4
+    "sinks_sliding": (9, True, True, "xla", (2, 4), None, True),  # dsinks over data x context
+    "sinks_multi_hop": (20, True, False, "xla", (1, 8), None, True),
+    "sinks_bidirectional": ((5, 3), False, True, "xla", (1, 8), None, True),
+    "sinks_pallas_impl": (9, True, True, "pallas", (1, 8), None, True),
+    "sinks_full_ring": (None, True, True, "xla", (2, 4), None, True),  # dsinks over data x context
+    "sinks_bidirectional_ring_softcap": (None, False, False, "xla", (1, 8), 5.0, True),
 }
 
 WORKER = textwrap.dedent("""
@@ -51,7 +58,7 @@ WORKER = textwrap.dedent("""
     from jax.sharding import AxisType
     from pallas_kernels import context_parallel, context_parallel_attention
     from pallas_kernels import sliding_window_attention
-    from tests.attention_cases import make_inputs
+    from tests.attention_cases import make_inputs, make_sinks
     from tests.test_context_parallel import CASES, T
 
     def mesh_of(shape):
@@ -64,27 +71,30 @@ WORKER = textwrap.dedent("""
 
     q, k, v, seg = make_inputs(0, batch=2, q_len=T, num_q_heads=4, num_kv_heads=2,
                                head_dim=8, num_segments=6)
+    sinks = make_sinks(q.shape[2])
     cot = jax.random.normal(jax.random.key(1), q.shape)
     report = {}
     ring_tile = context_parallel.RING_TILE
-    for name, (window, causal, segments, impl, shape, softcap) in CASES.items():
+    for name, (window, causal, segments, impl, shape, softcap, with_sinks) in CASES.items():
       context_parallel.RING_TILE = 4 if name == "full_ring_query_tiles" else ring_tile
       window = tuple(window) if isinstance(window, list) else window
       options = dict(window=window, causal=causal, softcap=softcap,
                      segment_ids=seg if segments else None)
       mesh = mesh_of(tuple(shape))
-      parallel = jax.jit(lambda q, k, v: context_parallel_attention(
-          q, k, v, mesh=mesh, axis="context", impl=impl, **options))
-      single = lambda q, k, v: sliding_window_attention(q, k, v, impl="reference", **options)
-      got, got_vjp = jax.vjp(parallel, q, k, v)
-      want, want_vjp = jax.vjp(single, q, k, v)
+      args = (q, k, v, sinks) if with_sinks else (q, k, v)  # sinks: an argument, differentiated
+      parallel = jax.jit(lambda q, k, v, sinks=None: context_parallel_attention(
+          q, k, v, mesh=mesh, axis="context", impl=impl, sinks=sinks, **options))
+      single = lambda q, k, v, sinks=None: sliding_window_attention(
+          q, k, v, impl="reference", sinks=sinks, **options)
+      got, got_vjp = jax.vjp(parallel, *args)
+      want, want_vjp = jax.vjp(single, *args)
       errors = [float(jnp.max(jnp.abs(a - b)))
                 for a, b in zip((got, *got_vjp(cot)), (want, *want_vjp(cot)))]
       report[name] = {"errors": errors}
-      if name in ("multi_hop", "full_causal_ring"):
-        loss = lambda q, k, v: jnp.sum(parallel(q, k, v) * cot)
+      if name in ("multi_hop", "full_causal_ring", "sinks_multi_hop", "sinks_full_ring"):
+        loss = lambda *args: jnp.sum(parallel(*args) * cot)
         report[name]["collectives"] = collectives(
-            jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+            jax.grad(loss, argnums=tuple(range(len(args)))), *args)
     try:
       context_parallel_attention(q[:, :60], k[:, :60], v[:, :60], mesh=mesh_of((1, 8)),
                                  window=9)
@@ -103,8 +113,9 @@ def report():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_forward_and_grads_equal_one_device(report, name):
-  out, dq, dk, dv = report[name]["errors"]
-  assert max(out, dq, dk, dv) <= FP32_ATOL, report[name]
+  errors = report[name]["errors"]  # out, dq, dk, dv (, dsinks)
+  assert len(errors) == 5 if CASES[name][-1] else 4, report[name]
+  assert max(errors) <= FP32_ATOL, report[name]
 
 
 def test_layers_exchange_by_collective_permute_only(report):
@@ -113,6 +124,13 @@ def test_layers_exchange_by_collective_permute_only(report):
   (`tests/test_bench.py` checks that the halo's bytes do not grow with T.)"""
   assert report["multi_hop"]["collectives"] == ["collective-permute"]
   assert report["full_causal_ring"]["collectives"] == ["collective-permute"]
+
+
+def test_sinks_add_one_reduction_of_their_gradient(report):
+  """With sinks, the backward also sums each device's dsinks [N] (shard_map's
+  transpose of the replicated input): one all-reduce, still no gather."""
+  for name in ("sinks_multi_hop", "sinks_full_ring"):
+    assert report[name]["collectives"] == ["all-reduce", "collective-permute"], name
 
 
 def test_ragged_sequence_is_a_clear_error(report):
