@@ -83,12 +83,16 @@ def load_tokenizer_for(model_dir: Path, run_dir: Path, choice: str | None = None
 
 class TextStream:
   """Prints decoded text as tokens arrive, holding back a partial character
-  (a trailing U+FFFD) until the next token completes it."""
+  (a trailing U+FFFD) until the next token completes it.
 
-  def __init__(self, tokenizer, out=sys.stdout):
+  `context`: the prompt ids (already printed). The new tokens are decoded
+  after them, so the tokenizer's own spacing between the prompt and the first
+  new token is kept (a WordLevel tokenizer joins words with spaces)."""
+
+  def __init__(self, tokenizer, context=(), out=sys.stdout):
     self.tokenizer, self.out = tokenizer, out
-    self.ids: list[int] = []
-    self.printed = 0
+    self.ids: list[int] = [int(i) for i in context]
+    self.printed = len(tokenizer.decode(self.ids))
 
   def add(self, token: int, final: bool = False) -> None:
     self.ids.append(token)
@@ -117,7 +121,7 @@ def main(argv: list[str]) -> int:
           f"{model.config.vocab_size}: {model_dir} needs its tokenizer.json")
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     prompt = np.asarray([bos + list(tokenizer.encode(args.prompt))], np.int32)
-    stream = TextStream(tokenizer)
+    stream = TextStream(tokenizer, context=prompt[0])
     sys.stdout.write(args.prompt)
     times = [time.perf_counter()]  # start, then after each token
     for token in generate_stream(
