@@ -27,8 +27,8 @@ from models import CausalLM, ModelConfig
 from swajax import train_cli
 from swajax.hf_io import load_hf, save_hf
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests import hf_models
+from tests.hf_models import forward, hf_logits, max_diff, torch, transformers
 
 WINDOW, SEQ = 6, 20  # 3.3 windows
 NEW_TOKENS = 3 * WINDOW + 2
@@ -76,29 +76,7 @@ FAMILIES = sorted(CASES)
 def random_hf_model(family):
   """A transformers model with every parameter random (fixed seed), eager attn."""
   config_cls, model_cls, fields = CASES[family]
-  config = getattr(transformers, config_cls)(
-      **SMALL, **fields, attn_implementation="eager")
-  torch.manual_seed(0)
-  model = getattr(transformers, model_cls)(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn_like(p)
-      p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.1 * noise)
-  return model
-
-
-def hf_logits(model, ids):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
-
-
-@nnx.jit
-def forward(model, ids):
-  return model(ids)
-
-
-def max_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+  return hf_models.random_hf_model(config_cls, model_cls, **SMALL, **fields)
 
 
 @pytest.fixture(scope="module")

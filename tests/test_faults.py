@@ -189,6 +189,14 @@ def small_tmpfs(folder: Path, size: str):
     subprocess.run(["umount", str(folder)], check=True)
 
 
+# Known defect (issue 16, point 7, open): on Python 3.12 with jax 0.12 /
+# orbax, a checkpoint write that hits ENOSPC also prints asyncio "Event loop is
+# closed" tracebacks from orbax's background threads, after swajax's one-line
+# error; the run's exit code, the removed temp folder and the intact last
+# checkpoint still hold there. Not strict: seen once, its timing may vary.
+@pytest.mark.xfail(sys.version_info >= (3, 12), strict=False,
+                   reason="orbax's async threads print 'Event loop is closed' "
+                          "tracebacks on ENOSPC under Python 3.12 (issue 16, point 7)")
 def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
   """Point 7: a 1.2 MB disk holds checkpoint 2 (~790 KB) but not also 4."""
   with small_tmpfs(tmp_path / "disk", "1200k") as disk:

@@ -19,8 +19,8 @@ from models import CausalLM, ModelConfig
 from models.rope import rope_frequencies
 from swajax.hf_io import load_hf
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests import hf_models
+from tests.hf_models import forward, hf_logits, max_diff, torch, transformers
 
 WINDOW, SEQ = 8, 40
 TOLERANCE = 1e-4  # fp32 logits; observed ~1e-6 (summation order only)
@@ -52,25 +52,8 @@ CASES = {
 def random_hf_model(family, **overrides):
   """A transformers model with every parameter random (fixed seed), eager attn."""
   config_cls, model_cls, fields = CASES[family]
-  config = getattr(transformers, config_cls)(
-      **{**SMALL, **fields, **overrides}, attn_implementation="eager")
-  torch.manual_seed(0)
-  model = getattr(transformers, model_cls)(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn_like(p)
-      p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.1 * noise)
-  return model
-
-
-def hf_logits(model, ids):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
-
-
-@nnx.jit
-def forward(model, ids):
-  return model(ids)
+  return hf_models.random_hf_model(config_cls, model_cls,
+                                   **{**SMALL, **fields, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +65,6 @@ def checkpoint(request, tmp_path_factory):
   model.save_pretrained(directory)
   ids = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (2, SEQ))
   return family, directory, jnp.asarray(ids, jnp.int32), hf_logits(model, ids)
-
-
-def max_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
