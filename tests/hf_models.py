@@ -38,3 +38,11 @@ def forward(model, ids):
 
 def max_diff(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def saved_checkpoint(model, directory, *, vocab_size: int, seq_len: int):
+  """`model.save_pretrained(directory)` and (ids int32 [2, seq_len], its
+  transformers logits [2, seq_len, V]) on seeded random ids."""
+  model.save_pretrained(directory)
+  ids = np.random.default_rng(0).integers(0, vocab_size, (2, seq_len))
+  return np.asarray(ids, np.int32), hf_logits(model, ids)

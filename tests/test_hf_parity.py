@@ -62,9 +62,9 @@ def checkpoint(request, tmp_path_factory):
   family = request.param
   model = random_hf_model(family)
   directory = tmp_path_factory.mktemp(family)
-  model.save_pretrained(directory)
-  ids = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (2, SEQ))
-  return family, directory, jnp.asarray(ids, jnp.int32), hf_logits(model, ids)
+  ids, logits = hf_models.saved_checkpoint(model, directory,
+                                           vocab_size=SMALL["vocab_size"], seq_len=SEQ)
+  return family, directory, jnp.asarray(ids, jnp.int32), logits
 
 
 @pytest.mark.parametrize("impl", IMPLS)
