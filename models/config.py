@@ -33,8 +33,14 @@ BLOCKS = {
     "parallel": ("input_norm",),
 }  # block -> the DecoderLayer norms it has, in order
 NORMS = ("rms", "rms_one_plus", "layer_norm")  # see `models.layers.Norm`
-MLPS = ("swiglu", "geglu", "gelu")  # see `models.layers.MLP`
+MLPS = ("swiglu", "geglu", "gelu", "clamped_swiglu")  # see `models.layers.MLP`
 QK_NORMS = (None, "head", "all_heads")
+# How a mixture-of-experts router turns its logits [E] into k expert weights.
+ROUTERS = (
+    None,            # no experts (a dense MLP)
+    "softmax_topk",  # softmax over all E, the top k renormalised (Mixtral)
+    "topk_softmax",  # the top k logits, softmax over those k (gpt-oss)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,20 @@ class ModelConfig:
   attention_out_bias: bool = False  # o_proj has a bias (Starcoder2)
   qk_norm: str | None = None     # norm q and k per head (Qwen3, Gemma 3) or over all heads (Olmo 3)
   scale_embeddings: bool = False  # embedding times sqrt(D), in the compute dtype (Gemma)
+  attn_sinks: bool = False       # one learned sink logit per query head (gpt-oss)
+  router: str | None = None      # ROUTERS: how experts are weighted (MoE families)
+  router_bias: bool = False      # the router's linear has a bias (gpt-oss)
+  # Mixture of experts (Mixtral, gpt-oss): with num_experts E > 0 every
+  # layer's MLP is E experts of intermediate_size F, of which `router` picks
+  # experts_per_token (k) per token. router_aux_loss_coef weighs the
+  # load-balancing loss in training (HF's key; `models.moe`).
+  num_experts: int = 0           # E (0: a dense MLP)
+  experts_per_token: int = 0     # k, 1 <= k <= E
+  router_aux_loss_coef: float = 0.0
+  # "clamped_swiglu" (gpt-oss): (clip(up, ±limit) + 1) * g * sigmoid(alpha *
+  # g), g = min(gate, limit).
+  swiglu_alpha: float | None = None
+  swiglu_limit: float | None = None
   # Initialisation: normal(0, initializer_range) for projections and embedding.
   initializer_range: float = 0.02
 
@@ -144,10 +164,38 @@ class ModelConfig:
       value = getattr(self, name)
       if value is not None and not value > 0:
         raise ValueError(f"{name}={value!r}: expected None or a float > 0")
+    self._check_experts()
+    if (self.mlp == "clamped_swiglu") != (self.swiglu_alpha is not None
+                                          and self.swiglu_limit is not None):
+      raise ValueError(
+          f"swiglu_alpha={self.swiglu_alpha!r}, swiglu_limit="
+          f"{self.swiglu_limit!r} with mlp={self.mlp!r}: expected both "
+          "exactly when mlp='clamped_swiglu'")
     if self.rope_scaling is not None:
       object.__setattr__(self, "rope_scaling",
                          tuple(sorted(dict(self.rope_scaling).items())))
       check_rope_scaling(dict(self.rope_scaling))
+
+  def _check_experts(self):
+    """num_experts, experts_per_token, router: all set (MoE) or all off."""
+    if self.router not in ROUTERS:
+      raise ValueError(f"router={self.router!r}: expected one of {ROUTERS}")
+    for name in ("num_experts", "experts_per_token"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}: expected an int >= 0")
+    moe = self.num_experts > 0
+    if moe != (self.router is not None) or (moe and not (
+        1 <= self.experts_per_token <= self.num_experts)) or (
+            not moe and self.experts_per_token):
+      raise ValueError(
+          f"num_experts={self.num_experts}, experts_per_token="
+          f"{self.experts_per_token}, router={self.router!r}: expected "
+          "num_experts > 0, 1 <= experts_per_token <= num_experts and a "
+          "router (a mixture of experts), or 0, 0 and None (a dense MLP)")
+    if not self.router_aux_loss_coef >= 0:
+      raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef!r}: "
+                       "expected a float >= 0")
 
   @property
   def rope_scaling_dict(self) -> dict | None:
@@ -292,6 +340,31 @@ def smollm3_tiny(**overrides) -> ModelConfig:
       128 if (i + 1) % 4 == 0 else None for i in range(n)), overrides,
       tie_word_embeddings=True, layer_rope=lambda n: tuple(
           NOPE if (i + 1) % 4 == 0 else ROPE for i in range(n)))
+
+
+def mixtral_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, Mixtral layout: 4 SwiGLU experts of F 384, 2 per
+  token, window 128 on every layer."""
+  return _preset("mixtral", lambda n: (128,) * n,
+                 {"intermediate_size": 384, "num_experts": 4,
+                  "experts_per_token": 2, **overrides},
+                 router_aux_loss_coef=0.02)
+
+
+def gpt_oss_tiny(**overrides) -> ModelConfig:
+  """As `mistral_tiny`, gpt-oss layout: attention sinks and biases, sliding
+  (128) and full layers alternating, 4 clamped-SwiGLU experts of F 384 with
+  biases, 2 per token (top-k then softmax), YaRN RoPE."""
+  return _preset("gpt_oss", _alternating(2),
+                 {"intermediate_size": 384, "num_experts": 4,
+                  "experts_per_token": 2, **overrides},
+                 swiglu_alpha=1.702, swiglu_limit=7.0,
+                 router_aux_loss_coef=0.001, rope_theta=150000.0,
+                 rope_scaling=(("beta_fast", 32.0), ("beta_slow", 1.0),
+                               ("factor", 32.0),
+                               ("original_max_position_embeddings", 4096),
+                               ("rope_type", "yarn"), ("truncate", False)),
+                 max_position_embeddings=131072, rms_norm_eps=1e-5)
 
 
 def cohere2_tiny(**overrides) -> ModelConfig:

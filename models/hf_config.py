@@ -21,6 +21,10 @@ differ, a pair of small rules).
   smollm3     NoPE layers (`no_rope_layers`), `use_sliding_window` + `layer_types`
   cohere2     parallel block on one bias-free LayerNorm, interleaved RoPE on
               sliding layers, NoPE full layers, `logit_scale`
+  mixtral     the Mistral block with a mixture of SwiGLU experts (softmax,
+              then top k renormalised)
+  gpt_oss     attention sinks, biased q/k/v/o, `layer_types`, YaRN; experts
+              with biases and a clamped SwiGLU, routed top k then softmax
 RoPE scaling ("linear", "llama3", "yarn", see `ROPE_TYPES`) is open to every
 family (on full layers where the RoPE is per layer type).
 
@@ -42,9 +46,11 @@ from models.hf_rules import (FULL, LOCAL_ROPE, NOPE, ROPE, SLIDING, Windows,
                              all_sliding_if_window, cohere2_from_hf,
                              cohere2_to_hf, every_layer_windows_from_hf,
                              every_layer_windows_to_hf, every_nth_full,
-                             gemma_from_hf, gemma_to_hf,
+                             gemma_from_hf, gemma_to_hf, gpt_oss_from_hf,
+                             gpt_oss_to_hf,
                              layer_types_windows_from_hf,
-                             layer_types_windows_to_hf, no_keys_from_hf,
+                             layer_types_windows_to_hf, mixtral_from_hf,
+                             mixtral_to_hf, no_keys_from_hf,
                              no_keys_to_hf, no_windows_from_hf,
                              no_windows_to_hf, qwen_windows_from_hf,
                              qwen_windows_to_hf, smollm3_from_hf,
@@ -86,10 +92,14 @@ SWITCH_DEFAULTS = dict(
     qk_norm=None,             # None | "head" | "all_heads"
     rope_interleaved=False,
     scale_embeddings=False,   # embedding times sqrt(D)
+    attn_sinks=False,         # a learned sink logit per query head
+    router=None,              # `ModelConfig.router` (MoE families)
+    router_bias=False,
 )
-# MLP kind -> the HF activation it computes.
+# MLP kind -> the HF activation it computes (gpt-oss's config says "silu";
+# its experts' clamped SwiGLU is fixed by the class).
 MLP_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh",
-                   "gelu": "gelu_pytorch_tanh"}
+                   "gelu": "gelu_pytorch_tanh", "clamped_swiglu": "silu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +240,35 @@ FAMILIES: dict[str, Family] = {
         default_layer_types=every_nth_full(4, "sliding_window_pattern"),
         extras_from_hf=cohere2_from_hf, extras_to_hf=cohere2_to_hf,
         eps_key="layer_norm_eps"),
+    "mixtral": Family(
+        "MixtralForCausalLM",
+        dict(num_key_value_heads=8, sliding_window=None, rope_theta=1e6,
+             rms_norm_eps=1e-5, max_position_embeddings=131072,
+             num_local_experts=8, num_experts_per_tok=2,
+             router_aux_loss_coef=0.001, router_jitter_noise=0.0),
+        every_layer_windows_from_hf, every_layer_windows_to_hf,
+        switches=dict(router="softmax_topk"),
+        extras_from_hf=mixtral_from_hf, extras_to_hf=mixtral_to_hf),
+    "gpt_oss": Family(
+        "GptOssForCausalLM",
+        dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+             num_hidden_layers=36, num_attention_heads=64,
+             num_key_value_heads=8, head_dim=64, sliding_window=128,
+             rms_norm_eps=1e-5, max_position_embeddings=131072,
+             rope_theta=150000.0,
+             rope_parameters=dict(rope_type="yarn", factor=32.0,
+                                  beta_fast=32.0, beta_slow=1.0,
+                                  truncate=False,
+                                  original_max_position_embeddings=4096),
+             num_local_experts=128, num_experts_per_tok=4, swiglu_alpha=1.702,
+             swiglu_limit=7.0, router_aux_loss_coef=0.001),
+        layer_types_windows_from_hf, layer_types_windows_to_hf,
+        switches=dict(mlp="clamped_swiglu", mlp_bias=True, attention_bias=True,
+                      attention_out_bias=True, attn_sinks=True,
+                      router="topk_softmax", router_bias=True),
+        fixed_keys=dict(attention_bias=True),
+        default_layer_types=every_nth_full(2),
+        extras_from_hf=gpt_oss_from_hf, extras_to_hf=gpt_oss_to_hf),
 }
 
 

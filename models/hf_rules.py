@@ -4,7 +4,8 @@
 Window rules (layer_windows from `sliding_window`, `use_sliding_window` +
 `max_window_layers`, or `layer_types`, and back), default `layer_types` of
 each family, and family-specific keys (Gemma's scale and softcaps, Cohere2's
-logit scale and NoPE full layers, SmolLM3's `no_rope_layers`). `FAMILIES`
+logit scale and NoPE full layers, SmolLM3's `no_rope_layers`, the experts of
+Mixtral and gpt-oss). `FAMILIES`
 rows in `models.hf_config` name which rules a family uses; this module
 imports nothing of `models`.
 """
@@ -220,6 +221,45 @@ def smollm3_to_hf(config) -> dict:
                      f"RoPE base; expected {ROPE!r} / {NOPE!r} entries")
   return {"no_rope_layers": [int(k == ROPE) for k in config.layer_rope_kinds],
           "use_sliding_window": any(w is not None for w in config.layer_windows)}
+
+
+def _experts_from_hf(hf) -> dict:
+  """The mixture-of-experts keys Mixtral and gpt-oss share."""
+  return dict(num_experts=hf["num_local_experts"],
+              experts_per_token=hf["num_experts_per_tok"],
+              router_aux_loss_coef=float(hf["router_aux_loss_coef"]))
+
+
+def _experts_to_hf(config) -> dict:
+  return {"num_local_experts": config.num_experts,
+          "num_experts_per_tok": config.experts_per_token,
+          "router_aux_loss_coef": config.router_aux_loss_coef,
+          "output_router_logits": False}
+
+
+def mixtral_from_hf(hf, num_layers, windows) -> dict:
+  """Experts; `router_jitter_noise` (multiplicative noise on the router's
+  input in training) must be 0: swajax does not add it."""
+  jitter = hf.get("router_jitter_noise") or 0.0
+  if jitter != 0:
+    raise ValueError(f"router_jitter_noise={jitter!r}: swajax's router adds "
+                     "no noise; expected 0.0")
+  return _experts_from_hf(hf)
+
+
+def mixtral_to_hf(config) -> dict:
+  return {**_experts_to_hf(config), "router_jitter_noise": 0.0}
+
+
+def gpt_oss_from_hf(hf, num_layers, windows) -> dict:
+  """Experts and the clamped SwiGLU's alpha and limit."""
+  return dict(_experts_from_hf(hf), swiglu_alpha=float(hf["swiglu_alpha"]),
+              swiglu_limit=float(hf["swiglu_limit"]))
+
+
+def gpt_oss_to_hf(config) -> dict:
+  return {**_experts_to_hf(config), "swiglu_alpha": config.swiglu_alpha,
+          "swiglu_limit": config.swiglu_limit}
 
 
 def no_keys_from_hf(hf, num_layers, windows) -> dict:

@@ -5,8 +5,9 @@ modules) sit below and never import this package.
 """
 
 from models import (CausalLM, ModelConfig, cohere2_tiny, gemma2_tiny, gemma3_tiny,
-                    llama_tiny, ministral_tiny, mistral_tiny, olmo3_tiny, phi3_tiny,
-                    qwen2_tiny, qwen3_tiny, smollm3_tiny, starcoder2_tiny)
+                    gpt_oss_tiny, llama_tiny, ministral_tiny, mistral_tiny,
+                    mixtral_tiny, olmo3_tiny, phi3_tiny, qwen2_tiny, qwen3_tiny,
+                    smollm3_tiny, starcoder2_tiny)
 from models.kv_cache import KVCache, LayerCache, init_cache
 from pallas_kernels import (Band, DecodeBlockSizes, FlashBlockSizes,
                             XlaBlockSizes, context_parallel_attention,
@@ -40,6 +41,7 @@ __all__ = [
     "decode_attention",
     "gemma2_tiny",
     "gemma3_tiny",
+    "gpt_oss_tiny",
     "generate",
     "generate_stream",
     "init_cache",
@@ -50,6 +52,7 @@ __all__ = [
     "merged_model",
     "ministral_tiny",
     "mistral_tiny",
+    "mixtral_tiny",
     "olmo3_tiny",
     "pack_sequences",
     "phi3_tiny",
