@@ -1,13 +1,13 @@
-"""Building blocks: norms (RMS, Gemma's 1 + w RMS, LayerNorm), the MLP
-(SwiGLU, GeGLU, GELU), parameter initialisers (RoPE: `models.rope`).
+"""Building blocks: norms (RMS, Gemma's 1 + w RMS, LayerNorm), the gated
+activations (`gated_activation`, shared with the experts of `models.moe`), the
+MLP (SwiGLU, GeGLU, clamped SwiGLU, GELU), parameter initialisers (RoPE:
+`models.rope`).
 
 Dimension letters: B batch, T sequence, D model dim, F MLP dim. Parameter
 sharding names: "fsdp" (and None = replicated).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -72,18 +72,50 @@ def norm(config: ModelConfig, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
               bias=config.norm_bias if bias is None else bias, rngs=rngs)
 
 
+GATED_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
+
+
+def gated_activation(kind: str, gate, up, *, alpha: float | None = None,
+                     limit: float | None = None):
+  """The gated MLP activation `kind` of `gate` and `up` (same shape [..., F]),
+  in their dtype:
+
+    "swiglu"          silu(gate) * up
+    "geglu"           gelu_tanh(gate) * up
+    "clamped_swiglu"  (u + 1) * g * sigmoid(alpha * g), g = min(gate, limit),
+                      u = clip(up, -limit, limit) (gpt-oss)
+
+  `alpha` and `limit` are clamped_swiglu's (`ModelConfig.swiglu_alpha`,
+  `swiglu_limit`); the other kinds ignore them.
+  """
+  if kind == "swiglu":
+    return jax.nn.silu(gate) * up
+  if kind == "geglu":
+    return jax.nn.gelu(gate, approximate=True) * up
+  if kind == "clamped_swiglu":
+    if alpha is None or limit is None:
+      raise ValueError(f"alpha={alpha!r}, limit={limit!r}: clamped_swiglu "
+                       "needs both")
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1) * gate * jax.nn.sigmoid(alpha * gate)
+  raise ValueError(f"kind={kind!r}: expected one of {GATED_ACTIVATIONS}")
+
+
 class MLP(nnx.Module):
   """`config.mlp`: [B, T, D] -> [B, T, D].
 
-  "swiglu": down(silu(gate(x)) * up(x)); "geglu": the same with tanh-GELU;
-  "gelu": down(gelu_tanh(up(x))) (Starcoder2's c_fc / c_proj). With
-  `config.fused_projections` gate and up are one gate_up_proj [D, 2, F]
-  (Phi-3); with `config.mlp_bias` every projection has a bias.
+  A gated kind: down(gated_activation(kind, gate(x), up(x))) ("swiglu",
+  "geglu", "clamped_swiglu"); "gelu": down(gelu_tanh(up(x))) (Starcoder2's
+  c_fc / c_proj). With `config.fused_projections` gate and up are one
+  gate_up_proj [D, 2, F] (Phi-3); with `config.mlp_bias` every projection has
+  a bias.
   """
 
   def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     d, f = config.hidden_size, config.intermediate_size
     self.kind = config.mlp
+    self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
     bias = sharded(nnx.initializers.zeros, (None,))
     common = dict(dtype=dtype, param_dtype=param_dtype, bias_init=bias, rngs=rngs)
     reads_d = dict(kernel_init=param_init(config, ("fsdp", None)), **common)
@@ -109,6 +141,5 @@ class MLP(nnx.Module):
       return self.down_proj(jax.nn.gelu(self.up_proj(x), approximate=True))
     else:
       gate, up = self.gate_proj(x), self.up_proj(x)
-    act = jax.nn.silu if self.kind == "swiglu" else functools.partial(
-        jax.nn.gelu, approximate=True)
-    return self.down_proj(act(gate) * up)
+    return self.down_proj(gated_activation(self.kind, gate, up,
+                                           alpha=self.alpha, limit=self.limit))
