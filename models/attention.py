@@ -22,7 +22,9 @@ from pallas_kernels.context_parallel import CONTEXT_AXIS
 class Attention(nnx.Module):
   """q/k/v projections (or one fused qkv_proj, Phi-3), optional q/k norms
   (per head: Qwen3, Gemma 3; over all heads: Olmo 3), RoPE (unless the layer
-  is NoPE), the op, o_proj.
+  is NoPE), the op, o_proj. With `config.attn_sinks` (gpt-oss) a learned
+  sink logit per query head, `sinks` [N], joins every softmax denominator
+  (the op's `sinks=`), in training and in cached calls alike.
 
   `layer`: this layer's index in `config`: its window (`layer_windows`:
   None, full causal, or W, the query at position i sees keys
@@ -62,6 +64,9 @@ class Attention(nnx.Module):
         config, h if per_head else heads * h, bias=False, **common))
     self.q_norm = qk_norm(n)
     self.k_norm = qk_norm(k)
+    # One learned logit per query head in every row's softmax (gpt-oss).
+    self.sinks = nnx.Param(param_init(config, (None,))(
+        rngs.params(), (n,), param_dtype)) if config.attn_sinks else None
     self.qk_norm = config.qk_norm
     self.num_heads = (n, k)
     rope = config.layer_rope_kinds[layer]
@@ -81,7 +86,8 @@ class Attention(nnx.Module):
     -> [B, T, D]: attention of the T tokens among themselves."""
     q, k, v = self._qkv(x, positions)
     options = dict(window=self.window, causal=True, segment_ids=segment_ids,
-                   softcap=self.softcap, scale=self.scale, impl=self.attn_impl)
+                   softcap=self.softcap, scale=self.scale, impl=self.attn_impl,
+                   sinks=self._sinks())
     mesh = jax.sharding.get_abstract_mesh()
     if dict(mesh.shape).get(CONTEXT_AXIS, 1) > 1:
       out = context_parallel_attention(q, k, v, mesh=mesh, **options)  # (B, T, N, H)
@@ -96,8 +102,12 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x, positions)
     out, cache = cache.attend(  # out (B, T, N, H)
         q, k, v, positions, window=self.window, softcap=self.softcap,
-        scale=self.scale, impl=self.attn_impl)
+        scale=self.scale, impl=self.attn_impl, sinks=self._sinks())
     return self.o_proj(out), cache  # (B, T, D)
+
+  def _sinks(self):
+    """The sink logits [N] (the op computes with them in fp32), or None."""
+    return None if self.sinks is None else self.sinks[...]
 
   def _qkv(self, x, positions):
     """q [B, T, N, H], k, v [B, T, K, H]: projected, q/k normed, q/k rotated."""

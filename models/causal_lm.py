@@ -13,6 +13,7 @@ from models.attention import Attention
 from models.config import BLOCKS, ModelConfig
 from models.kv_cache import KVCache, LayerCache, init_cache
 from models.layers import MLP, norm, param_init
+from models.moe import MoE
 
 # remat= -> jax checkpoint policy for each decoder layer ("none": no remat).
 REMAT_POLICIES = {
@@ -29,7 +30,9 @@ class DecoderLayer(nnx.Module):
                then x + post_mlp_norm(mlp(pre_mlp_norm(x)))
     post_norm  x + post_attn_norm(attn(x)), then x + post_mlp_norm(mlp(x))
     parallel   x + attn(input_norm(x)) + mlp(input_norm(x))
-  Norms a layout lacks are None.
+  Norms a layout lacks are None. With `config.num_experts` the MLP is a
+  `MoE` (Mixtral, gpt-oss), whose router logits [B, T, E]
+  `forward_with_router_logits` also returns (the load-balancing loss).
   """
 
   def __init__(self, config: ModelConfig, *, layer: int, dtype, param_dtype,
@@ -44,41 +47,57 @@ class DecoderLayer(nnx.Module):
     self.pre_mlp_norm = make("pre_mlp_norm")
     self.post_mlp_norm = make("post_mlp_norm")
     self.attn = Attention(config, layer=layer, attn_impl=attn_impl, **common)
-    self.mlp = MLP(config, **common)
+    self.mlp = (MoE if config.num_experts else MLP)(config, **common)
 
   def __call__(self, x, positions, segment_ids=None):
     """x [B, T, D], positions int32 [B, T], segment_ids int32 [B, T] | None
     -> [B, T, D]."""
-    return self._residual(x, lambda h: (self.attn(h, positions, segment_ids),
-                                        None))[0]
+    return self.forward_with_router_logits(x, positions, segment_ids)[0]
+
+  def forward_with_router_logits(self, x, positions, segment_ids=None):
+    """As `__call__`, and the MoE's router logits [B, T, E] float32 (None
+    for a dense MLP): ([B, T, D], router logits)."""
+    x, _, router_logits = self._residual(
+        x, lambda h: (self.attn(h, positions, segment_ids), None))
+    return x, router_logits
 
   def forward_with_cache(self, x, positions, cache: LayerCache):
     """x [B, T, D], positions int32 [B, T] (-1: padding), this layer's `cache`
     -> ([B, T, D], the updated cache); see `Attention.forward_with_cache`."""
-    return self._residual(
+    x, cache, _ = self._residual(
         x, lambda h: self.attn.forward_with_cache(h, positions, cache))
+    return x, cache
 
   def _residual(self, x, attend):
-    """The block layout around attend(h) -> (out, cache): (x out, cache)."""
+    """The block layout around attend(h) -> (out, cache):
+    (x out, cache, router logits or None)."""
     if self.block == "parallel":
       h = self.input_norm(x)
       out, cache = attend(h)
-      return x + out + self.mlp(h), cache
+      y, router_logits = self._mlp(h)
+      return x + out + y, cache, router_logits
     if self.block == "pre_norm":
       out, cache = attend(self.input_norm(x))
       x = x + out
-      return x + self.mlp(self.post_attn_norm(x)), cache
+      y, router_logits = self._mlp(self.post_attn_norm(x))
+      return x + y, cache, router_logits
     if self.block == "sandwich":
       out, cache = attend(self.input_norm(x))
       x = x + self.post_attn_norm(out)
-      return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))), cache
+      y, router_logits = self._mlp(self.pre_mlp_norm(x))
+      return x + self.post_mlp_norm(y), cache, router_logits
     out, cache = attend(x)  # post_norm
     x = x + self.post_attn_norm(out)
-    return x + self.post_mlp_norm(self.mlp(x)), cache
+    y, router_logits = self._mlp(x)
+    return x + self.post_mlp_norm(y), cache, router_logits
+
+  def _mlp(self, h):
+    """(mlp(h) [B, T, D], router logits [B, T, E] or None for a dense MLP)."""
+    return self.mlp(h) if isinstance(self.mlp, MoE) else (self.mlp(h), None)
 
 
 def _call_layer(layer, x, positions, segment_ids):
-  return layer(x, positions, segment_ids)
+  return layer.forward_with_router_logits(x, positions, segment_ids)
 
 
 class CausalLM(nnx.Module):
@@ -161,6 +180,14 @@ class CausalLM(nnx.Module):
 
   def __call__(self, input_ids, *, positions=None, segment_ids=None):
     """input_ids [B, T] int -> logits [B, T, V] float32 (see the class)."""
+    return self.forward_with_router_logits(
+        input_ids, positions=positions, segment_ids=segment_ids)[0]
+
+  def forward_with_router_logits(self, input_ids, *, positions=None,
+                                 segment_ids=None):
+    """As `__call__`: (logits [B, T, V] float32, router logits [L, B, T, E]
+    float32 of the L layers, or None without experts); the input of
+    `models.moe.load_balancing_loss`."""
     batch, seq = _check_tokens(input_ids, positions, segment_ids)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -168,9 +195,13 @@ class CausalLM(nnx.Module):
     if self.remat != "none":
       call = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
     x = self._embed(input_ids)  # (B, T, D)
+    router_logits = []
     for layer in self.layers:
-      x = call(layer, x, positions, segment_ids)
-    return self._logits(x)
+      x, layer_router_logits = call(layer, x, positions, segment_ids)
+      router_logits.append(layer_router_logits)
+    if self.config.num_experts:
+      return self._logits(x), jnp.stack(router_logits)  # (L, B, T, E)
+    return self._logits(x), None
 
   def forward_with_cache(self, input_ids, *, positions, cache: KVCache):
     """input_ids [B, T] int, positions int32 [B, T] (-1: padding), `cache`

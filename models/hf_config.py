@@ -356,6 +356,14 @@ def _check_unsupported(model_type, hf):
     raise ValueError(
         f"{family.activation_key}={act!r}: only {expected_act!r} is "
         f"implemented for {family.architecture}")
+  quantization = hf.get("quantization_config")
+  if quantization:
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    raise ValueError(
+        f"quantization_config (quant_method={method!r}): a quantized "
+        "checkpoint (e.g. gpt-oss's MXFP4 experts); swajax reads float32 / "
+        "bfloat16 / float16 weights: dequantize it first (transformers: "
+        "from_pretrained with Mxfp4Config(dequantize=True), then save_pretrained)")
   for key in _DROPOUT_KEYS:
     dropout = hf.get(key, 0.0) or 0.0
     if dropout != 0:

@@ -74,15 +74,15 @@ class LayerCache:
                       put(self.positions, positions))
 
   def attend(self, q, k_new, v_new, positions, *, window, impl, softcap=None,
-             scale=None):
+             scale=None, sinks=None):
     """Writes the new tokens and attends their queries to everything visible.
 
     q [B, T, N, H], k_new, v_new [B, T, K, H] (after RoPE), positions int32
     [B, T] (-1: a padding token: its output row is 0, and it is no key: k,
     v zeroed, not written, so even NaN padding activations never reach a
     real query).
-    window: None (full causal) or W; softcap, scale: the layer's (as
-    `decode_attention`'s); impl: the model's attn_impl, passed to
+    window: None (full causal) or W; softcap, scale, sinks ([N] or None):
+    the layer's (as `decode_attention`'s); impl: the model's attn_impl, passed to
     `decode_attention` for a single token (T = 1; "cudnn", a prefill-only
     impl, becomes "auto"). Chunks (T > 1, prefill) run the dense "xla" path
     ("reference" if asked): the Pallas decode kernel holds all T * N / K
@@ -122,7 +122,7 @@ class LayerCache:
     attend = lambda keys, values, kv_pos: decode_attention(
         q.astype(self.k.dtype), keys, values, q_positions=q_positions,
         kv_positions=kv_pos, window=window, softcap=softcap, scale=scale,
-        impl=impl).astype(q.dtype)
+        impl=impl, sinks=sinks).astype(q.dtype)
     if q.shape[1] > 1 and limit is None:
       out = attend(jnp.concatenate([self.k, k_new.astype(self.k.dtype)], 1),
                    jnp.concatenate([self.v, v_new.astype(self.v.dtype)], 1),

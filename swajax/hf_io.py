@@ -10,6 +10,7 @@ a time and splits the files above `max_shard_size`, as transformers does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,12 +51,25 @@ class TensorSpec:
   transposed: HF stores nn.Linear weights [out, in]; ours read [in, ...] (e.g.
   q_proj [N*H, D] <-> kernel [D, N, H]). Otherwise only a reshape (biases
   [N*H] <-> [N, H], norms and the embedding as they are).
+  interleaved: the last HF axis interleaves our last two (gpt-oss's fused
+  experts): our [..., 2, F] (gate, up) is HF [..., F * 2], index 2f + g.
+  part: the HF tensor fills only this index of our parameter (Mixtral's
+  per-expert tensors in our stacked experts): an int selects along an axis,
+  None keeps it whole; None: the whole parameter.
   """
 
   hf_name: str
   path: tuple
   hf_shape: tuple[int, ...]
   transposed: bool
+  interleaved: bool = False
+  part: tuple[int | None, ...] | None = None
+
+  def select(self, x):
+    """The part of our whole parameter `x` this tensor holds."""
+    if self.part is None:
+      return x
+    return x[tuple(slice(None) if p is None else p for p in self.part)]
 
 
 # Our DecoderLayer norm -> its HF module name (`models.config.BLOCKS`).
@@ -65,6 +79,48 @@ NORM_HF_NAMES = {"input_norm": "input_layernorm",
                  "post_mlp_norm": "post_feedforward_layernorm"}
 # Our MLP projection -> its HF name, where it differs (Starcoder2's GELU MLP).
 MLP_HF_NAMES = {"gelu": {"up_proj": "c_fc", "down_proj": "c_proj"}}
+
+
+def _mixtral_experts(hf: str, ours: tuple, config: ModelConfig) -> list[TensorSpec]:
+  """Mixtral's `block_sparse_moe`: gate [E, D]; per expert e, w1 (gate) and
+  w3 (up) [F, D] and w2 [D, F], each filling expert e of our stacked
+  gate_up [E, D, 2, F] and down [E, F, D]."""
+  d, f = config.hidden_size, config.intermediate_size
+  hf, moe = hf + "block_sparse_moe.", (*ours, "mlp")
+  specs = [TensorSpec(hf + "gate.weight", (*moe, "router", "kernel"),
+                      (config.num_experts, d), True)]
+  for e in range(config.num_experts):
+    expert = f"{hf}experts.{e}."
+    specs += [
+        TensorSpec(expert + "w1.weight", (*moe, "gate_up"), (f, d), True,
+                   part=(e, None, 0, None)),
+        TensorSpec(expert + "w2.weight", (*moe, "down"), (d, f), True,
+                   part=(e, None, None)),
+        TensorSpec(expert + "w3.weight", (*moe, "gate_up"), (f, d), True,
+                   part=(e, None, 1, None))]
+  return specs
+
+
+def _gpt_oss_experts(hf: str, ours: tuple, config: ModelConfig) -> list[TensorSpec]:
+  """gpt-oss's `mlp`: router [E, D] + bias; experts' gate_up_proj [E, D, 2F]
+  (gate and up interleaved) + bias [E, 2F], down_proj [E, F, D] + bias [E, D],
+  as our gate_up [E, D, 2, F], down [E, F, D] and their biases."""
+  d, f, e = config.hidden_size, config.intermediate_size, config.num_experts
+  hf, moe = hf + "mlp.", (*ours, "mlp")
+  return [
+      TensorSpec(hf + "router.weight", (*moe, "router", "kernel"), (e, d), True),
+      TensorSpec(hf + "router.bias", (*moe, "router", "bias"), (e,), False),
+      TensorSpec(hf + "experts.gate_up_proj", (*moe, "gate_up"), (e, d, 2 * f),
+                 False, interleaved=True),
+      TensorSpec(hf + "experts.gate_up_proj_bias", (*moe, "gate_up_bias"),
+                 (e, 2 * f), False, interleaved=True),
+      TensorSpec(hf + "experts.down_proj", (*moe, "down"), (e, f, d), False),
+      TensorSpec(hf + "experts.down_proj_bias", (*moe, "down_bias"), (e, d),
+                 False)]
+
+
+# Model type -> its experts' HF tensors (a `models.moe.MoE` at layer `ours`).
+EXPERT_LAYOUTS = {"mixtral": _mixtral_experts, "gpt_oss": _gpt_oss_experts}
 
 
 def tensor_table(config: ModelConfig) -> list[TensorSpec]:
@@ -113,9 +169,14 @@ def tensor_table(config: ModelConfig) -> list[TensorSpec]:
         layer += norm_specs(hf + f"self_attn.{name}_norm",
                             (*ours, "attn", f"{name}_norm"),
                             h if per_head else size, bias=False)
+    if config.attn_sinks:
+      layer.append(TensorSpec(hf + "self_attn.sinks", (*ours, "attn", "sinks"),
+                              (n,), False))
     for name in block_norms[1:] if "input_norm" in block_norms else block_norms:
       layer += norm_specs(hf + NORM_HF_NAMES[name], (*ours, name))
-    for name, out_in in mlp:
+    if config.num_experts:
+      layer += EXPERT_LAYOUTS[config.model_type](hf, ours, config)
+    for name, out_in in mlp if not config.num_experts else ():
       layer += linear_specs(hf + "mlp." + mlp_names.get(name, name),
                             (*ours, "mlp", name), out_in, config.mlp_bias)
     table += layer
@@ -126,6 +187,9 @@ def tensor_table(config: ModelConfig) -> list[TensorSpec]:
 
 
 def _to_hf(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+  """Our (part of a) parameter `x` in the HF layout of `spec`."""
+  if spec.interleaved:
+    x = np.swapaxes(x, -1, -2)  # [..., 2, F] -> [..., F, 2]
   if spec.transposed:
     return np.ascontiguousarray(x.reshape(spec.hf_shape[::-1]).T)
   return x.reshape(spec.hf_shape)
@@ -224,21 +288,29 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
       config, dtype=dtype, param_dtype=dtype, attn_impl=attn_impl,
       rngs=nnx.Rngs(0)))
   shardings = {} if mesh is None else _param_shardings(model, mesh)
-  by_file = {}
+  by_path = {}  # our parameter -> its HF tensors (several: Mixtral's experts)
   for spec in table:
-    by_file.setdefault(files[spec.hf_name], []).append(spec)
+    by_path.setdefault(spec.path, []).append(spec)
   progress = Progress(f"load_hf {directory}", sum(
       math.prod(spec.hf_shape) * dtype.itemsize for spec in table))
-  for file, specs in by_file.items():
-    with _open(file) as f:
-      names = set(f.keys())
-      for spec in specs:
-        if spec.hf_name not in names:
-          raise ValueError(f"{file}: tensor {spec.hf_name!r} is missing")
-        var = _variable(model, spec.path)
-        var.set_value(_read(file, f, spec, var.get_value().shape, dtype,
-                            shardings.get(spec.path)))
-        progress.add(math.prod(spec.hf_shape) * dtype.itemsize)
+  with contextlib.ExitStack() as stack:
+    opened = {}  # file -> (open safetensors file, its tensor names)
+
+    def stored(spec):
+      file = files[spec.hf_name]
+      if file not in opened:
+        f = stack.enter_context(_open(file))
+        opened[file] = (f, set(f.keys()))
+      f, names = opened[file]
+      if spec.hf_name not in names:
+        raise ValueError(f"{file}: tensor {spec.hf_name!r} is missing")
+      return file, _checked_slice(file, f, spec)
+
+    for path, specs in by_path.items():
+      var = _variable(model, path)
+      var.set_value(_read({spec: stored(spec) for spec in specs},
+                          var.get_value().shape, dtype, shardings.get(path)))
+      progress.add(sum(math.prod(spec.hf_shape) for spec in specs) * dtype.itemsize)
   progress.close()
   if adapter is not None:
     load_adapter(model, adapter)
@@ -313,30 +385,58 @@ def _stored_dtype(file: Path, stored, name: str):
   return SAFETENSORS_DTYPES[dtype]
 
 
-def _read(file: Path, f, spec: TensorSpec, shape, dtype, sharding) -> jax.Array:
-  """Tensor `spec` of the open file `f` as our `shape` in `dtype`: on the
-  default device (sharding None), or placed with `sharding`, each device's
-  block read on its own (`_read_block`)."""
+def _checked_slice(file: Path, f, spec: TensorSpec):
+  """Tensor `spec` of the open file `f` (a lazy safetensors slice), its shape
+  and dtype checked."""
   stored = f.get_slice(spec.hf_name)
   if tuple(stored.get_shape()) != spec.hf_shape:
     raise ValueError(
         f"{file}: tensor {spec.hf_name!r} has shape {tuple(stored.get_shape())}: "
         f"expected {spec.hf_shape}")
   _stored_dtype(file, stored, spec.hf_name)
+  return stored
+
+
+def _read(stored: dict, shape, dtype, sharding) -> jax.Array:
+  """Our parameter of `shape` in `dtype` from its HF tensors `stored`
+  ({spec: (file, slice)}): on the default device (sharding None), or placed
+  with `sharding`, each device's block read on its own (`_read_block`)."""
 
   def read(index):
-    block = _read_block(stored, spec, shape, index)
-    if not np.isfinite(block).all():
-      raise ValueError(f"{file}: tensor {spec.hf_name!r} has non-finite values "
-                       f"({int(np.sum(~np.isfinite(block)))} NaN/inf): a broken checkpoint")
-    return block.astype(dtype)
+    return _read_parameter_block(stored, shape, index).astype(dtype)
 
   try:
     if sharding is None:
       return jnp.asarray(read((slice(None),) * len(shape)))
     return jax.make_array_from_callback(shape, sharding, read)
   except SafetensorError as e:
-    raise ValueError(f"{file}: cannot read {spec.hf_name!r} ({e})") from e
+    names = ", ".join(repr(spec.hf_name) for spec in stored)
+    raise ValueError(f"cannot read {names} ({e})") from e
+
+
+def _read_parameter_block(stored: dict, shape, index) -> np.ndarray:
+  """Block `index` of our parameter of `shape`, assembled from the blocks of
+  its HF tensors that fall in it (one tensor, or `TensorSpec.part`s), each
+  checked finite as it is read."""
+  bounds = [i.indices(size)[:2] for i, size in zip(index, shape)]
+  out = None
+  for spec, (file, tensor) in stored.items():
+    part = spec.part or (None,) * len(shape)
+    if any(p is not None and not lo <= p < hi for p, (lo, hi) in zip(part, bounds)):
+      continue
+    free = [axis for axis, p in enumerate(part) if p is None]
+    block = _read_block(tensor, spec, tuple(shape[a] for a in free),
+                        tuple(index[a] for a in free))
+    if not np.isfinite(block).all():
+      raise ValueError(f"{file}: tensor {spec.hf_name!r} has non-finite values "
+                       f"({int(np.sum(~np.isfinite(block)))} NaN/inf): a broken checkpoint")
+    if spec.part is None:
+      return block
+    if out is None:
+      out = np.empty([hi - lo for lo, hi in bounds], block.dtype)
+    out[tuple(slice(None) if p is None else p - lo
+              for p, (lo, _) in zip(part, bounds))] = block
+  return out
 
 
 def _read_block(stored, spec: TensorSpec, shape, index) -> np.ndarray:
@@ -352,7 +452,13 @@ def _read_block(stored, spec: TensorSpec, shape, index) -> np.ndarray:
   """
   oriented = spec.hf_shape[::-1] if spec.transposed else spec.hf_shape
   hf_index, read_shape, local_index = [], [], []
-  for run in _runs(shape, oriented):
+  runs = _runs(shape, oriented)
+  for run in runs:
+    if spec.interleaved and run is runs[-1]:  # [2, F] as F * 2: read whole
+      hf_index.append(slice(None))
+      read_shape += [shape[d] for d in run]
+      local_index += [index[d] for d in run]
+      continue
     start, stop, _ = index[run[0]].indices(shape[run[0]])
     rest = [shape[d] for d in run[1:]]
     hf_index.append(slice(start * math.prod(rest), stop * math.prod(rest)))
@@ -362,6 +468,8 @@ def _read_block(stored, spec: TensorSpec, shape, index) -> np.ndarray:
     hf_index.reverse()
   x = np.asarray(stored[tuple(hf_index)])
   x = x.T if spec.transposed else x
+  if spec.interleaved:  # [..., F * 2] -> [..., 2, F]
+    x = np.swapaxes(x.reshape(*x.shape[:-1], -1, 2), -1, -2)
   return x.reshape(read_shape)[tuple(local_index)]
 
 
@@ -433,12 +541,13 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   hf_config = config.to_hf()  # raises before anything is written
   table = tensor_table(config)
   arrays = {spec.hf_name: _variable(model, spec.path)[...] for spec in table}
-  sizes = {name: x.size * x.dtype.itemsize for name, x in arrays.items()}
+  sizes = {spec.hf_name: math.prod(spec.hf_shape) * arrays[spec.hf_name].dtype.itemsize
+           for spec in table}
   files = _split_into_files(table, sizes, limit)
   hf_config["dtype"] = str(arrays["model.embed_tokens.weight"].dtype)
   texts, copies = _tokenizer_files(tokenizer, hf_config)
   # One file's tensors at a time, gathered (on every process) when drawn.
-  contents = ({spec.hf_name: _to_hf(spec, _host_array(arrays[spec.hf_name]))
+  contents = ({spec.hf_name: _to_hf(spec, _host_array(spec.select(arrays[spec.hf_name])))
                for spec in specs} for specs in files.values())
   error = None
   if jax.process_index() == 0:

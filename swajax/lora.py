@@ -194,6 +194,15 @@ def add_lora(model: models.CausalLM, spec: LoraSpec, *, rngs: nnx.Rngs) -> model
   place; returned for chaining). Raises ValueError if it already has LoRA."""
   if lora_modules(model):
     raise ValueError("add_lora: the model already has LoRA adapters")
+  layer = model.layers[0]
+  present = [name for name, (block, proj) in TARGETS.items()
+             if isinstance(getattr(getattr(layer, block), proj, None), nnx.Einsum)]
+  missing = [name for name in spec.targets if name not in present]
+  if missing:
+    raise ValueError(
+        f"lora_targets={','.join(spec.targets)!r}: this {model.config.model_type} "
+        f"model has no {','.join(missing)} projection (a mixture of experts or a "
+        f"GELU MLP has none); its LoRA targets: {','.join(present)}")
   for layer in model.layers:
     for name in spec.targets:
       block, proj = TARGETS[name]

@@ -89,6 +89,8 @@ FIELD_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "clip_norm": "global gradient-norm clipping",
+    "router_aux_loss_coef": "MoE models: weight of the router's load-balancing loss "
+                            "(none: the model config's router_aux_loss_coef; 0: off)",
     "schedule_steps": "length of the warmup + cosine schedule; none: --steps (a "
                       "--resume with a new --steps keeps the run's)",
     "steps": "optimizer steps to reach (on --resume too: the total, not a count to add)",

@@ -76,6 +76,10 @@ class TrainConfig:
   beta1: float = 0.9
   beta2: float = 0.95
   clip_norm: float = 1.0
+  # Mixture-of-experts models: the router's load-balancing loss (Switch
+  # Transformer, as transformers computes it) times this joins the loss;
+  # None: the model's `router_aux_loss_coef` (HF's, 0.001 by default); 0: off.
+  router_aux_loss_coef: float | None = None
   schedule_steps: int | None = None  # the cosine's length; None: steps (a
                                      # resume keeps the run's, see `train`)
   # Loop.
@@ -115,6 +119,9 @@ class TrainConfig:
                  "corpus_max_bytes"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 1")
+    if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+      raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef!r}: "
+                       "expected a float >= 0 or None")
     if self.schedule_steps is not None and self.schedule_steps < 1:
       raise ValueError(f"schedule_steps={self.schedule_steps!r}: expected an int >= 1 or None")
     for name in ("warmup_steps", "seed", "sample_tokens"):

@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
+from models.moe import load_balancing_loss
 from swajax import data as data_lib
 from swajax import lora as lora_lib
 from swajax import sharding as sharding_lib
@@ -63,10 +64,19 @@ def masked_loss_sums(logits, targets, loss_mask):
 
 
 def batch_loss_sums(model, batch):
-  """`masked_loss_sums` of `model` on packed rows (a dict of [B, T] arrays)."""
-  logits = model(batch["input_ids"], positions=batch["positions"],
-                 segment_ids=batch["segment_ids"])
-  return masked_loss_sums(logits, batch["targets"], batch["loss_mask"])
+  """`masked_loss_sums` of `model` on packed rows (a dict of [B, T] arrays),
+  and the router's load-balancing loss over the rows' tokens (padding
+  excluded; `models.moe.load_balancing_loss`), 0 for a model without experts:
+  (loss sum, target count, load-balancing loss), fp32 scalars."""
+  logits, router_logits = model.forward_with_router_logits(
+      batch["input_ids"], positions=batch["positions"],
+      segment_ids=batch["segment_ids"])
+  loss_sum, count = masked_loss_sums(logits, batch["targets"], batch["loss_mask"])
+  if router_logits is None:
+    return loss_sum, count, jnp.zeros([], jnp.float32)
+  balance = load_balancing_loss(router_logits, model.config.experts_per_token,
+                                batch["segment_ids"] != data_lib.PADDING_SEGMENT)
+  return loss_sum, count, balance
 
 
 # ----------------------------------------------------------------------------
@@ -90,6 +100,7 @@ class StepOptions:
   beta1: float
   beta2: float
   clip_norm: float
+  router_aux_loss_coef: float | None  # None: the model config's
   schedule_steps: int  # the cosine's length: config.schedule_steps or config.steps
   lora_dropout: float = 0.0  # > 0: a dropout key per step (`lora.set_dropout_key`)
 
@@ -253,10 +264,15 @@ def train_step(state: TrainState, rest, batch, *, graphdef, options: StepOptions
   parameter, or a LoRA run's adapters (the base is in `rest`, constant here:
   no gradient is taken for it).
   metrics: loss (mean over the step's target tokens), grad_norm (before
-  clipping), lr (of this step), tokens (target count).
+  clipping), lr (of this step), tokens (target count); with experts also
+  router_aux_loss (the load-balancing loss, micro-batches weighted by their
+  targets), which times the coefficient joins the optimised loss.
   """
   params = state.params
   tx = make_optimizer(options, params)
+  model_config = nnx.merge(graphdef, params, rest).config
+  coef = (model_config.router_aux_loss_coef if options.router_aux_loss_coef is None
+          else options.router_aux_loss_coef)
 
   def accumulate(carry, xs):
     micro, index = xs
@@ -265,14 +281,16 @@ def train_step(state: TrainState, rest, batch, *, graphdef, options: StepOptions
       if options.lora_dropout > 0:  # a mask per step and micro-batch
         lora_lib.set_dropout_key(model, jax.random.fold_in(
             jax.random.fold_in(jax.random.key(0), state.step), index))
-      return batch_loss_sums(model, micro)
-    (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
+      loss_sum, count, balance = batch_loss_sums(model, micro)
+      # Summed over micro-batches and divided by the targets below: the
+      # token-mean loss plus coef times the (target-weighted) balance loss.
+      return loss_sum + coef * balance * count, (loss_sum, count, balance * count)
+    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return jax.tree.map(jnp.add, carry, (grads, *sums)), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.float32),
-           jnp.zeros([], jnp.float32))
+  zeros = (jax.tree.map(jnp.zeros_like, params), *(jnp.zeros([], jnp.float32),) * 3)
   micro_batches = jax.tree.leaves(batch)[0].shape[0]
-  (grads, loss_sum, count), _ = jax.lax.scan(
+  (grads, loss_sum, count, balance_sum), _ = jax.lax.scan(
       accumulate, zeros, (batch, jnp.arange(micro_batches)))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
@@ -283,13 +301,15 @@ def train_step(state: TrainState, rest, batch, *, graphdef, options: StepOptions
       new_state, train_state_shardings(params, tx, mesh))
   metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
              "lr": make_schedule(options)(state.step), "tokens": count}
+  if model_config.num_experts:
+    metrics["router_aux_loss"] = balance_sum / denom
   return new_state, metrics
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def eval_step(params, rest, batch, *, graphdef):
   """(loss sum, target count) of the model on a batch of [B, T] rows."""
-  return batch_loss_sums(nnx.merge(graphdef, params, rest), batch)
+  return batch_loss_sums(nnx.merge(graphdef, params, rest), batch)[:2]
 
 
 # ----------------------------------------------------------------------------

@@ -22,8 +22,9 @@ def test_train_help_describes_every_flag_and_its_choices():
     flag = "--" + field.name.replace("_", "-")
     assert flag in text, flag
     assert train_cli.FIELD_HELP[field.name].split()[0] in text, field.name
-  presets = ("{cohere2_tiny,gemma2_tiny,gemma3_tiny,llama_tiny,ministral_tiny,mistral_tiny,"
-             "olmo3_tiny,phi3_tiny,qwen2_tiny,qwen3_tiny,smollm3_tiny,starcoder2_tiny}")
+  presets = ("{cohere2_tiny,gemma2_tiny,gemma3_tiny,gpt_oss_tiny,llama_tiny,ministral_tiny,"
+             "mistral_tiny,mixtral_tiny,olmo3_tiny,phi3_tiny,qwen2_tiny,qwen3_tiny,"
+             "smollm3_tiny,starcoder2_tiny}")
   for flag, choices in [("--model", presets),
                         ("--dtype", "{float32,bfloat16,float16}"),
                         ("--attn-impl", "{auto,reference,xla,pallas,cudnn}"),

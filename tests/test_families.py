@@ -69,7 +69,18 @@ CASES = {
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(
         num_hidden_layers=3, sliding_window=WINDOW, logit_scale=0.5,
         layer_types=[SLIDE, FULL, SLIDE])),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_hidden_layers=2, sliding_window=WINDOW, num_local_experts=4,
+        num_experts_per_tok=2, experts_implementation="eager")),
+    # Sinks, biases, YaRN (the class default: factor 32 from 4096, untruncated);
+    # swiglu_limit 0.5 so the experts' clamp is hit.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, sliding_window=WINDOW,
+        num_local_experts=4, num_experts_per_tok=2, swiglu_limit=0.5,
+        layer_types=[SLIDE, FULL, SLIDE], experts_implementation="eager")),
 }
+# Families whose every layer slides (the others mix sliding and full layers).
+EVERY_LAYER_SLIDES = ("phi3", "starcoder2", "mixtral")
 FAMILIES = sorted(CASES)
 
 
@@ -96,9 +107,8 @@ def test_logits_match_transformers(checkpoint, impl):
   family, directory, _, ids, expected = checkpoint
   model = load_hf(directory, attn_impl=impl)
   windows = model.config.layer_windows
-  # Phi-3 and Starcoder2 slide on every layer, the others mix.
   assert WINDOW in windows and (None in windows) == (
-      family not in ("phi3", "starcoder2")), windows
+      family not in EVERY_LAYER_SLIDES), windows
   logits = forward(model, ids)
   chex.assert_type(logits, jnp.float32)
   diff = max_diff(logits, expected)
@@ -116,6 +126,33 @@ def test_without_windows_logits_disagree(checkpoint):
   print(f"{family} window removed: max |logits diff| = {diff:.2e}")
   assert diff > 100 * TOLERANCE, (family, diff)
   assert max_diff(forward(full, ids)[:, :WINDOW], expected[:, :WINDOW]) <= TOLERANCE
+
+
+def _without_sinks(model):
+  for layer in model.layers:
+    layer.attn.sinks[...] = jnp.full_like(layer.attn.sinks[...], -1e30)
+  return model
+
+
+def _plain_rope(model):
+  import dataclasses
+  config = dataclasses.replace(model.config, rope_scaling=None)
+  twin = nnx.eval_shape(lambda: CausalLM(config, attn_impl=model.attn_impl,
+                                         rngs=nnx.Rngs(0)))
+  nnx.update(twin, nnx.state(model))
+  return twin
+
+
+@pytest.mark.parametrize("change", [_without_sinks, _plain_rope])
+@pytest.mark.parametrize("checkpoint", ["gpt_oss"], indirect=True)
+def test_gpt_oss_sinks_and_yarn_matter(checkpoint, change):
+  """Negative controls of gpt-oss: with the sinks at -inf (out of every
+  softmax) or plain RoPE instead of YaRN, the logits disagree."""
+  _, directory, _, ids, expected = checkpoint
+  diff = max_diff(forward(change(load_hf(directory, attn_impl="reference")), ids),
+                  expected)
+  print(f"gpt_oss {change.__name__}: max |logits diff| = {diff:.2e}")
+  assert diff > 100 * TOLERANCE, diff
 
 
 @pytest.mark.parametrize("checkpoint", FAMILIES, indirect=True)
@@ -201,6 +238,15 @@ REAL = {
         vocab_size=128256, hidden_size=2048, intermediate_size=11008,
         num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4,
         rope_theta=5e6, max_position_embeddings=65536),
+    "mixtral": dict(  # Mixtral-8x7B (no window in its config)
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6),
+    "gpt_oss": dict(  # gpt-oss-20b
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+        sliding_window=128),
     "cohere2": dict(  # Command-R7B
         vocab_size=256000, hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -259,6 +305,14 @@ def _hf(family, **fields):
     (_hf("smollm3", mlp_bias=True), "mlp_bias=True"),
     (_hf("cohere2", attention_bias=True), "attention_bias=True"),
     (_hf("cohere2", hidden_act="gelu"), "hidden_act='gelu'"),
+    (_hf("mixtral", router_jitter_noise=0.1), "router_jitter_noise=0.1"),
+    (_hf("mixtral", hidden_act="gelu"), "hidden_act='gelu'"),
+    (_hf("mixtral", num_experts_per_tok=5), "experts_per_token=5"),
+    (_hf("gpt_oss", attention_bias=False), "attention_bias=False"),
+    (_hf("gpt_oss", quantization_config={"quant_method": "mxfp4"}),
+     "quant_method='mxfp4'"),
+    (_hf("gpt_oss", layer_types=[SLIDE, "chunked_attention", FULL]),
+     "chunked_attention"),
 ])
 def test_from_hf_refuses_what_it_cannot_honour(hf, match):
   with pytest.raises(ValueError, match=match):

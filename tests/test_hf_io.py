@@ -16,7 +16,8 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from models import CausalLM, llama_tiny, mistral_tiny, qwen2_tiny, qwen3_tiny
+from models import (CausalLM, gpt_oss_tiny, llama_tiny, mistral_tiny,
+                    mixtral_tiny, qwen2_tiny, qwen3_tiny)
 from swajax import hf_io, sharding
 from swajax.hf_io import load_hf, save_hf, tensor_table
 
@@ -27,6 +28,10 @@ CONFIGS = {
     "qwen2": qwen2_tiny(**SMALL, layer_windows=(None, 8), tie_word_embeddings=True),
     "qwen3": qwen3_tiny(**SMALL, layer_windows=(8, None)),
     "llama": llama_tiny(**SMALL, layer_windows=(None, None)),
+    # Experts: Mixtral's per-expert tensors fill parts of our stacked ones;
+    # gpt-oss's fused gate_up interleaves gate and up; sinks.
+    "mixtral": mixtral_tiny(**SMALL, layer_windows=(8, 8)),
+    "gpt_oss": gpt_oss_tiny(**SMALL, layer_windows=(8, None)),
 }
 
 
@@ -58,10 +63,18 @@ def test_table_covers_every_parameter(family, tied):
   import dataclasses
   config = dataclasses.replace(CONFIGS[family], tie_word_embeddings=tied)
   model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
-  ours = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  table = [spec.path for spec in tensor_table(config)]
-  assert len(table) == len(set(table))
-  assert set(table) == ours
+  ours = {path: var.get_value().shape
+          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  table = tensor_table(config)
+  assert {spec.path for spec in table} == set(ours)
+  # Each element of each parameter comes from exactly one HF tensor (one
+  # whole, or Mixtral's per-expert parts), with the element count it holds.
+  covered = {path: np.zeros(shape, int) for path, shape in ours.items()}
+  for spec in table:
+    part = spec.select(covered[spec.path])  # a view
+    assert part.size == np.prod(spec.hf_shape), spec
+    part += 1
+  assert all((c == 1).all() for c in covered.values())
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -162,6 +175,51 @@ def test_read_block_is_the_block_of_the_converted_tensor(data):
     np.testing.assert_array_equal(
         hf_io._read_block(Recorder(), spec, shape, cut), whole[cut])
     assert reads == [whole[cut].size]
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_expert_parameters_read_back_block_by_block(family, data):
+  """The experts' layouts (parts of a stacked parameter, interleaved gate /
+  up): any block of a parameter read from its HF tensors, as `_to_hf` wrote
+  them from a random parameter, is that block of the parameter."""
+  config = CONFIGS[family]
+  model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+  by_path = {}
+  for spec in tensor_table(config):
+    if spec.path[-2] not in ("attn", "embed") and "mlp" in spec.path:
+      by_path.setdefault(spec.path, []).append(spec)
+  path = data.draw(st.sampled_from(sorted(by_path, key=str)))
+  shape = _variable_shape(model, path)
+  ours = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  stored = {spec: ("file", hf_io._to_hf(spec, spec.select(ours)))
+            for spec in by_path[path]}
+  for spec, (_, tensor) in stored.items():
+    assert tensor.shape == spec.hf_shape
+  index = []
+  for size in shape:
+    start = data.draw(st.integers(0, size - 1))
+    index.append(slice(start, data.draw(st.integers(start + 1, size))))
+  index = tuple(index)
+  np.testing.assert_array_equal(
+      hf_io._read_parameter_block(stored, shape, index), ours[index])
+
+
+def test_expert_layouts_are_transformers_layouts():
+  """Negative control of the layouts: gpt-oss's gate / up are interleaved
+  (gate = [..., ::2]); Mixtral's w1 is the gate, w3 the up projection."""
+  config = CONFIGS["gpt_oss"]
+  spec = next(s for s in tensor_table(config)
+              if s.hf_name.endswith("layers.0.mlp.experts.gate_up_proj"))
+  ours = np.random.default_rng(0).normal(size=(4, 64, 2, 96)).astype(np.float32)
+  hf = hf_io._to_hf(spec, ours)
+  np.testing.assert_array_equal(hf[..., ::2], ours[:, :, 0])
+  np.testing.assert_array_equal(hf[..., 1::2], ours[:, :, 1])
+  specs = {s.hf_name.rsplit(".", 2)[-2]: s for s in tensor_table(CONFIGS["mixtral"])
+           if ".experts.3." in s.hf_name and "layers.1." in s.hf_name}
+  assert specs["w1"].part == (3, None, 0, None) and specs["w3"].part == (3, None, 1, None)
+  assert specs["w2"].part == (3, None, None) and specs["w2"].path[-1] == "down"
 
 
 def _variable_shape(model, path):

@@ -55,6 +55,24 @@ def test_fresh_adapter_changes_nothing_and_copies_no_base_array():
   assert len(jax.tree.leaves(adapters)) == 2 * 7  # one layer, 7 targets, A and B
 
 
+def test_experts_take_no_adapter_and_attention_does():
+  """A mixture of experts (gpt-oss) has no gate/up/down projections to adapt:
+  asking for them is an error naming what it has; the attention adapts."""
+  model = models.CausalLM(models.gpt_oss_tiny(**TINY_MODEL, num_experts=4,
+                                              experts_per_token=2),
+                          rngs=nnx.Rngs(0), attn_impl="xla")
+  with pytest.raises(ValueError, match="no gate_proj,up_proj,down_proj projection.*"
+                     "its LoRA targets: q_proj,k_proj,v_proj,o_proj"):
+    lora_lib.add_lora(model, lora_lib.LoraSpec(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+  assert not lora_lib.lora_modules(model)  # refused before any change
+  before = model(ids())
+  lora_lib.add_lora(model, lora_lib.LoraSpec(
+      rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+      rngs=nnx.Rngs(1))
+  assert len(lora_lib.lora_modules(model)) == 4
+  chex.assert_trees_all_equal(model(ids()), before)
+
+
 def test_adapter_reaches_cached_calls_and_merging_is_exact():
   model = lora_lib.add_lora(tiny_model(), lora_lib.LoraSpec(rank=4, alpha=8.0),
                             rngs=nnx.Rngs(1))

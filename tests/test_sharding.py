@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from swajax import sharding
-from tests.test_train import tiny_train_config, train_lib
+from tests.test_train import TINY_MODEL, tiny_train_config, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -270,3 +270,72 @@ def test_hf_checkpoint_loads_onto_a_data_by_fsdp_mesh(tmp_path):
   assert got["kernel_shards"] == [[d // 4, f]]
   # Every weight matrix is split (only norms and biases are replicated).
   assert got["split_params"] == 2 * 7 + 1  # 7 per layer, the tied embedding
+
+
+# ----- Experts on the "fsdp" axis ------------------------------------------------
+
+TINY_MOE = dict(TINY_MODEL, num_experts=4, experts_per_token=2)
+
+# Loads a Mixtral and a gpt-oss checkpoint onto a 2 x 4 mesh, then trains the
+# tiny gpt-oss with --fsdp 4. Prints one JSON line.
+MOE_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from flax import nnx
+    from swajax import sharding
+    from swajax.hf_io import load_hf
+    from tests.test_hf_io import forward, ids
+    from tests.test_sharding import TINY_MOE
+    from tests.test_train import tiny_train_config, train_lib
+    args = json.loads(sys.argv[1])
+    params = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
+    shards = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
+    report = {}
+    for family, directory in args["checkpoints"].items():
+      single = load_hf(directory)
+      sharded = load_hf(directory, mesh=sharding.make_mesh(4))
+      report[family] = {
+          "params_equal": all(np.array_equal(np.asarray(a), np.asarray(b))
+                              for a, b in zip(params(single), params(sharded))),
+          "logits_diff": float(np.max(np.abs(np.asarray(forward(single, ids(24)))
+                                             - np.asarray(forward(sharded, ids(24)))))),
+          "gate_up_shards": shards(sharded.layers[0].mlp.gate_up[...]),
+          "down_shards": shards(sharded.layers[0].mlp.down[...])}
+    result = train_lib.train(tiny_train_config(
+        args["out"], model="gpt_oss_tiny", model_overrides=TINY_MOE, fsdp=4))
+    report["losses"] = [r["loss"] for r in result.history]
+    report["aux"] = [r["router_aux_loss"] for r in result.history]
+    report["trained_gate_up_shards"] = shards(result.model.layers[0].mlp.gate_up[...])
+    print(json.dumps(report))
+""")
+
+
+def test_experts_shard_over_fsdp_in_loading_and_training(tmp_path):
+  """Expert weights [E, ...] are split over "fsdp" along E: a Mixtral (per-
+  expert tensors) and a gpt-oss (fused, interleaved) checkpoint load onto a
+  2 x 4 mesh equal to the unsharded load, and `--fsdp 4` training of a MoE
+  model matches one device."""
+  from swajax.hf_io import save_hf
+  from tests.test_hf_io import CONFIGS, random_model
+
+  checkpoints = {family: str(save_hf(random_model(CONFIGS[family]),
+                                     tmp_path / family, max_shard_size="40KB"))
+                 for family in ("mixtral", "gpt_oss")}
+  one = train_lib.train(tiny_train_config(
+      tmp_path / "one", model="gpt_oss_tiny", model_overrides=TINY_MOE))
+  proc = run_worker({"checkpoints": checkpoints, "out": str(tmp_path / "run")},
+                    {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"},
+                    script=MOE_WORKER)
+  got = result_of(proc)
+  for family in checkpoints:
+    config = CONFIGS[family]
+    e, d, f = config.num_experts, config.hidden_size, config.intermediate_size
+    assert got[family]["params_equal"] and got[family]["logits_diff"] <= 1e-5, got
+    assert got[family]["gate_up_shards"] == [[e // 4, d, 2, f]], got
+    assert got[family]["down_shards"] == [[e // 4, f, d]], got
+  e, d, f = 4, TINY_MOE["hidden_size"], TINY_MOE["intermediate_size"]
+  assert got["trained_gate_up_shards"] == [[e // 4, d, 2, f]]
+  np.testing.assert_allclose(got["losses"], [r["loss"] for r in one.history],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["aux"], [r["router_aux_loss"] for r in one.history],
+                             rtol=1e-5, atol=1e-5)

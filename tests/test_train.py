@@ -146,7 +146,9 @@ def test_packed_loss_equals_per_document_losses():
     return (train_lib.batch_loss_sums(model, packed),
             train_lib.masked_loss_sums(logits, alone["targets"], alone["loss_mask"]))
 
-  (packed_sum, packed_count), (alone_sum, alone_count) = losses(model, packed, alone)
+  (packed_sum, packed_count, balance), (alone_sum, alone_count) = losses(
+      model, packed, alone)
+  assert balance == 0  # no experts, no load-balancing loss
   assert packed_count == alone_count == sum(len(d) - 1 for d in docs)
   chex.assert_trees_all_close(packed_sum, alone_sum, rtol=1e-5)
 
@@ -256,3 +258,24 @@ def test_validation_rows_are_each_counted_once(tmp_path):
   assert len(val_rows["input_ids"]) % config.batch_size == 0
   assert val_rows["loss_mask"].sum() == packed["loss_mask"].sum()
   np.testing.assert_array_equal(val_rows["input_ids"][:3], packed["input_ids"])
+
+
+def test_moe_training_adds_the_router_load_balancing_loss(tmp_path):
+  """A mixture-of-experts run logs the load-balancing loss each step, and its
+  coefficient reaches the router: coefficient 0 and 1 start from the same
+  loss, then train different routers."""
+  overrides = dict(TINY_MODEL, num_experts=4, experts_per_token=2)
+  runs = {coef: train_lib.train(tiny_train_config(
+      tmp_path / str(coef), model="gpt_oss_tiny", model_overrides=overrides,
+      steps=3, eval_every=3, checkpoint_every=3, router_aux_loss_coef=coef))
+      for coef in (0.0, 1.0)}
+  for result in runs.values():
+    aux = [r["router_aux_loss"] for r in result.history]
+    assert len(aux) == 3 and all(np.isfinite(aux)) and min(aux) > 0, aux
+    logged = [json.loads(line) for line in
+              (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["router_aux_loss"] for r in logged] == aux
+  off, on = runs[0.0], runs[1.0]
+  assert off.history[0]["loss"] == on.history[0]["loss"]
+  router = lambda r: np.asarray(r.model.layers[0].mlp.router.kernel[...])
+  assert np.max(np.abs(router(off) - router(on))) > 1e-4
