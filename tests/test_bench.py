@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels import Band, FlashBlockSizes, visible
 from pallas_kernels.validation import check_attention_args
 from swajax import bench
-from swajax.bench import attention, tiles
+from swajax.bench import attention, moe, tiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,6 +122,40 @@ def test_generate_bench_reports_stream_and_fused_decode(tmp_path, capsys):
                                row["fused_decode_tokens_per_s"]
                                / row["stream_decode_tokens_per_s"])
   assert rows[0]["cache_bytes"] < rows[1]["cache_bytes"]  # W=4 < 10 tokens
+
+
+def test_moe_smoke_writes_json_and_plot(tmp_path):
+  out, png = tmp_path / "m.json", tmp_path / "m.png"
+  assert bench.main(["moe", "--smoke", "--out", str(out), "--plot", str(png)]) == 0
+  payload = json.loads(out.read_text())
+  assert payload["settings"]["cases"] == [list(c) for c in moe.SMOKE_CASES]
+  rows = {r["dispatch"]: r for r in payload["rows"]}
+  assert set(rows) == set(moe.DISPATCHES)
+  assert rows["blocked"]["fwd_vs_blocked"] == rows["blocked"]["fwd_bwd_vs_blocked"] == 1.0
+  assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows.values())
+  assert rows["blocked"]["max_abs_diff"] == 0
+  assert rows["ragged"]["max_abs_diff"] < 1e-5 and rows["dense"]["max_abs_diff"] < 1e-5
+  if rows["capacity"]["dropped"] == 0:  # nothing dropped: exact too
+    assert rows["capacity"]["max_abs_diff"] < 1e-5
+  assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cases=()), r"cases=\(\): expected \(N, D, F, E, k\)"),
+    (dict(cases=[(8, 4, 4, 2, 3)]), "expected k <= E"),
+    (dict(dispatches=("sparse",)), "dispatches=.*expected entries from"),
+    (dict(preset="mistral_tiny"), "preset='mistral_tiny': expected one of"),
+    (dict(repeats=0), "repeats=0: expected an int >= 1"),
+    (dict(capacity_factor=0), "capacity_factor=0: expected > 0"),
+])
+def test_moe_settings_reject_bad_values(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    moe.benchmark(**kwargs)
+
+
+def test_moe_bad_case_exits_2(capsys):
+  assert bench.main(["moe", "--cases", "8,4,4,2,3"]) == 2
+  assert "expected k <= E" in capsys.readouterr().err
 
 
 def test_gpu_check_smoke_mode(tmp_path):

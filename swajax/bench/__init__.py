@@ -1,4 +1,4 @@
-"""`swajax bench {attention,generate,train,tiles,context}`: one module per benchmark.
+"""`swajax bench {attention,generate,train,tiles,context,moe}`: one module per benchmark.
 
 Each module exposes `main(argv: list[str]) -> int`.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from swajax.bench import attention, context, generate, tiles, train
+from swajax.bench import attention, context, generate, moe, tiles, train
 from swajax.commands import Table, dispatch
 
 BENCHMARKS: Table = {
@@ -16,6 +16,8 @@ BENCHMARKS: Table = {
     "context": (context.main, "context parallelism: bytes and memory per device, "
                 "halo vs ring"),
     "generate": (generate.main, "generation throughput"),
+    "moe": (moe.main, "mixture-of-experts dispatch: the model's blocked "
+            "einsum vs ragged_dot, dense, capacity-padded"),
     "train": (train.main, "training step throughput"),
     "tiles": (tiles.main, "Pallas kernel times per FlashBlockSizes "
               "variant (GPU tuning data)"),
