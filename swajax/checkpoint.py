@@ -12,21 +12,26 @@ orbax's temporary folder; a checkpoint whose tensors do not match the model
 raises ValueError before anything is read. orbax's own log records of the
 error (tracebacks through its threads) are held back while a Checkpointer is
 open.
+
+Importing this module makes orbax's `asyncio_utils.run_sync` wait for every
+task its coroutine started before orbax closes the event loop (see
+`_with_its_tasks`): a failed save then ends with no write still in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src import asyncio_utils
 
 
 def flatten_state(state) -> dict[str, jax.Array]:
@@ -34,6 +39,45 @@ def flatten_state(state) -> dict[str, jax.Array]:
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
           for path, leaf in leaves}
+
+
+async def _with_its_tasks(coro):
+  """Awaits `coro`, then every task started on its loop while it ran.
+
+  orbax runs each save's coroutine on a new event loop in a thread and closes
+  the loop when the coroutine ends. A save writes its tensors as
+  `asyncio.gather` children; when one write fails (ENOSPC) gather raises at
+  once, and the loop used to close with the other writes still awaiting their
+  TensorStore futures. TensorStore then completed those from its own threads
+  into the closed loop (`loop.call_soon_threadsafe`): one "RuntimeError:
+  Event loop is closed" traceback each on stderr, after the one-line error,
+  and writes still landing in the temporary folder being removed. Waiting
+  here ends each of those writes (done or failed, its error retrieved) while
+  the loop runs. The tasks are counted by a task factory, not
+  `asyncio.all_tasks`, whose iteration of global sets orbax avoids across
+  threads.
+  """
+  loop = asyncio.get_running_loop()
+  previous = loop.get_task_factory()
+  started = []
+
+  def factory(loop, coro, **kwargs):
+    task = (asyncio.Task(coro, loop=loop, **kwargs) if previous is None
+            else previous(loop, coro, **kwargs))
+    started.append(task)
+    return task
+
+  loop.set_task_factory(factory)
+  try:
+    return await coro
+  finally:
+    while pending := [task for task in started if not task.done()]:
+      await asyncio.gather(*pending, return_exceptions=True)
+    loop.set_task_factory(previous)
+
+
+_orbax_run_sync = asyncio_utils.run_sync
+asyncio_utils.run_sync = lambda coro: _orbax_run_sync(_with_its_tasks(coro))
 
 
 class _OrbaxErrors(logging.Filter):
@@ -126,7 +170,6 @@ class Checkpointer:
     try:
       yield
     except Exception as e:
-      sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
       for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(tmp, ignore_errors=True)
       code = re.search(r"os_error_code='(\d+)'", str(e))
@@ -138,14 +181,3 @@ class Checkpointer:
           + ("no complete checkpoint" if latest is None
              else f"the last complete checkpoint is {latest}"))) from None
 
-
-def _quiet_closed_loops(hook):
-  """`hook` without the "Event loop is closed" RuntimeErrors that a failed
-  orbax save's leftover callbacks raise later, one traceback each."""
-
-  def quiet(unraisable):
-    if not (unraisable.exc_type is RuntimeError
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      hook(unraisable)
-
-  return quiet
