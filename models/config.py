@@ -35,12 +35,6 @@ BLOCKS = {
 NORMS = ("rms", "rms_one_plus", "layer_norm")  # see `models.layers.Norm`
 MLPS = ("swiglu", "geglu", "gelu", "clamped_swiglu")  # see `models.layers.MLP`
 QK_NORMS = (None, "head", "all_heads")
-# How a mixture-of-experts router turns its logits [E] into k expert weights.
-ROUTERS = (
-    None,            # no experts (a dense MLP)
-    "softmax_topk",  # softmax over all E, the top k renormalised (Mixtral)
-    "topk_softmax",  # the top k logits, softmax over those k (gpt-oss)
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +92,13 @@ class ModelConfig:
   qk_norm: str | None = None     # norm q and k per head (Qwen3, Gemma 3) or over all heads (Olmo 3)
   scale_embeddings: bool = False  # embedding times sqrt(D), in the compute dtype (Gemma)
   attn_sinks: bool = False       # one learned sink logit per query head (gpt-oss)
-  router: str | None = None      # ROUTERS: how experts are weighted (MoE families)
   router_bias: bool = False      # the router's linear has a bias (gpt-oss)
   # Mixture of experts (Mixtral, gpt-oss): with num_experts E > 0 every
-  # layer's MLP is E experts of intermediate_size F, of which `router` picks
-  # experts_per_token (k) per token. router_aux_loss_coef weighs the
-  # load-balancing loss in training (HF's key; `models.moe`).
+  # layer's MLP is E experts of intermediate_size F, of which the router
+  # picks experts_per_token (k) per token, weighted by the softmax of their
+  # logits (`models.moe.route`: Mixtral's and gpt-oss's rule alike).
+  # router_aux_loss_coef weighs the load-balancing loss in training (HF's
+  # key; `models.moe.load_balancing_loss`).
   num_experts: int = 0           # E (0: a dense MLP)
   experts_per_token: int = 0     # k, 1 <= k <= E
   router_aux_loss_coef: float = 0.0
@@ -177,22 +172,20 @@ class ModelConfig:
       check_rope_scaling(dict(self.rope_scaling))
 
   def _check_experts(self):
-    """num_experts, experts_per_token, router: all set (MoE) or all off."""
-    if self.router not in ROUTERS:
-      raise ValueError(f"router={self.router!r}: expected one of {ROUTERS}")
+    """num_experts and experts_per_token: both set (MoE) or both 0."""
     for name in ("num_experts", "experts_per_token"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}={value!r}: expected an int >= 0")
-    moe = self.num_experts > 0
-    if moe != (self.router is not None) or (moe and not (
-        1 <= self.experts_per_token <= self.num_experts)) or (
-            not moe and self.experts_per_token):
+    if (self.num_experts > 0 and not 1 <= self.experts_per_token <= self.num_experts
+        ) or (self.num_experts == 0 and self.experts_per_token):
       raise ValueError(
           f"num_experts={self.num_experts}, experts_per_token="
-          f"{self.experts_per_token}, router={self.router!r}: expected "
-          "num_experts > 0, 1 <= experts_per_token <= num_experts and a "
-          "router (a mixture of experts), or 0, 0 and None (a dense MLP)")
+          f"{self.experts_per_token}: expected num_experts > 0 and 1 <= "
+          "experts_per_token <= num_experts (a mixture of experts), or both 0 "
+          "(a dense MLP)")
+    if self.router_bias and not self.num_experts:
+      raise ValueError("router_bias=True without experts: expected num_experts > 0")
     if not self.router_aux_loss_coef >= 0:
       raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef!r}: "
                        "expected a float >= 0")

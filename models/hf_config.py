@@ -93,7 +93,6 @@ SWITCH_DEFAULTS = dict(
     rope_interleaved=False,
     scale_embeddings=False,   # embedding times sqrt(D)
     attn_sinks=False,         # a learned sink logit per query head
-    router=None,              # `ModelConfig.router` (MoE families)
     router_bias=False,
 )
 # MLP kind -> the HF activation it computes (gpt-oss's config says "silu";
@@ -247,7 +246,6 @@ FAMILIES: dict[str, Family] = {
              num_local_experts=8, num_experts_per_tok=2,
              router_aux_loss_coef=0.001, router_jitter_noise=0.0),
         every_layer_windows_from_hf, every_layer_windows_to_hf,
-        switches=dict(router="softmax_topk"),
         extras_from_hf=mixtral_from_hf, extras_to_hf=mixtral_to_hf),
     "gpt_oss": Family(
         "GptOssForCausalLM",
@@ -265,7 +263,7 @@ FAMILIES: dict[str, Family] = {
         layer_types_windows_from_hf, layer_types_windows_to_hf,
         switches=dict(mlp="clamped_swiglu", mlp_bias=True, attention_bias=True,
                       attention_out_bias=True, attn_sinks=True,
-                      router="topk_softmax", router_bias=True),
+                      router_bias=True),
         fixed_keys=dict(attention_bias=True),
         default_layer_types=every_nth_full(2),
         extras_from_hf=gpt_oss_from_hf, extras_to_hf=gpt_oss_to_hf),

@@ -8,10 +8,10 @@ N = B·T tokens, A = N·k assignments (token, expert pairs), P blocks of M
 rows (`MoE.experts`).
 
 Routing (`route`): the top k of the E router logits, softmax over those k.
-That is both `ModelConfig.router` values: Mixtral's "softmax_topk" (softmax
-over all E, top k, renormalised to sum 1) picks the same experts (softmax is
-monotone) with the same weights (p_i / sum_topk p_j = exp(l_i) / sum_topk
-exp(l_j)); gpt-oss's "topk_softmax" is the rule as written. The logits and
+That is both families' rule: Mixtral's (softmax over all E, top k,
+renormalised to sum 1) picks the same experts (softmax is monotone) with the
+same weights (p_i / sum_topk p_j = exp(l_i) / sum_topk exp(l_j)); gpt-oss's
+is the rule as written. So `ModelConfig` has no router variant field. The logits and
 the weights are float32 whatever the compute dtype.
 
 Dispatch (`MoE.experts`): the A assignments sorted by expert, each expert's
