@@ -24,7 +24,8 @@ differ, a pair of small rules).
   mixtral     the Mistral block with a mixture of SwiGLU experts (softmax,
               then top k renormalised)
   gpt_oss     attention sinks, biased q/k/v/o, `layer_types`, YaRN; experts
-              with biases and a clamped SwiGLU, routed top k then softmax
+              with biases and a clamped SwiGLU, routed top k then softmax;
+              MXFP4 experts (`mxfp4_expert_layers`), no other quantization
 RoPE scaling ("linear", "llama3", "yarn", see `ROPE_TYPES`) is open to every
 family (on full layers where the RoPE is per layer type).
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -354,14 +356,8 @@ def _check_unsupported(model_type, hf):
     raise ValueError(
         f"{family.activation_key}={act!r}: only {expected_act!r} is "
         f"implemented for {family.architecture}")
-  quantization = hf.get("quantization_config")
-  if quantization:
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-    raise ValueError(
-        f"quantization_config (quant_method={method!r}): a quantized "
-        "checkpoint (e.g. gpt-oss's MXFP4 experts); swajax reads float32 / "
-        "bfloat16 / float16 weights: dequantize it first (transformers: "
-        "from_pretrained with Mxfp4Config(dequantize=True), then save_pretrained)")
+  if hf.get("quantization_config"):
+    _check_quantization(model_type, hf)
   for key in _DROPOUT_KEYS:
     dropout = hf.get(key, 0.0) or 0.0
     if dropout != 0:
@@ -377,6 +373,77 @@ def _check_unsupported(model_type, hf):
     if bool(hf.get(key, value)) != value:
       raise ValueError(f"{key}={hf[key]!r} with model_type={model_type!r}: "
                        f"expected {value!r}")
+
+
+# ----- Quantized checkpoints --------------------------------------------------
+
+# MXFP4, the one quantization read (gpt-oss's released checkpoints store their
+# experts so; `swajax.mxfp4` dequantizes them as transformers does): values per
+# shared scale, along a projection's input axis.
+MXFP4_BLOCK = 32
+# The keys of an MXFP4 quantization_config (transformers' `Mxfp4Config`);
+# `dequantize` chooses how transformers runs it, not what is stored.
+_MXFP4_KEYS = ("quant_method", "modules_to_not_convert", "dequantize")
+
+
+def mxfp4_expert_layers(config) -> frozenset[int]:
+  """The layers whose experts the checkpoint of HF `config` (a dict, a
+  config.json path or a checkpoint directory) stores in MXFP4.
+
+  No layer without a quantization_config. With gpt-oss's MXFP4 one, every layer
+  whose `model.layers.{i}.mlp.experts` no `modules_to_not_convert` pattern
+  names: transformers' rule (`should_convert_module`), a pattern names a
+  module when it matches as a regex from the start of the name up to a
+  module boundary ("model.layers.1" names "model.layers.1.mlp", not
+  "model.layers.11.mlp"; "model.layers.*.mlp" names every layer's), or when
+  the name ends with it. Raises ValueError for any other quantization.
+  """
+  if isinstance(config, (str, os.PathLike)):
+    config = _read_config_json(os.fspath(config))
+  num_layers = fields_from_hf(config)["num_layers"]  # checks the quantization
+  if not config.get("quantization_config"):
+    return frozenset()
+  patterns = config["quantization_config"].get("modules_to_not_convert") or []
+  names = lambda module: any(
+      re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", module) or module.endswith(p)
+      for p in patterns)
+  return frozenset(i for i in range(num_layers)
+                   if not names(f"model.layers.{i}.mlp.experts"))
+
+
+def _check_quantization(model_type, hf) -> None:
+  """ValueError for a quantization_config other than gpt-oss's MXFP4, an
+  unknown key of it (it might change the math), a malformed
+  `modules_to_not_convert`, or expert sizes MXFP4 blocks do not divide."""
+  quantization = hf["quantization_config"]
+  method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+  if method != "mxfp4" or model_type != "gpt_oss":
+    raise ValueError(
+        f"quantization_config (quant_method={method!r}) with model_type="
+        f"{model_type!r}: swajax reads float32 / bfloat16 / float16 weights, "
+        "and gpt-oss's MXFP4 experts (quant_method 'mxfp4'); dequantize it "
+        "first (transformers: from_pretrained, then save_pretrained)")
+  unknown = sorted(set(quantization) - set(_MXFP4_KEYS))
+  if unknown:
+    raise ValueError(f"quantization_config[{unknown[0]!r}]: unknown MXFP4 key; "
+                     f"expected only {list(_MXFP4_KEYS)}")
+  if not isinstance(quantization.get("dequantize", False), bool):
+    raise ValueError(f"quantization_config['dequantize']="
+                     f"{quantization['dequantize']!r}: expected a bool")
+  patterns = quantization.get("modules_to_not_convert") or []
+  if not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+    raise ValueError(f"quantization_config['modules_to_not_convert']={patterns!r}: "
+                     "expected a list of module names or regexes")
+  for p in patterns:
+    try:
+      re.compile(p)
+    except re.error as e:
+      raise ValueError(f"quantization_config['modules_to_not_convert'] pattern "
+                       f"{p!r}: not a regex ({e})") from e
+  for key in ("hidden_size", "intermediate_size"):
+    if hf[key] % MXFP4_BLOCK:
+      raise ValueError(f"{key}={hf[key]!r} with MXFP4 experts: expected a "
+                       f"multiple of {MXFP4_BLOCK} (values per scale)")
 
 
 def _flat_rope_from_hf(hf) -> dict:

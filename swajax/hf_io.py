@@ -31,6 +31,8 @@ from safetensors.numpy import save_file
 
 from models import CausalLM, ModelConfig
 from models.config import BLOCKS
+from models.hf_config import mxfp4_expert_layers
+from swajax import mxfp4
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
 from swajax.peft_io import load_adapter
@@ -56,6 +58,9 @@ class TensorSpec:
   part: the HF tensor fills only this index of our parameter (Mixtral's
   per-expert tensors in our stacked experts): an int selects along an axis,
   None keeps it whole; None: the whole parameter.
+  mxfp4: the checkpoint stores this float tensor [E, In, Out] in MXFP4, as
+  `{hf_name}_blocks` and `{hf_name}_scales` (uint8, `swajax.mxfp4`; gpt-oss's
+  released experts).
   """
 
   hf_name: str
@@ -64,6 +69,14 @@ class TensorSpec:
   transposed: bool
   interleaved: bool = False
   part: tuple[int | None, ...] | None = None
+  mxfp4: bool = False
+
+  def stored_tensors(self) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensors holding this one: name -> shape."""
+    if not self.mxfp4:
+      return {self.hf_name: self.hf_shape}
+    blocks, scales = mxfp4.stored_shapes(self.hf_shape)
+    return {f"{self.hf_name}_blocks": blocks, f"{self.hf_name}_scales": scales}
 
   def select(self, x):
     """The part of our whole parameter `x` this tensor holds."""
@@ -123,8 +136,13 @@ def _gpt_oss_experts(hf: str, ours: tuple, config: ModelConfig) -> list[TensorSp
 EXPERT_LAYOUTS = {"mixtral": _mixtral_experts, "gpt_oss": _gpt_oss_experts}
 
 
-def tensor_table(config: ModelConfig) -> list[TensorSpec]:
-  """Every tensor of a HF checkpoint of `config`, in file order."""
+def tensor_table(config: ModelConfig, mxfp4_layers=frozenset()) -> list[TensorSpec]:
+  """Every tensor of a HF checkpoint of `config`, in file order.
+
+  mxfp4_layers: the layers whose experts' gate_up and down projections are
+  stored in MXFP4 (`TensorSpec.mxfp4`; `models.hf_config.mxfp4_expert_layers`);
+  their biases stay float.
+  """
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
   n, k, h = config.num_q_heads, config.num_kv_heads, config.head_dim
   qd, kd = n * h, k * h
@@ -175,7 +193,9 @@ def tensor_table(config: ModelConfig) -> list[TensorSpec]:
     for name in block_norms[1:] if "input_norm" in block_norms else block_norms:
       layer += norm_specs(hf + NORM_HF_NAMES[name], (*ours, name))
     if config.num_experts:
-      layer += EXPERT_LAYOUTS[config.model_type](hf, ours, config)
+      layer += [dataclasses.replace(spec, mxfp4=i in mxfp4_layers and spec.path[-1]
+                                    in ("gate_up", "down"))
+                for spec in EXPERT_LAYOUTS[config.model_type](hf, ours, config)]
     for name, out_in in mlp if not config.num_experts else ():
       layer += linear_specs(hf + "mlp." + mlp_names.get(name, name),
                             (*ours, "mlp", name), out_in, config.mlp_bias)
@@ -256,6 +276,13 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
   adapter_model.safetensors, written by PEFT or by swajax) to add onto the
   base (`swajax.peft_io.load_adapter`; the adapters go to the default device).
 
+  gpt-oss checkpoints with MXFP4 experts (quantization_config quant_method
+  "mxfp4", as OpenAI released them) load dequantized into `dtype` (None: the
+  embedding's dtype), value for value as transformers'
+  `Mxfp4Config(dequantize=True)` (`swajax.mxfp4`): the model is a float
+  model (`save_hf` writes it as plain float tensors). The blocks and scales
+  are read by experts, those of a device's block on their own with `mesh=`.
+
   Raises FileNotFoundError (with the path) for a missing config or shard,
   TypeError for a mesh that is not a jax Mesh, ValueError for one without the
   ("data", "fsdp") axes, an unsupported config, an unreadable file, or the
@@ -269,11 +296,12 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
     sharding_lib.check_mesh(mesh)
   config = ModelConfig.from_hf(directory)
   files = _tensor_files(directory)
-  table = tensor_table(config)
-  expected = {spec.hf_name for spec in table}
+  table = tensor_table(config, mxfp4_expert_layers(directory))
+  expected = {name for spec in table for name in spec.stored_tensors()}
   for spec in table:
-    if spec.hf_name not in files:
-      raise ValueError(f"{directory}: tensor {spec.hf_name!r} is missing")
+    for name in spec.stored_tensors():
+      if name not in files:
+        raise ValueError(f"{directory}: tensor {name!r} is missing")
   for name in files:
     if name not in expected and not _ignorable(name, files, config):
       raise ValueError(
@@ -297,14 +325,19 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
     opened = {}  # file -> (open safetensors file, its tensor names)
 
     def stored(spec):
-      file = files[spec.hf_name]
-      if file not in opened:
-        f = stack.enter_context(_open(file))
-        opened[file] = (f, set(f.keys()))
-      f, names = opened[file]
-      if spec.hf_name not in names:
-        raise ValueError(f"{file}: tensor {spec.hf_name!r} is missing")
-      return file, _checked_slice(file, f, spec)
+      slices = []
+      for name, shape in spec.stored_tensors().items():
+        file = files[name]
+        if file not in opened:
+          f = stack.enter_context(_open(file))
+          opened[file] = (f, set(f.keys()))
+        f, names = opened[file]
+        if name not in names:
+          raise ValueError(f"{file}: tensor {name!r} is missing")
+        slices.append(_checked_slice(file, f, name, shape, spec.mxfp4))
+      if spec.mxfp4:
+        return file, mxfp4.Mxfp4Tensor(*slices, spec.hf_shape, dtype)
+      return file, slices[0]
 
     for path, specs in by_path.items():
       var = _variable(model, path)
@@ -385,15 +418,20 @@ def _stored_dtype(file: Path, stored, name: str):
   return SAFETENSORS_DTYPES[dtype]
 
 
-def _checked_slice(file: Path, f, spec: TensorSpec):
-  """Tensor `spec` of the open file `f` (a lazy safetensors slice), its shape
-  and dtype checked."""
-  stored = f.get_slice(spec.hf_name)
-  if tuple(stored.get_shape()) != spec.hf_shape:
+def _checked_slice(file: Path, f, name: str, shape, quantized: bool):
+  """Tensor `name` of the open file `f` (a lazy safetensors slice), its shape
+  and dtype (float, or uint8 when `quantized`: MXFP4 blocks and scales)
+  checked."""
+  stored = f.get_slice(name)
+  if tuple(stored.get_shape()) != shape:
     raise ValueError(
-        f"{file}: tensor {spec.hf_name!r} has shape {tuple(stored.get_shape())}: "
-        f"expected {spec.hf_shape}")
-  _stored_dtype(file, stored, spec.hf_name)
+        f"{file}: tensor {name!r} has shape {tuple(stored.get_shape())}: "
+        f"expected {shape}")
+  if not quantized:
+    _stored_dtype(file, stored, name)
+  elif stored.get_dtype() != "U8":
+    raise ValueError(f"{file}: {name!r} has dtype {stored.get_dtype()}: "
+                     "expected U8 (MXFP4 blocks and scales)")
   return stored
 
 
@@ -402,8 +440,8 @@ def _read(stored: dict, shape, dtype, sharding) -> jax.Array:
   ({spec: (file, slice)}): on the default device (sharding None), or placed
   with `sharding`, each device's block read on its own (`_read_block`)."""
 
-  def read(index):
-    return _read_parameter_block(stored, shape, index).astype(dtype)
+  def read(index):  # MXFP4 blocks come dequantized into dtype: no copy
+    return _read_parameter_block(stored, shape, index).astype(dtype, copy=False)
 
   try:
     if sharding is None:
@@ -428,7 +466,8 @@ def _read_parameter_block(stored: dict, shape, index) -> np.ndarray:
     block = _read_block(tensor, spec, tuple(shape[a] for a in free),
                         tuple(index[a] for a in free))
     if not np.isfinite(block).all():
-      raise ValueError(f"{file}: tensor {spec.hf_name!r} has non-finite values "
+      raise ValueError(f"{file}: tensor {spec.hf_name!r}"
+                       f"{' (MXFP4, dequantized)' if spec.mxfp4 else ''} has non-finite values "
                        f"({int(np.sum(~np.isfinite(block)))} NaN/inf): a broken checkpoint")
     if spec.part is None:
       return block
@@ -442,7 +481,8 @@ def _read_parameter_block(stored: dict, shape, index) -> np.ndarray:
 def _read_block(stored, spec: TensorSpec, shape, index) -> np.ndarray:
   """Block `index` (slices of our `shape`) of a HF tensor, read from `stored`.
 
-  stored: anything numpy-sliceable in the HF layout (a safetensors slice).
+  stored: anything numpy-sliceable in the HF layout (a safetensors slice,
+  an `mxfp4.Mxfp4Tensor`).
   Our shape reshapes the HF tensor (transposed first when spec.transposed):
   each HF dimension splits into a run of our dimensions (q_proj: N*H -> N, H).
   A run is read as whole rows of its first dimension, [start * rest,
@@ -499,7 +539,9 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
             tokenizer=None) -> Path:
   """Writes config.json + safetensors that transformers loads as `model`.
 
-  Tensors keep the model's parameter dtype, in `tensor_table` order. As
+  Tensors keep the model's parameter dtype, in `tensor_table` order (a model
+  loaded from gpt-oss's MXFP4 checkpoint is a float model: its experts are
+  written as plain float tensors, config.json has no quantization_config). As
   transformers' `save_pretrained`: up to max_shard_size bytes (an int, or a
   string such as "5GB", "500MB", "2GiB") one model.safetensors; above it,
   model-00001-of-0000N.safetensors files, a new one started whenever the next

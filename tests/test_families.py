@@ -309,8 +309,10 @@ def _hf(family, **fields):
     (_hf("mixtral", hidden_act="gelu"), "hidden_act='gelu'"),
     (_hf("mixtral", num_experts_per_tok=5), "experts_per_token=5"),
     (_hf("gpt_oss", attention_bias=False), "attention_bias=False"),
-    (_hf("gpt_oss", quantization_config={"quant_method": "mxfp4"}),
-     "quant_method='mxfp4'"),
+    (_hf("gpt_oss", quantization_config={"quant_method": "fp8"}),
+     "quant_method='fp8'"),
+    (_hf("mixtral", quantization_config={"quant_method": "mxfp4"}),
+     "quant_method='mxfp4'.*model_type='mixtral'"),
     (_hf("gpt_oss", layer_types=[SLIDE, "chunked_attention", FULL]),
      "chunked_attention"),
 ])
