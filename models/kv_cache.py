@@ -18,7 +18,7 @@ for a sliding layer of window W, max_len for a full layer. Two layouts follow:
     holds exactly; a query at a position >= C would miss in-window keys, so
     its output is NaN (never a silently truncated attention).
 `position_limit` is the one place of that distinction. Which slots a query
-sees is decided from positions only, by `pallas_kernels.decode_attention`
+sees is decided from positions only, by `pallas_kernels.decode.decode_attention`
 (`mask.visible`, the one window rule), so neither slot order nor padding
 needs to be tracked.
 

@@ -10,8 +10,7 @@ from pallas_kernels.api import (IMPLS, reference_attention,
                                 sliding_window_attention, visited_blocks,
                                 window_mask)
 from pallas_kernels.context_parallel import context_parallel_attention
-from pallas_kernels.decode_attention import (DECODE_IMPLS, DecodeBlockSizes,
-                                             decode_attention)
+from pallas_kernels.decode import DECODE_IMPLS, DecodeBlockSizes, decode_attention
 from pallas_kernels.flash_tiles import FlashBlockSizes
 from pallas_kernels.mask import Band, kv_block_range, q_block_range, visible
 from pallas_kernels.xla_blockwise import XlaBlockSizes

@@ -2,7 +2,7 @@
 
 It builds the full `[T, S]` mask from `mask.visible`, so it is O(T·S) in time
 and memory: use it for tests and small problems only. `dense_attention` is
-also the decode op's dense path (`decode_attention.py`, masked by slot
+also the decode op's dense path (`decode.py`, masked by slot
 positions instead).
 """
 
