@@ -292,7 +292,7 @@ def fields_from_hf(config) -> dict[str, Any]:
   dropout, biases, RoPE variants), naming the field.
   """
   if isinstance(config, (str, os.PathLike)):
-    config = _read_config_json(os.fspath(config))
+    config = read_config_json(os.fspath(config))
   if not isinstance(config, dict):
     raise TypeError(f"config: expected a dict or a path, got {type(config).__name__}")
   model_type = config.get("model_type")
@@ -327,7 +327,7 @@ def fields_from_hf(config) -> dict[str, Any]:
   return {**fields, **family.extras_from_hf(hf, num_layers, windows)}
 
 
-def _read_config_json(path: str) -> dict:
+def read_config_json(path: str) -> dict:
   """The dict of `path`: a config.json, or a directory holding one."""
   if os.path.isdir(path) or not path.endswith(".json"):
     path = os.path.join(path, "config.json")
@@ -386,9 +386,10 @@ MXFP4_BLOCK = 32
 _MXFP4_KEYS = ("quant_method", "modules_to_not_convert", "dequantize")
 
 
-def mxfp4_expert_layers(config) -> frozenset[int]:
-  """The layers whose experts the checkpoint of HF `config` (a dict, a
-  config.json path or a checkpoint directory) stores in MXFP4.
+def mxfp4_expert_layers(config: dict, num_layers: int) -> frozenset[int]:
+  """The layers (of `num_layers`) whose experts the checkpoint of the HF
+  config dict `config` stores in MXFP4; `config` is one `fields_from_hf`
+  accepted (which refuses any other quantization and a malformed MXFP4 one).
 
   No layer without a quantization_config. With gpt-oss's MXFP4 one, every layer
   whose `model.layers.{i}.mlp.experts` no `modules_to_not_convert` pattern
@@ -396,11 +397,8 @@ def mxfp4_expert_layers(config) -> frozenset[int]:
   module when it matches as a regex from the start of the name up to a
   module boundary ("model.layers.1" names "model.layers.1.mlp", not
   "model.layers.11.mlp"; "model.layers.*.mlp" names every layer's), or when
-  the name ends with it. Raises ValueError for any other quantization.
+  the name ends with it.
   """
-  if isinstance(config, (str, os.PathLike)):
-    config = _read_config_json(os.fspath(config))
-  num_layers = fields_from_hf(config)["num_layers"]  # checks the quantization
   if not config.get("quantization_config"):
     return frozenset()
   patterns = config["quantization_config"].get("modules_to_not_convert") or []

@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 
 from models import CausalLM, ModelConfig
 from models.config import BLOCKS
-from models.hf_config import mxfp4_expert_layers
+from models.hf_config import mxfp4_expert_layers, read_config_json
 from swajax import mxfp4
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
@@ -294,9 +294,10 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
   directory = Path(path)
   if mesh is not None:
     sharding_lib.check_mesh(mesh)
-  config = ModelConfig.from_hf(directory)
+  hf_config = read_config_json(os.fspath(directory))
+  config = ModelConfig.from_hf(hf_config)
   files = _tensor_files(directory)
-  table = tensor_table(config, mxfp4_expert_layers(directory))
+  table = tensor_table(config, mxfp4_expert_layers(hf_config, config.num_layers))
   expected = {name for spec in table for name in spec.stored_tensors()}
   for spec in table:
     for name in spec.stored_tensors():

@@ -41,7 +41,8 @@ def write_mxfp4_checkpoint(directory, *, seed=0, not_converted=NOT_CONVERTED):
   save_hf(random_model(CONFIG, seed), directory)
   tensors = load_file(directory / hf_io.SINGLE_FILE)
   quantization = {"quant_method": "mxfp4", "modules_to_not_convert": not_converted}
-  layers = mxfp4_expert_layers({**CONFIG.to_hf(), "quantization_config": quantization})
+  layers = mxfp4_expert_layers({**CONFIG.to_hf(), "quantization_config": quantization},
+                               CONFIG.num_layers)
   rng = np.random.default_rng(seed)
   for spec in tensor_table(CONFIG, layers):
     if spec.mxfp4:
@@ -223,7 +224,8 @@ def test_modules_to_not_convert_as_transformers(patterns, layers):
   from transformers.quantizers.quantizers_utils import should_convert_module
   hf = {**CONFIG.to_hf(), "quantization_config": {
       "quant_method": "mxfp4", "modules_to_not_convert": patterns}}
-  assert mxfp4_expert_layers(hf) == layers
+  ModelConfig.from_hf(hf)  # accepted
+  assert mxfp4_expert_layers(hf, CONFIG.num_layers) == layers
   assert layers == {i for i in range(CONFIG.num_layers) if should_convert_module(
       f"model.layers.{i}.mlp.experts", patterns)}
 
