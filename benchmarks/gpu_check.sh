@@ -46,10 +46,10 @@ phase() {
 if [[ "$SMOKE" == 1 ]]; then
   phase tests 120 "$PY" -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT_DIR/tests.xml" tests/test_cudnn.py
-  phase bench 120 "$PY" -m swajax.bench attention --smoke \
+  phase bench 120 "$PY" -m swajax.cli.bench attention --smoke \
     --impls xla cudnn dense \
     --out "$OUT_DIR/attention.json" --plot "$OUT_DIR/attention.png"
-  phase tiles 120 "$PY" -m swajax.bench tiles --smoke --budget-s 0 \
+  phase tiles 120 "$PY" -m swajax.cli.bench tiles --smoke --budget-s 0 \
     --out "$OUT_DIR/tiles.json"
 else
   tests=()
@@ -64,7 +64,7 @@ else
     --durations=15 --junitxml="$OUT_DIR/tests.xml" "${tests[@]}"
   # bf16, head_dim 128, GQA 32:8, W=4096. cudnn_causal = cuDNN causal flash
   # without the window; dense = XLA masked (only where its scores fit).
-  phase bench 200 "$PY" -m swajax.bench attention \
+  phase bench 200 "$PY" -m swajax.cli.bench attention \
     --seq-lens 8192 32768 131072 --windows 4096 --dtype bfloat16 \
     --heads 32 --kv-heads 8 --head-dim 128 --repeats 5 \
     --impls pallas cudnn cudnn_causal dense tokamax --max-dense-bytes 4e10 \
@@ -73,7 +73,7 @@ else
   # changed at a time, until the time left runs out (tuning data).
   left=$(( ${TOTAL_S:-450} - SECONDS ))
   if (( left > 60 )); then
-    phase tiles "$left" "$PY" -m swajax.bench tiles --budget-s $(( left - 45 )) \
+    phase tiles "$left" "$PY" -m swajax.cli.bench tiles --budget-s $(( left - 45 )) \
       --out "$OUT_DIR/tiles.json"
   else
     echo "tiles not run: ${left}s of TOTAL_S left" | tee -a "$LOG"

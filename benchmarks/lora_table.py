@@ -21,11 +21,11 @@ import jax
 from flax import nnx
 
 import models
-from swajax import lora as lora_lib
+from models import lora as lora_lib
 from swajax import sharding as sharding_lib
-from swajax import training
-from swajax.hf_io import save_hf
-from swajax.train_config import TrainConfig
+from swajax.training import loop as loop_lib, state as state_lib
+from swajax.io.hf import save_hf
+from swajax.training.config import TrainConfig
 
 MODES = {
     "full fine-tuning": {},
@@ -42,8 +42,8 @@ def measure(base: Path, work: Path, name: str, fields: dict, steps: int) -> dict
                        **fields)
   mesh = sharding_lib.make_mesh(1)
   with jax.set_mesh(mesh):
-    model, _, _, state = training.init_model(config, mesh)
-  result = training.train(config)
+    model, _, _, state = state_lib.init_model(config, mesh)
+  result = loop_lib.train(config)
   times = [config.tokens_per_step / r["tokens_per_s"] for r in result.history[1:]]
   return {
       "mode": name,

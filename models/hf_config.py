@@ -378,7 +378,7 @@ def _check_unsupported(model_type, hf):
 # ----- Quantized checkpoints --------------------------------------------------
 
 # MXFP4, the one quantization read (gpt-oss's released checkpoints store their
-# experts so; `swajax.mxfp4` dequantizes them as transformers does): values per
+# experts so; `swajax.io.mxfp4` dequantizes them as transformers does): values per
 # shared scale, along a projection's input axis.
 MXFP4_BLOCK = 32
 # The keys of an MXFP4 quantization_config (transformers' `Mxfp4Config`);

@@ -9,19 +9,20 @@ from models import (CausalLM, ModelConfig, cohere2_tiny, gemma2_tiny, gemma3_tin
                     mixtral_tiny, olmo3_tiny, phi3_tiny, qwen2_tiny, qwen3_tiny,
                     smollm3_tiny, starcoder2_tiny)
 from models.kv_cache import KVCache, LayerCache, init_cache
+from models.lora import LoraSpec, add_lora, merged_model
 from pallas_kernels import (Band, DecodeBlockSizes, FlashBlockSizes,
                             XlaBlockSizes, context_parallel_attention,
                             decode_attention, kv_block_range,
                             reference_attention, sliding_window_attention,
                             visited_blocks, window_mask)
-from swajax.data import ByteTokenizer, pack_sequences
-from swajax.generation import generate, generate_stream
-from swajax.hf_io import load_hf, save_hf
-from swajax.lora import LoraSpec, add_lora, merged_model
-from swajax.peft_io import load_adapter, save_adapter
-from swajax.sampling import sample_next_token
-from swajax.train_config import TrainConfig
-from swajax.training import train
+from swajax.infer.generation import generate, generate_stream
+from swajax.infer.sampling import sample_next_token
+from swajax.io.hf import load_hf, save_hf
+from swajax.io.peft import load_adapter, save_adapter
+from swajax.text.tokenizers import ByteTokenizer
+from swajax.training.config import TrainConfig
+from swajax.training.data import pack_sequences
+from swajax.training.loop import train
 
 __all__ = [
     "Band",

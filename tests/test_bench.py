@@ -14,8 +14,8 @@ import pytest
 
 from pallas_kernels import Band, FlashBlockSizes, visible
 from pallas_kernels.validation import check_attention_args
-from swajax import bench
-from swajax.bench import attention, moe, tiles
+from swajax.cli import bench
+from swajax.cli.bench import attention, moe, tiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Chat / ShareGPT / Alpaca data (swajax.chat): rendering with the tokenizer's
+"""Chat / ShareGPT / Alpaca data (swajax.text.chat): rendering with the tokenizer's
 chat template and the assistant-only loss mask, checked token by token
 against transformers' `apply_chat_template(return_assistant_tokens_mask=True)`
 on a tokenizer fixture built here (BPE trained on a few lines, a ChatML
@@ -10,7 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from swajax import chat, data
+from swajax.text import chat
+from swajax.text.tokenizers import ByteTokenizer, DataError, HFTokenizer
+from swajax.training import data
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -78,7 +80,7 @@ def test_mask_matches_transformers_token_by_token(tmp_path, conversation, ours, 
       make_tokenizer(tmp_path / "theirs", theirs)).apply_chat_template(
           conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
   assert 0 < sum(reference["assistant_masks"]) < len(reference["input_ids"])
-  tokenizer = data.HFTokenizer(make_tokenizer(tmp_path / "ours", ours))
+  tokenizer = HFTokenizer(make_tokenizer(tmp_path / "ours", ours))
   ids, trained = chat.ChatEncoder(tokenizer).encode(conversation)
   assert ids.tolist() == list(reference["input_ids"])
   assert trained.astype(int).tolist() == list(reference["assistant_masks"])
@@ -86,7 +88,7 @@ def test_mask_matches_transformers_token_by_token(tmp_path, conversation, ours, 
 
 def test_byte_tokenizer_uses_chatml_and_trains_assistant_bytes_only():
   conversation = CONVERSATIONS[0]
-  ids, trained = chat.ChatEncoder(data.ByteTokenizer()).encode(conversation)
+  ids, trained = chat.ChatEncoder(ByteTokenizer()).encode(conversation)
   text = bytes(ids.tolist()).decode()
   assert text == ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
                   "<|im_start|>assistant\nParis.<|im_end|>\n")
@@ -124,8 +126,8 @@ def test_bad_chat_lines_name_file_and_line(tmp_path, line, match):
   good = json.dumps({"messages": CONVERSATIONS[0]})
   path = tmp_path / "chat.jsonl"
   path.write_text(good + "\n" + line + "\n")
-  with pytest.raises(data.DataError, match=match):
-    data.read_documents(path, data.ByteTokenizer())
+  with pytest.raises(DataError, match=match):
+    data.read_documents(path, ByteTokenizer())
 
 
 @pytest.mark.parametrize("too_long, lengths", [

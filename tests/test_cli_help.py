@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-from swajax import hf_io, train_cli
-from swajax.train_config import TrainConfig
+from swajax.cli import train as train_cli
+from swajax.io import hf as hf_io, hf_folder
+from swajax.training.config import TrainConfig
 from tests.test_faults import run
 from tests.test_hf_io import CONFIGS, random_model
 
@@ -73,7 +74,7 @@ def test_bench_writes_files_only_where_out_says(tmp_path):
 
 
 def test_big_checkpoints_show_progress(tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(hf_io, "PROGRESS_MIN_BYTES", 0)
+  monkeypatch.setattr(hf_folder, "PROGRESS_MIN_BYTES", 0)
   folder = hf_io.save_hf(random_model(CONFIGS["llama"]), tmp_path / "ckpt",
                          max_shard_size="100KB")
   hf_io.load_hf(folder)

@@ -17,12 +17,14 @@ import jax
 import numpy as np
 import pytest
 
-from swajax import bench, sharding
-from swajax.bench import context as context_bench
+from swajax import sharding
+from swajax.training import loop as loop_lib
+from swajax.cli import bench
+from swajax.cli.bench import context as context_bench
 from tests.test_sharding import (FAST_COMPILE, free_port, result_of, results_of,
                                  run_worker,
                                  single_device_losses)  # noqa: F401 (a fixture)
-from tests.test_train import TINY_MODEL, tiny_train_config, train_lib
+from tests.test_train import TINY_MODEL, tiny_train_config
 
 T = 64           # tokens; 8 devices hold T/P = 8 each
 FP32_ATOL = 1e-5
@@ -149,7 +151,8 @@ TRAIN_WORKER = textwrap.dedent("""
     import json, sys
     import models.attention
     from tests.test_context_parallel import HYBRID_MODEL
-    from tests.test_train import tiny_train_config, train_lib
+    from swajax.training import loop as loop_lib
+    from tests.test_train import tiny_train_config
     args = json.loads(sys.argv[1])
     calls = []
     op = models.attention.context_parallel_attention
@@ -159,7 +162,7 @@ TRAIN_WORKER = textwrap.dedent("""
     models.attention.context_parallel_attention = counted
     report = {}
     for name, overrides in (("tiny", {}), ("hybrid", {"model_overrides": HYBRID_MODEL})):
-      result = train_lib.train(tiny_train_config(f"{args['out']}/{name}", fsdp=2,
+      result = loop_lib.train(tiny_train_config(f"{args['out']}/{name}", fsdp=2,
                                                  context_parallel=4, **overrides))
       report[name] = [r["loss"] for r in result.history]
     report["windows_called"] = sorted(set(map(str, calls)))
@@ -172,8 +175,9 @@ PROCESS_WORKER = textwrap.dedent("""
     from swajax import sharding
     args = json.loads(sys.argv[1])
     sharding.maybe_initialize_distributed(args["coordinator"], 2, args["process_id"])
-    from tests.test_train import tiny_train_config, train_lib
-    result = train_lib.train(tiny_train_config(args["out"], context_parallel=2))
+    from swajax.training import loop as loop_lib
+    from tests.test_train import tiny_train_config
+    result = loop_lib.train(tiny_train_config(args["out"], context_parallel=2))
     print(json.dumps({"losses": [r["loss"] for r in result.history],
                       "mesh": dict(result.model.embed.embedding[...].sharding.mesh.shape)}))
 """)
@@ -186,7 +190,7 @@ def test_eight_devices_fsdp_by_context_train_like_one_device(tmp_path, single_de
       TRAIN_WORKER))
   assert got["windows_called"] == ["16", "None"]  # both layer kinds went context-parallel
   np.testing.assert_allclose(got["tiny"], single_device_losses, rtol=1e-5, atol=1e-5)
-  hybrid = train_lib.train(tiny_train_config(tmp_path / "one",
+  hybrid = loop_lib.train(tiny_train_config(tmp_path / "one",
                                              model_overrides=HYBRID_MODEL))
   np.testing.assert_allclose(got["hybrid"], [r["loss"] for r in hybrid.history],
                              rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from swajax import data
+from swajax.text import tokenizers as tokenizer_lib
+from swajax.training import data
 
 PAD = 999
 
@@ -104,20 +105,20 @@ def test_packing_rejects_mismatched_documents(tokens, trained):
 
 
 def test_packing_rejects_no_documents():
-  with pytest.raises(data.DataError, match="no tokens"):
+  with pytest.raises(tokenizer_lib.DataError, match="no tokens"):
     data.pack_sequences([], 4, pad_id=0)
 
 
 @given(st.text(max_size=50))
 def test_byte_tokenizer_round_trip(text):
-  tok = data.ByteTokenizer()
+  tok = tokenizer_lib.ByteTokenizer()
   ids = tok.encode(text)
   assert all(0 <= i < 256 for i in ids)
   assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == text
 
 
 def test_byte_tokenizer_specials():
-  tok = data.ByteTokenizer()
+  tok = tokenizer_lib.ByteTokenizer()
   assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258, 259)
   doc = data.encode_text(tok, "ab")
   np.testing.assert_array_equal(doc.tokens, [257, 97, 98, 258])
@@ -126,7 +127,7 @@ def test_byte_tokenizer_specials():
 
 @pytest.mark.parametrize("train_prompt", [False, True])
 def test_prompt_masking(train_prompt):
-  tok = data.ByteTokenizer()
+  tok = tokenizer_lib.ByteTokenizer()
   doc = data.encode_example(tok, "Q:", "A", train_prompt=train_prompt)
   np.testing.assert_array_equal(doc.tokens, [257, ord("Q"), ord(":"), ord("A"), 258])
   np.testing.assert_array_equal(doc.trained, [False, train_prompt, train_prompt, True, True])
@@ -143,22 +144,22 @@ def test_hf_tokenizer_from_local_file(tmp_path):
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
   tok.add_special_tokens(["<s>", "</s>", "<pad>"])
   tok.save(str(tmp_path / "tokenizer.json"))
-  loaded = data.load_tokenizer(tmp_path)
+  loaded = tokenizer_lib.load_tokenizer(tmp_path)
   assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.vocab_size) == (0, 1, 2, 6)
   assert loaded.encode("hello world") == [3, 4]
   assert loaded.decode([0, 3, 4, 1]) == "hello world"
   # tokenizer_config.json names the specials when present.
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(
       {"eos_token": {"content": "<pad>"}, "bos_token": None}))
-  assert data.load_tokenizer(tmp_path / "tokenizer.json").eos_id == 2
+  assert tokenizer_lib.load_tokenizer(tmp_path / "tokenizer.json").eos_id == 2
 
 
 def test_bad_tokenizer_path(tmp_path):
-  with pytest.raises(data.DataError, match="no such file"):
-    data.load_tokenizer(tmp_path / "missing.json")
+  with pytest.raises(tokenizer_lib.DataError, match="no such file"):
+    tokenizer_lib.load_tokenizer(tmp_path / "missing.json")
   (tmp_path / "tokenizer.json").write_text("not json")
-  with pytest.raises(data.DataError, match="cannot read"):
-    data.load_tokenizer(tmp_path)
+  with pytest.raises(tokenizer_lib.DataError, match="cannot read"):
+    tokenizer_lib.load_tokenizer(tmp_path)
 
 
 def test_stdlib_corpus_is_split_deterministically_and_capped():
@@ -182,7 +183,7 @@ def test_stdlib_corpus_is_lazy():
 def test_read_documents_jsonl(tmp_path):
   path = tmp_path / "d.jsonl"
   path.write_text('{"text": "ab"}\n\n{"prompt": "Q", "completion": "A"}\n')
-  tok = data.ByteTokenizer()
+  tok = tokenizer_lib.ByteTokenizer()
   (k1, d1), (k2, d2) = data.read_documents(path, tok)
   assert (k1, k2) == ("d.jsonl:1", "d.jsonl:3")
   np.testing.assert_array_equal(d1.trained, [False, True, True, True])
@@ -197,21 +198,21 @@ def test_read_documents_jsonl(tmp_path):
 def test_read_documents_rejects_bad_jsonl(tmp_path, line, match):
   path = tmp_path / "d.jsonl"
   path.write_text(line + "\n")
-  with pytest.raises(data.DataError, match=match):
-    data.read_documents(path, data.ByteTokenizer())
+  with pytest.raises(tokenizer_lib.DataError, match=match):
+    data.read_documents(path, tokenizer_lib.ByteTokenizer())
 
 
 def test_read_documents_folder_and_split(tmp_path):
   for i in range(5):
     (tmp_path / f"f{i}.txt").write_text(f"text {i}")
-  keyed = data.read_documents(tmp_path, data.ByteTokenizer())
+  keyed = data.read_documents(tmp_path, tokenizer_lib.ByteTokenizer())
   assert [k for k, _ in keyed] == [f"f{i}.txt" for i in range(5)]
   train, val = data.split_train_val(keyed, val_percent=0.0)
   assert len(train) == 4 and len(val) == 1  # the last one held out
   (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
-  with pytest.raises(data.DataError, match="UTF-8"):
-    data.read_documents(tmp_path, data.ByteTokenizer())
-  with pytest.raises(data.DataError, match="cannot be split"):
+  with pytest.raises(tokenizer_lib.DataError, match="UTF-8"):
+    data.read_documents(tmp_path, tokenizer_lib.ByteTokenizer())
+  with pytest.raises(tokenizer_lib.DataError, match="cannot be split"):
     data.split_train_val(keyed[:1], val_percent=0.0)
 
 

@@ -24,8 +24,8 @@ from flax import nnx
 
 import swajax
 from models import CausalLM, ModelConfig
-from swajax import train_cli
-from swajax.hf_io import load_hf, save_hf
+from swajax.cli import train as train_cli
+from swajax.io.hf import load_hf, save_hf
 
 from tests import hf_models
 from tests.hf_models import forward, hf_logits, max_diff, torch, transformers

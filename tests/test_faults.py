@@ -86,18 +86,18 @@ def test_runs_started_together_get_their_own_folders(tmp_path):
 def test_claim_run_dir_never_reuses_a_folder(tmp_path, monkeypatch):
   """Point 1: the same second gives runs/<t>, runs/<t>-2, ...; an explicit
   non-empty --out is refused."""
-  from swajax import training
+  from swajax.training import run_folder
 
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(training.time, "strftime", lambda _: "20260101-000000")
-  assert [training.claim_run_dir(None) for _ in range(3)] == [
+  monkeypatch.setattr(run_folder.time, "strftime", lambda _: "20260101-000000")
+  assert [run_folder.claim_run_dir(None) for _ in range(3)] == [
       Path("runs/20260101-000000"), Path("runs/20260101-000000-2"),
       Path("runs/20260101-000000-3")]
   assert (tmp_path / "runs/20260101-000000-3/config.json").is_file()
   with pytest.raises(ValueError, match="is not empty: a run folder is never reused"):
-    training.claim_run_dir("runs/20260101-000000")
+    run_folder.claim_run_dir("runs/20260101-000000")
   (tmp_path / "empty").mkdir()
-  assert training.claim_run_dir("empty") == Path("empty")
+  assert run_folder.claim_run_dir("empty") == Path("empty")
 
 
 def test_refused_resumes_leave_the_run_untouched(finished_run, tmp_path):
@@ -199,7 +199,7 @@ def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     assert_one_line_error(result, "No space left on device")
     assert "the last complete checkpoint is 2" in result.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
-    from swajax.checkpoint import Checkpointer
+    from swajax.training.checkpoint import Checkpointer
     checkpointer = Checkpointer(out / "checkpoints", keep=2, create=False)
     assert checkpointer.read_meta(2)["data_position"] == 8
     checkpointer.close()
@@ -231,17 +231,17 @@ def test_disk_full_simulated(tmp_path, monkeypatch):
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
 
-  from swajax import training
-  from swajax.checkpoint import Checkpointer
+  from swajax.training import run_folder
+  from swajax.training.checkpoint import Checkpointer
 
   def full(fd):
     raise OSError(errno.ENOSPC, "No space left on device")
 
   with monkeypatch.context() as patch:
-    patch.setattr(training.os, "fsync", full)
+    patch.setattr(run_folder.os, "fsync", full)
     with pytest.raises(OSError, match=f"out='{tmp_path}/run': cannot write in {tmp_path} "
                        r"\(No space left on device\)"):
-      training.check_writable(str(tmp_path / "run"))
+      run_folder.check_writable(str(tmp_path / "run"))
   checkpointer = Checkpointer(tmp_path / "checkpoints", keep=2)
   checkpointer.save(1, {"x": jnp.ones(3)}, {"data_position": 1})
   original = ocp.CheckpointManager.save
@@ -269,7 +269,7 @@ def test_a_failed_save_leaves_no_write_in_flight():
 
   from orbax.checkpoint._src import asyncio_utils
 
-  import swajax.checkpoint  # noqa: F401  (installs the wait)
+  import swajax.training.checkpoint  # noqa: F401  (installs the wait)
 
   finished = []
 

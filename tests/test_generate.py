@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 import models
-from swajax.generation import (TRACE_COUNTS, check_request, decode, generate,
+from swajax.infer.generation import (TRACE_COUNTS, check_request, decode, generate,
                                generate_stream, prefill)
-from swajax.data import ByteTokenizer
-from swajax.generate_cli import main as generate_main
-from swajax.hf_io import load_hf, save_hf
+from swajax.text.tokenizers import ByteTokenizer
+from swajax.cli.generate import main as generate_main
+from swajax.io.hf import load_hf, save_hf
 from tests.test_hf_parity import WINDOW, random_hf_model
 
 torch = pytest.importorskip("torch")

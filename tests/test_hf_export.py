@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from swajax.data import ByteTokenizer
-from swajax.hf_io import load_hf, save_hf
+from swajax.text.tokenizers import ByteTokenizer
+from swajax.io.hf import load_hf, save_hf
 from tests.test_faults import TINY, run as cli
 from tests.test_hf_io import CONFIGS, random_model
 

@@ -18,8 +18,10 @@ from safetensors.numpy import load_file, save_file
 
 from models import (CausalLM, gpt_oss_tiny, llama_tiny, mistral_tiny,
                     mixtral_tiny, qwen2_tiny, qwen3_tiny)
-from swajax import hf_io, sharding
-from swajax.hf_io import load_hf, save_hf, tensor_table
+from swajax import sharding
+from swajax.io import hf as hf_io, hf_folder, hf_tensors
+from swajax.io.hf import load_hf, save_hf
+from swajax.io.hf_tensors import tensor_table
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
              num_q_heads=4, num_kv_heads=2, head_dim=16)
@@ -81,7 +83,7 @@ def test_table_covers_every_parameter(family, tied):
 def test_save_then_transformers_gives_same_logits(family, tmp_path):
   model = random_model(CONFIGS[family])
   save_hf(model, tmp_path / "ckpt")
-  assert not (tmp_path / "ckpt" / hf_io.INDEX_FILE).exists()  # one file
+  assert not (tmp_path / "ckpt" / hf_folder.INDEX_FILE).exists()  # one file
   _assert_transformers_logits(model, tmp_path / "ckpt")
 
 
@@ -126,7 +128,7 @@ def test_save_splits_files_above_max_shard_size(tmp_path):
     (123, 123), ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), (" 1.5 kb", 1500),
     ("2GiB", 2 * 2**30)])
 def test_parse_size(size, expected):
-  assert hf_io.parse_size(size, "max_shard_size") == expected
+  assert hf_folder.parse_size(size, "max_shard_size") == expected
 
 
 @pytest.mark.parametrize("size, error", [
@@ -163,17 +165,17 @@ def test_read_block_is_the_block_of_the_converted_tensor(data):
     def __getitem__(self, hf_index):
       reads.append(stored[hf_index].size)
       return stored[hf_index]
-  block = hf_io._read_block(Recorder(), spec, shape, index)
+  block = hf_tensors.read_block(Recorder(), spec, shape, index)
   np.testing.assert_array_equal(block, whole[index])
   # Sharding-like cut: one dimension, the first of its run.
   dim = data.draw(st.integers(0, len(shape) - 1))
-  runs_first = {run[0] for run in hf_io._runs(shape, (
+  runs_first = {run[0] for run in hf_tensors._runs(shape, (
       spec.hf_shape[::-1] if spec.transposed else spec.hf_shape))}
   if dim in runs_first:
     cut = tuple(index[d] if d == dim else slice(None) for d in range(len(shape)))
     reads.clear()
     np.testing.assert_array_equal(
-        hf_io._read_block(Recorder(), spec, shape, cut), whole[cut])
+        hf_tensors.read_block(Recorder(), spec, shape, cut), whole[cut])
     assert reads == [whole[cut].size]
 
 
@@ -193,7 +195,7 @@ def test_expert_parameters_read_back_block_by_block(family, data):
   path = data.draw(st.sampled_from(sorted(by_path, key=str)))
   shape = _variable_shape(model, path)
   ours = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-  stored = {spec: ("file", hf_io._to_hf(spec, spec.select(ours)))
+  stored = {spec: ("file", hf_tensors.to_hf(spec, spec.select(ours)))
             for spec in by_path[path]}
   for spec, (_, tensor) in stored.items():
     assert tensor.shape == spec.hf_shape
@@ -203,7 +205,7 @@ def test_expert_parameters_read_back_block_by_block(family, data):
     index.append(slice(start, data.draw(st.integers(start + 1, size))))
   index = tuple(index)
   np.testing.assert_array_equal(
-      hf_io._read_parameter_block(stored, shape, index), ours[index])
+      hf_tensors.read_parameter_block(stored, shape, index), ours[index])
 
 
 def test_expert_layouts_are_transformers_layouts():
@@ -213,7 +215,7 @@ def test_expert_layouts_are_transformers_layouts():
   spec = next(s for s in tensor_table(config)
               if s.hf_name.endswith("layers.0.mlp.experts.gate_up_proj"))
   ours = np.random.default_rng(0).normal(size=(4, 64, 2, 96)).astype(np.float32)
-  hf = hf_io._to_hf(spec, ours)
+  hf = hf_tensors.to_hf(spec, ours)
   np.testing.assert_array_equal(hf[..., ::2], ours[:, :, 0])
   np.testing.assert_array_equal(hf[..., 1::2], ours[:, :, 1])
   specs = {s.hf_name.rsplit(".", 2)[-2]: s for s in tensor_table(CONFIGS["mixtral"])
@@ -223,7 +225,7 @@ def test_expert_layouts_are_transformers_layouts():
 
 
 def _variable_shape(model, path):
-  return hf_io._variable(model, path).get_value().shape
+  return hf_tensors.variable_at(model, path).get_value().shape
 
 
 def test_load_onto_a_one_device_mesh_and_bad_meshes(tmp_path):

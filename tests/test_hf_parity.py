@@ -17,10 +17,10 @@ from flax import nnx
 
 from models import CausalLM, ModelConfig
 from models.rope import rope_frequencies
-from swajax.hf_io import load_hf
+from swajax.io.hf import load_hf
 
 from tests import hf_models
-from tests.hf_models import forward, hf_logits, max_diff, torch, transformers
+from tests.hf_models import forward, hf_logits, max_diff, transformers
 
 WINDOW, SEQ = 8, 40
 TOLERANCE = 1e-4  # fp32 logits; observed ~1e-6 (summation order only)

@@ -169,3 +169,60 @@ def test_no_import_cycles():
   found = cycles(graph)
   assert not found, "import cycles:\n" + "\n".join(
       " -> ".join(cycle) for cycle in found)
+
+
+# The wings of `swajax`, lowest first: a module imports only modules of its own
+# wing or of a wing below it. The base holds the modules every wing shares.
+WINGS = ("base", "io", "infer", "training", "cli")
+BASE_MODULES = {"swajax.dtypes", "swajax.sharding", "swajax.text"}
+
+
+def wing_of(module):
+  """The wing of a `swajax` module ("base" for the shared modules), or None for
+  the package root `swajax` (the facade: it imports every wing, none imports
+  it) and `swajax.__main__` (`python -m swajax`, the command line's entry)."""
+  parts = module.split(".")
+  if parts[0] != "swajax" or len(parts) == 1 or parts[1] == "__main__":
+    return None
+  if ".".join(parts[:2]) in BASE_MODULES:
+    return "base"
+  assert parts[1] in WINGS, f"{module}: not in a wing {WINGS[1:]} nor the base {BASE_MODULES}"
+  return parts[1]
+
+
+def upward_imports(graph):
+  """(importer, imported) pairs where a swajax module imports a wing above its
+  own, or anything imports the facade `swajax`."""
+  bad = []
+  for module, targets in sorted(graph.items()):
+    for target in sorted(targets):
+      if target == "swajax" and module != "swajax":
+        bad.append((module, target))
+      low, high = wing_of(module), wing_of(target)
+      if low is not None and high is not None and WINGS.index(high) > WINGS.index(low):
+        bad.append((module, target))
+  return bad
+
+
+def test_wings_import_only_wings_below():
+  graph = import_graph(ROOT, ["swajax"])
+  assert {wing_of(m) for m in graph} >= set(WINGS), sorted(graph)
+  bad = upward_imports(graph)
+  assert not bad, "imports that point up a wing:\n" + "\n".join(
+      f"{a} -> {b}" for a, b in bad)
+
+
+@pytest.mark.parametrize("graph, expected", [
+    ({"swajax.io.hf": {"swajax.dtypes", "swajax.text.chat"},
+      "swajax.cli.train": {"swajax.training.loop", "swajax.io.hf"}}, []),
+    ({"swajax.io.hf": {"swajax.training.config"}},
+     [("swajax.io.hf", "swajax.training.config")]),
+    ({"swajax.infer.generation": {"swajax.cli.entry"}},
+     [("swajax.infer.generation", "swajax.cli.entry")]),
+    ({"swajax.training.loop": {"swajax.cli.train"}},
+     [("swajax.training.loop", "swajax.cli.train")]),
+    ({"swajax.text.chat": {"swajax.io.hf"}}, [("swajax.text.chat", "swajax.io.hf")]),
+    ({"swajax.io.hf": {"swajax"}}, [("swajax.io.hf", "swajax")]),
+])
+def test_upward_imports_are_found(graph, expected):
+  assert upward_imports(graph) == expected

@@ -1,4 +1,4 @@
-"""LoRA / QLoRA (swajax.lora) and PEFT adapters (swajax.peft_io).
+"""LoRA / QLoRA (models.lora) and PEFT adapters (swajax.io.peft).
 
 The adapter-only training contract (optimizer state, checkpoints, untouched
 base arrays, exact resume), QLoRA's base bytes, and PEFT parity both ways:
@@ -17,12 +17,13 @@ import pytest
 from flax import nnx
 
 import models
-from swajax import lora as lora_lib
-from swajax import peft_io
+from models import lora as lora_lib
+from swajax.io import peft as peft_io
 from swajax import sharding as sharding_lib
-from swajax import train_cli
-from swajax import training as train_lib
-from swajax.hf_io import load_hf, tensor_table
+from swajax.cli import train as train_cli
+from swajax.training import loop as loop_lib, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from swajax.io.hf import load_hf
+from swajax.io.hf_tensors import tensor_table
 from tests.attention_cases import jaxpr_equations
 from tests.test_train import TINY_MODEL, tiny_train_config
 
@@ -110,7 +111,7 @@ def test_optimizer_state_holds_adapter_shapes_only(tmp_path):
   config = tiny_train_config(tmp_path, **LORA)
   mesh = sharding_lib.make_mesh(1)
   with jax.set_mesh(mesh):
-    model, _, _, state = train_lib.init_model(config, mesh)
+    model, _, _, state = state_lib.init_model(config, mesh)
   adapter_shapes = sorted(x.shape for x in jax.tree.leaves(nnx.state(model, lora_lib.TRAINABLE)))
   assert sorted(x.shape for x in jax.tree.leaves(state.params)) == adapter_shapes
   moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]
@@ -125,11 +126,11 @@ def test_no_base_weight_gradient_is_computed(tmp_path, lora):
   config = tiny_train_config(tmp_path, **(LORA if lora else {}))
   mesh = sharding_lib.make_mesh(1)
   with jax.set_mesh(mesh):
-    model, graphdef, rest, state = train_lib.init_model(config, mesh)
+    model, graphdef, rest, state = state_lib.init_model(config, mesh)
     batch = {k: jnp.zeros((1, 2, 32), jnp.float32 if k == "loss_mask" else jnp.int32)
              for k in ("input_ids", "targets", "segment_ids", "positions", "loss_mask")}
-    jaxpr = jax.make_jaxpr(lambda s: train_lib.train_step(
-        s, rest, batch, graphdef=graphdef, options=train_lib.StepOptions.from_config(config),
+    jaxpr = jax.make_jaxpr(lambda s: step_lib.train_step(
+        s, rest, batch, graphdef=graphdef, options=optimizer_lib.StepOptions.from_config(config),
         mesh=mesh))(state)
   kernels = {tuple(sorted(m.kernel.get_value().shape)) for _, m in nnx.iter_modules(model)
              if isinstance(m, (nnx.Einsum, lora_lib.LoraEinsum)) and hasattr(m, "kernel")}
@@ -155,7 +156,7 @@ def test_dropout_key_masks_the_adapter_input_only_when_set():
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-  return train_lib.train(tiny_train_config(tmp_path_factory.mktemp("lora"), **LORA))
+  return loop_lib.train(tiny_train_config(tmp_path_factory.mktemp("lora"), **LORA))
 
 
 def test_lora_run_trains_adapters_and_leaves_the_base(tmp_path, lora_run):
@@ -163,7 +164,7 @@ def test_lora_run_trains_adapters_and_leaves_the_base(tmp_path, lora_run):
   assert losses[-1] < losses[0]
   mesh = sharding_lib.make_mesh(1)
   with jax.set_mesh(mesh):
-    initial, _, _, _ = train_lib.init_model(tiny_train_config(tmp_path, **LORA), mesh)
+    initial, _, _, _ = state_lib.init_model(tiny_train_config(tmp_path, **LORA), mesh)
   frozen = lambda m: nnx.state(m, nnx.Not(lora_lib.TRAINABLE))
   chex.assert_trees_all_equal(frozen(lora_run.model), frozen(initial))  # bitwise
   assert all(float(jnp.abs(m.lora_b.get_value()).max()) > 0
@@ -179,8 +180,8 @@ def test_lora_checkpoint_holds_adapters_and_resumes_exactly(tmp_path, lora_run):
   arrays = [k for k in names if not k.endswith(("/count',)", "('step',)"))]
   assert all("/lora_a/" in k or "/lora_b/" in k for k in arrays), arrays
   config = tiny_train_config(tmp_path, **LORA)
-  train_lib.train(config, until_step=3)
-  resumed = train_lib.train(config, resume=True)
+  loop_lib.train(config, until_step=3)
+  resumed = loop_lib.train(config, resume=True)
   assert [r["loss"] for r in resumed.history] == [
       r["loss"] for r in lora_run.history[3:]]  # exactly
 
@@ -198,7 +199,7 @@ def test_qlora_quantizes_the_base_and_trains(tmp_path, qtype):
   assert after < before - kernels * (32 - bits) / 8 + kernels // 8
   assert f"frozen base {after / 2**20:.2f} MiB ({qtype}; {before / 2**20:.2f} MiB before" in (
       lora_lib.summary(model))
-  run = train_lib.train(tiny_train_config(tmp_path, quantize_base=qtype, steps=3,
+  run = loop_lib.train(tiny_train_config(tmp_path, quantize_base=qtype, steps=3,
                                           eval_every=3, **LORA))
   losses = [r["loss"] for r in run.history]
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
@@ -239,7 +240,7 @@ def hf_base(tmp_path_factory):
 
 
 def test_swajax_adapter_loads_in_peft_and_merged_export_in_transformers(tmp_path, hf_base):
-  run = train_lib.train(tiny_train_config(
+  run = loop_lib.train(tiny_train_config(
       tmp_path / "run", init_from_hf=str(hf_base), steps=3, eval_every=3,
       lora_targets="all", **LORA))
   hf_dir = tmp_path / "run" / "hf"
@@ -296,7 +297,7 @@ def test_cli_lora_on_the_example_chat_data(tmp_path, capsys):
   conversations reported."""
   from pathlib import Path
 
-  from swajax.hf_io import save_hf
+  from swajax.io.hf import save_hf
 
   save_hf(tiny_model(), tmp_path / "base")
   run = tmp_path / "run"

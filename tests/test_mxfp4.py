@@ -7,7 +7,6 @@ scale bias; clear errors for broken or other quantized checkpoints."""
 import json
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ from safetensors.numpy import load_file, save_file
 
 from models import ModelConfig
 from models.hf_config import mxfp4_expert_layers
-from swajax import hf_io, mxfp4
-from swajax.hf_io import load_hf, save_hf, tensor_table
+from swajax.io import hf_folder, hf_tensors, mxfp4
+from swajax.io.hf import load_hf, save_hf
+from swajax.io.hf_tensors import tensor_table
 from tests.test_hf_io import (CONFIGS, _assert_transformers_logits, forward, ids,
                               random_model)
 
@@ -39,7 +39,7 @@ def write_mxfp4_checkpoint(directory, *, seed=0, not_converted=NOT_CONVERTED):
   blocks and scales in the released layout (the other tensors float, from a
   random model); returns its tensors."""
   save_hf(random_model(CONFIG, seed), directory)
-  tensors = load_file(directory / hf_io.SINGLE_FILE)
+  tensors = load_file(directory / hf_folder.SINGLE_FILE)
   quantization = {"quant_method": "mxfp4", "modules_to_not_convert": not_converted}
   layers = mxfp4_expert_layers({**CONFIG.to_hf(), "quantization_config": quantization},
                                CONFIG.num_layers)
@@ -50,7 +50,7 @@ def write_mxfp4_checkpoint(directory, *, seed=0, not_converted=NOT_CONVERTED):
       del tensors[spec.hf_name]
       tensors[blocks] = rng.integers(0, 256, b_shape, dtype=np.uint8)
       tensors[scales] = rng.integers(*SCALES, s_shape, dtype=np.uint8)
-  save_file(tensors, directory / hf_io.SINGLE_FILE, metadata={"format": "pt"})
+  save_file(tensors, directory / hf_folder.SINGLE_FILE, metadata={"format": "pt"})
   _set_quantization(directory, quantization)
   return tensors
 
@@ -77,8 +77,8 @@ def transformers_dequantized(tensors, name, dtype=torch.float32) -> np.ndarray:
 def ours_in_hf_layout(model, name) -> np.ndarray:
   """Our loaded parameter of HF tensor `name` in transformers' layout, fp32."""
   spec = next(s for s in tensor_table(model.config) if s.hf_name == name)
-  return hf_io._to_hf(spec, np.asarray(
-      hf_io._variable(model, spec.path)[...].astype(jnp.float32)))
+  return hf_tensors.to_hf(spec, np.asarray(
+      hf_tensors.variable_at(model, spec.path)[...].astype(jnp.float32)))
 
 
 def expert_names(layers=range(CONFIG.num_layers)):
@@ -145,7 +145,7 @@ def test_save_writes_plain_floats_that_transformers_loads(checkpoint, tmp_path):
   saved = save_hf(model, tmp_path / "float")
   config = json.loads((saved / "config.json").read_text())
   assert "quantization_config" not in config
-  stored = load_file(saved / hf_io.SINGLE_FILE)
+  stored = load_file(saved / hf_folder.SINGLE_FILE)
   assert sorted(stored) == sorted(spec.hf_name for spec in tensor_table(model.config))
   assert all(x.dtype == np.float32 for x in stored.values())
   chex.assert_trees_all_equal(nnx.state(load_hf(saved), nnx.Param),
@@ -178,7 +178,7 @@ def test_expert_blocks_are_read_by_experts(checkpoint):
   whole = np.asarray(model.layers[0].mlp.gate_up[...])
   index = (slice(1, 3), slice(None), slice(None), slice(None))
   np.testing.assert_array_equal(
-      hf_io._read_parameter_block(stored, whole.shape, index), whole[index])
+      hf_tensors.read_parameter_block(stored, whole.shape, index), whole[index])
   assert reads == [(name, slice(e, e + 1)) for e in (1, 2) for name in (blocks, scales)]
 
 
@@ -188,7 +188,7 @@ import json, sys
 import jax, numpy as np
 from flax import nnx
 from swajax import sharding
-from swajax.hf_io import load_hf
+from swajax.io.hf import load_hf
 directory = json.loads(sys.argv[1])["directory"]
 single, sharded = load_hf(directory), load_hf(directory, mesh=sharding.make_mesh(4))
 params = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
@@ -246,7 +246,7 @@ def test_experts_not_converted_stay_float(tmp_path):
 
 
 def _rewrite(directory, tensors):
-  save_file(tensors, directory / hf_io.SINGLE_FILE, metadata={"format": "pt"})
+  save_file(tensors, directory / hf_folder.SINGLE_FILE, metadata={"format": "pt"})
 
 
 SCALES_0 = "model.layers.0.mlp.experts.gate_up_proj_scales"

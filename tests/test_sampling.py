@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from swajax.sampling import SamplingOptions, check_sampling_args, sample_next_token
+from swajax.infer.sampling import SamplingOptions, check_sampling_args, sample_next_token
 
 
 def random_logits(seed, batch=4, vocab=32):

@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from swajax import sharding
-from tests.test_train import TINY_MODEL, tiny_train_config, train_lib
+from swajax.training import loop as loop_lib
+from tests.test_train import TINY_MODEL, tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -55,7 +56,7 @@ def test_distributed_is_a_no_op_without_a_coordinator(monkeypatch):
 @pytest.fixture(scope="module")
 def single_device_losses(tmp_path_factory):
   """The reference: the same run (8 rows per step) on this process's one device."""
-  result = train_lib.train(tiny_train_config(tmp_path_factory.mktemp("one")))
+  result = loop_lib.train(tiny_train_config(tmp_path_factory.mktemp("one")))
   return [r["loss"] for r in result.history]
 
 
@@ -92,9 +93,10 @@ def param_checksums(model) -> dict[str, float]:
 WORKER = textwrap.dedent("""
     import json, sys
     from tests.test_sharding import describe
-    from tests.test_train import tiny_train_config, train_lib
+    from swajax.training import loop as loop_lib
+    from tests.test_train import tiny_train_config
     args = json.loads(sys.argv[1])
-    print(json.dumps(describe(train_lib.train(tiny_train_config(args["out"],
+    print(json.dumps(describe(loop_lib.train(tiny_train_config(args["out"],
                                                                 fsdp=args["fsdp"])))))
 """)
 
@@ -107,7 +109,7 @@ CLI_WORKER = textwrap.dedent("""
       sys.stderr.flush()
       os._exit(1)
     sys.excepthook = exit_at_once
-    from swajax import train_cli
+    from swajax.cli import train as train_cli
     from tests.test_sharding import describe, param_checksums
     from tests.test_train import tiny_train_config
     from tests.test_train_cli import as_flags
@@ -230,7 +232,7 @@ HF_WORKER = textwrap.dedent("""
     import jax, numpy as np
     from flax import nnx
     from swajax import sharding
-    from swajax.hf_io import load_hf
+    from swajax.io.hf import load_hf
     from tests.test_hf_io import forward, ids
     directory = json.loads(sys.argv[1])["directory"]
     mesh = sharding.make_mesh(4)
@@ -254,7 +256,7 @@ HF_WORKER = textwrap.dedent("""
 
 
 def test_hf_checkpoint_loads_onto_a_data_by_fsdp_mesh(tmp_path):
-  from swajax.hf_io import save_hf
+  from swajax.io.hf import save_hf
   from tests.test_hf_io import CONFIGS, random_model
 
   directory = save_hf(random_model(CONFIGS["qwen2"]), tmp_path / "ckpt",
@@ -283,10 +285,11 @@ MOE_WORKER = textwrap.dedent("""
     import jax, numpy as np
     from flax import nnx
     from swajax import sharding
-    from swajax.hf_io import load_hf
+    from swajax.io.hf import load_hf
     from tests.test_hf_io import forward, ids
     from tests.test_sharding import TINY_MOE
-    from tests.test_train import tiny_train_config, train_lib
+    from swajax.training import loop as loop_lib
+    from tests.test_train import tiny_train_config
     args = json.loads(sys.argv[1])
     params = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
     shards = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
@@ -301,7 +304,7 @@ MOE_WORKER = textwrap.dedent("""
                                              - np.asarray(forward(sharded, ids(24)))))),
           "gate_up_shards": shards(sharded.layers[0].mlp.gate_up[...]),
           "down_shards": shards(sharded.layers[0].mlp.down[...])}
-    result = train_lib.train(tiny_train_config(
+    result = loop_lib.train(tiny_train_config(
         args["out"], model="gpt_oss_tiny", model_overrides=TINY_MOE, fsdp=4))
     report["losses"] = [r["loss"] for r in result.history]
     report["aux"] = [r["router_aux_loss"] for r in result.history]
@@ -315,13 +318,13 @@ def test_experts_shard_over_fsdp_in_loading_and_training(tmp_path):
   expert tensors) and a gpt-oss (fused, interleaved) checkpoint load onto a
   2 x 4 mesh equal to the unsharded load, and `--fsdp 4` training of a MoE
   model matches one device."""
-  from swajax.hf_io import save_hf
+  from swajax.io.hf import save_hf
   from tests.test_hf_io import CONFIGS, random_model
 
   checkpoints = {family: str(save_hf(random_model(CONFIGS[family]),
                                      tmp_path / family, max_shard_size="40KB"))
                  for family in ("mixtral", "gpt_oss")}
-  one = train_lib.train(tiny_train_config(
+  one = loop_lib.train(tiny_train_config(
       tmp_path / "one", model="gpt_oss_tiny", model_overrides=TINY_MOE))
   proc = run_worker({"checkpoints": checkpoints, "out": str(tmp_path / "run")},
                     {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"},

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 import models
-from swajax import data
-from swajax import training as train_lib
+from swajax.training import data
+from swajax.training import loop as loop_lib, optimizer as optimizer_lib, state as state_lib, step as step_lib
 from swajax.sharding import make_mesh
-from swajax.train_config import TrainConfig
+from swajax.training.config import TrainConfig
 
 # A one-layer model whose window (16) is shorter than the rows (32).
 TINY_MODEL = dict(num_layers=1, hidden_size=64, intermediate_size=128, num_q_heads=4,
@@ -72,7 +72,7 @@ def test_config_from_dict():
 def test_config_takes_a_model_config():
   model = models.qwen2_tiny(num_layers=2, rope_scaling={"rope_type": "linear", "factor": 2.0})
   config = TrainConfig(model=model, steps=3)
-  assert train_lib.model_config_for(config) is model
+  assert state_lib.model_config_for(config) is model
   hash(config)
   # config.json holds the ModelConfig as a table of its fields (tuples as lists).
   saved = json.loads(json.dumps(config.to_dict()))
@@ -87,8 +87,8 @@ def test_config_takes_a_model_config():
 
 def test_model_preset_checked():
   with pytest.raises(ValueError, match="model='gpt5': expected a preset"):
-    train_lib.model_config_for(TrainConfig(model="gpt5"))
-  config = train_lib.model_config_for(TrainConfig(model_overrides=TINY_MODEL))
+    state_lib.model_config_for(TrainConfig(model="gpt5"))
+  config = state_lib.model_config_for(TrainConfig(model_overrides=TINY_MODEL))
   assert config.layer_windows == (16,) and config.model_type == "mistral"
 
 
@@ -97,25 +97,25 @@ def test_model_preset_checked():
 def test_masked_loss_sums_literal():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3] * 3]]))
   targets = jnp.array([[0, 1, 2]])
-  loss_sum, count = train_lib.masked_loss_sums(logits, targets, jnp.array([[1, 1, 0]]))
+  loss_sum, count = step_lib.masked_loss_sums(logits, targets, jnp.array([[1, 1, 0]]))
   chex.assert_trees_all_close(loss_sum, -math.log(0.5) - math.log(0.8), rtol=1e-6)
   assert count == 2
 
 
 def test_schedule_warmup_then_cosine():
   config = TrainConfig(lr=1.0, warmup_steps=4, steps=12, min_lr_ratio=0.1)
-  schedule = train_lib.make_schedule(train_lib.StepOptions.from_config(config))
+  schedule = optimizer_lib.make_schedule(optimizer_lib.StepOptions.from_config(config))
   chex.assert_trees_all_close([float(schedule(s)) for s in (0, 2, 4, 8, 12)],
                               [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
-  short = train_lib.make_schedule(
-      train_lib.StepOptions.from_config(dataclasses.replace(config, steps=3)))
+  short = optimizer_lib.make_schedule(
+      optimizer_lib.StepOptions.from_config(dataclasses.replace(config, steps=3)))
   assert float(short(2)) == 1.0  # warmup capped at steps - 1
 
 
 def test_optimizer_decays_matrices_only():
   config = TrainConfig(lr=0.1, warmup_steps=0, steps=2, weight_decay=0.5)
   params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
-  tx = train_lib.make_optimizer(train_lib.StepOptions.from_config(config), params)
+  tx = optimizer_lib.make_optimizer(optimizer_lib.StepOptions.from_config(config), params)
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)
   chex.assert_trees_all_close(updates["kernel"], -0.1 * 0.5 * params["kernel"])
@@ -143,8 +143,8 @@ def test_packed_loss_equals_per_document_losses():
   @nnx.jit
   def losses(model, packed, alone):
     logits = model(alone["input_ids"])
-    return (train_lib.batch_loss_sums(model, packed),
-            train_lib.masked_loss_sums(logits, alone["targets"], alone["loss_mask"]))
+    return (step_lib.batch_loss_sums(model, packed),
+            step_lib.masked_loss_sums(logits, alone["targets"], alone["loss_mask"]))
 
   (packed_sum, packed_count, balance), (alone_sum, alone_count) = losses(
       model, packed, alone)
@@ -163,11 +163,11 @@ def test_grad_accumulation_matches_one_big_batch():
   for accum in (1, 2):
     config = dataclasses.replace(config, grad_accum=accum, batch_size=4 // accum)
     with jax.set_mesh(mesh):
-      _, graphdef, rest, state = train_lib.init_model(config, mesh)
+      _, graphdef, rest, state = state_lib.init_model(config, mesh)
       batch = {k: jnp.asarray(v.reshape(accum, 4 // accum, 32)) for k, v in rows.items()}
-      state, metrics = train_lib.train_step(
+      state, metrics = step_lib.train_step(
           state, rest, batch, graphdef=graphdef,
-          options=train_lib.StepOptions.from_config(config), mesh=mesh)
+          options=optimizer_lib.StepOptions.from_config(config), mesh=mesh)
     results.append((state.params, metrics["loss"], metrics["grad_norm"]))
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
@@ -177,7 +177,7 @@ def test_grad_accumulation_matches_one_big_batch():
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
   """Six uninterrupted steps of the tiny model (seed 0)."""
-  return train_lib.train(tiny_train_config(tmp_path_factory.mktemp("full")))
+  return loop_lib.train(tiny_train_config(tmp_path_factory.mktemp("full")))
 
 
 def test_loss_decreases(full_run):
@@ -191,8 +191,8 @@ def test_loss_decreases(full_run):
 def test_resume_is_exact(tmp_path, full_run):
   # Stopped after step 3 (as if preempted), then resumed from its checkpoint.
   config = tiny_train_config(tmp_path)
-  first = train_lib.train(config, until_step=3)
-  second = train_lib.train(config, resume=True)
+  first = loop_lib.train(config, until_step=3)
+  second = loop_lib.train(config, resume=True)
   assert second.resumed_from == 3
   assert [r["loss"] for r in first.history + second.history] == [
       r["loss"] for r in full_run.history]  # exactly
@@ -206,12 +206,12 @@ def test_resume_is_exact(tmp_path, full_run):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["3", "6"]
   with pytest.raises(ValueError, match="already holds checkpoints"):
-    train_lib.train(config)
+    loop_lib.train(config)
   # The data order is fixed by the seed and the packing: a resume that changes
   # them would silently train on another stream.
   for change in (dict(seed=1), dict(seq_len=16)):
     with pytest.raises(ValueError, match=f"{next(iter(change))}=.*checkpoint"):
-      train_lib.train(dataclasses.replace(config, steps=7, **change), resume=True)
+      loop_lib.train(dataclasses.replace(config, steps=7, **change), resume=True)
 
 
 def test_model_config_run_resumes_from_its_config_json(tmp_path, full_run):
@@ -219,21 +219,21 @@ def test_model_config_run_resumes_from_its_config_json(tmp_path, full_run):
   folder's config.json alone rebuilds it for a resume (`swajax train --resume`)."""
   config = dataclasses.replace(tiny_train_config(tmp_path), model_overrides=(),
                                model=models.mistral_tiny(**TINY_MODEL))
-  first = train_lib.train(config, until_step=3)
+  first = loop_lib.train(config, until_step=3)
   saved = TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
   assert saved == config
-  second = train_lib.train(saved, resume=True)
+  second = loop_lib.train(saved, resume=True)
   assert [r["loss"] for r in first.history + second.history] == [
       r["loss"] for r in full_run.history]  # exactly
 
 
 def test_fine_tune_from_hf_checkpoint(tmp_path, full_run):
   """A HF export of the seed-0 initial model trains exactly like seed 0."""
-  from swajax.hf_io import save_hf
+  from swajax.io.hf import save_hf
 
   save_hf(models.CausalLM(models.mistral_tiny(**TINY_MODEL), rngs=nnx.Rngs(0)),
           tmp_path / "hf")
-  tuned = train_lib.train(tiny_train_config(
+  tuned = loop_lib.train(tiny_train_config(
       tmp_path / "run", init_from_hf=str(tmp_path / "hf"), model="ignored"), until_step=2)
   chex.assert_trees_all_close([r["loss"] for r in tuned.history],
                               [r["loss"] for r in full_run.history[:2]], rtol=1e-6)
@@ -265,7 +265,7 @@ def test_moe_training_adds_the_router_load_balancing_loss(tmp_path):
   coefficient reaches the router: coefficient 0 and 1 start from the same
   loss, then train different routers."""
   overrides = dict(TINY_MODEL, num_experts=4, experts_per_token=2)
-  runs = {coef: train_lib.train(tiny_train_config(
+  runs = {coef: loop_lib.train(tiny_train_config(
       tmp_path / str(coef), model="gpt_oss_tiny", model_overrides=overrides,
       steps=3, eval_every=3, checkpoint_every=3, router_aux_loss_coef=coef))
       for coef in (0.0, 1.0)}

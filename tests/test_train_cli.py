@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from swajax import train_cli
-from swajax.train_config import TrainConfig
+from swajax.cli import train as train_cli
+from swajax.training.config import TrainConfig
 from tests.test_train import tiny_train_config
 
 

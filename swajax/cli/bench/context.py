@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import AxisType
 
 from pallas_kernels import context_parallel_attention
-from swajax.bench import common
+from swajax.cli.bench import common
 from swajax.dtypes import DTYPES
 
 COLUMNS = [("seq_len", "T"), ("window", "W"), ("devices", "P"),
@@ -150,7 +150,7 @@ def main(argv: list[str]) -> int:
       return 2
     flags = f"--xla_force_host_platform_device_count={args.devices}"
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}"}
-    return subprocess.run([sys.executable, "-m", "swajax.bench", "context", *argv],
+    return subprocess.run([sys.executable, "-m", "swajax.cli.bench", "context", *argv],
                           env=env, check=False).returncode
   mesh = jax.make_mesh((args.devices,), ("context",), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:args.devices])

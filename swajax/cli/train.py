@@ -31,13 +31,14 @@ import yaml
 import models
 from pallas_kernels import IMPLS
 from swajax.dtypes import DTYPES
-from swajax import lora as lora_lib
-from swajax.generation import generate
-from swajax.hf_io import save_hf
-from swajax.peft_io import save_adapter
+from models import lora as lora_lib
+from swajax.infer.generation import generate
+from swajax.io.hf import save_hf
+from swajax.io.peft import save_adapter
 from swajax.sharding import maybe_initialize_distributed
-from swajax.train_config import REMAT, TOO_LONG, TrainConfig
-from swajax.training import TrainingInterrupted, train
+from swajax.training.config import REMAT, TOO_LONG, TrainConfig
+from swajax.training.loop import train
+from swajax.training.run_folder import TrainingInterrupted
 
 SAMPLE_PROMPT = "def "
 

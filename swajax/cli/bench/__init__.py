@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from swajax.bench import attention, context, generate, moe, tiles, train
-from swajax.commands import Table, dispatch
+from swajax.cli.bench import attention, context, generate, moe, tiles, train
+from swajax.cli.commands import Table, dispatch
 
 BENCHMARKS: Table = {
     "attention": (attention.main,

@@ -41,7 +41,7 @@ from flax import nnx
 
 from models.kv_cache import KVCache, cache_slots, position_limit
 from pallas_kernels.validation import check_positive_int
-from swajax.sampling import SamplingOptions, check_sampling_args, sample_next_token
+from swajax.infer.sampling import SamplingOptions, check_sampling_args, sample_next_token
 
 # Traces of the jitted prefill chunk, single decode step and decode loop
 # ("prefill", "decode", "decode_loop").
@@ -301,7 +301,7 @@ def generate(model, input_ids, *, max_new_tokens: int, prompt_lengths=None,
     (row b's prompt is input_ids[b, T - prompt_lengths[b]:]; the padding
     values are ignored); every row is a full-length prompt by default.
   temperature 0: greedy (argmax); > 0: sampled after top_k / top_p filtering
-    (`swajax.sampling.sample_next_token`), from `rng` (a jax PRNG key;
+    (`swajax.infer.sampling.sample_next_token`), from `rng` (a jax PRNG key;
     default jax.random.key(0)); step s samples with fold_in(rng, s).
   eos_token_id: None (never stop) or an id (or ids): a row stops at its first
     eos, and its later tokens are all eos_token_id (the first, if several).

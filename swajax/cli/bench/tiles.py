@@ -24,7 +24,7 @@ import jax
 
 from pallas_kernels import FlashBlockSizes, sliding_window_attention
 from pallas_kernels.validation import check_attention_args
-from swajax.bench import attention, common
+from swajax.cli.bench import attention, common
 
 # Field -> values tried instead of the default's (one field at a time).
 SWEEP = {

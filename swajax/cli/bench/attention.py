@@ -3,7 +3,7 @@
 For each (seq_len, window) it times the forward and forward+backward (grad of
 <out, cotangent> in q, k, v) of every requested impl, and reports:
 
-- time (median; see swajax.bench.common), effective TFLOP/s counting only
+- time (median; see swajax.cli.bench.common), effective TFLOP/s counting only
   in-window (query, key) pairs: fwd 4·pairs·H·N·B, fwd+bwd 3.5x that;
 - XLA's compiled temp bytes (and the GPU's peak bytes in use, cumulative);
 - the speedup over the dense baseline `jax.nn.dot_product_attention(
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import sliding_window_attention
-from swajax.bench import common
+from swajax.cli.bench import common
 from swajax.dtypes import DTYPES
 
 ALL_IMPLS = ("xla", "pallas", "cudnn", "reference", "dense", "cudnn_causal",

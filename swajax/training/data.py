@@ -1,4 +1,4 @@
-"""Training data: tokenizers, documents, sequence packing and the embedded corpus.
+"""Training data: documents, sequence packing and the embedded corpus.
 
 A *document* is one token sequence (a file, a JSONL record) with a per-token
 flag saying whether that token is a training target. `pack_sequences` lays
@@ -13,7 +13,6 @@ and tokenizer.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sysconfig
@@ -23,8 +22,9 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from swajax import chat as chat_lib
-from swajax.train_config import TOO_LONG, TrainConfig
+from swajax.text import chat as chat_lib
+from swajax.text.tokenizers import DataError, load_tokenizer
+from swajax.training.config import TOO_LONG, TrainConfig
 
 # Row fields produced by `pack_sequences`, all [R, T].
 ROW_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -33,128 +33,6 @@ PADDING_SEGMENT = 0  # segment id of padding; document pieces are 1, 2, ...
 # pydoc_data/topics.py would otherwise dominate the corpus).
 MAX_CORPUS_FILE_BYTES = 128 * 1024
 _NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
-
-
-class DataError(ValueError):
-  """Unreadable or malformed training data (the CLI prints it as one line)."""
-
-
-# ----------------------------------------------------------------------------
-# Tokenizers
-# ----------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ByteTokenizer:
-  """UTF-8 bytes are ids 0..255; the specials follow: pad 256, bos 257, eos 258."""
-
-  pad_id: int = 256
-  bos_id: int = 257
-  eos_id: int = 258
-
-  @property
-  def vocab_size(self) -> int:
-    return max(self.pad_id, self.bos_id, self.eos_id) + 1
-
-  def encode(self, text: str) -> np.ndarray:
-    """int32 [L] byte values of the UTF-8 encoding."""
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [L], offsets int [L, 2]: each byte's character [start, end))."""
-    ids = self.encode(text)
-    char = np.repeat(np.arange(len(text)), [len(c.encode("utf-8")) for c in text])
-    return ids, np.stack([char, char + 1], axis=1).reshape(-1, 2)
-
-  def decode(self, ids: Iterable[int]) -> str:
-    """Bytes back to text; special ids are dropped, broken UTF-8 replaced."""
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode(
-        "utf-8", errors="replace")
-
-
-# Special-token spellings tried when tokenizer_config.json does not name them.
-_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
-_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
-_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
-
-
-class HFTokenizer:
-  """A Hugging Face `tokenizers` tokenizer read from a local tokenizer.json.
-
-  bos/eos/pad come from a sibling tokenizer_config.json when present, else
-  from common spellings. bos_id may be None (no bos is prepended); without a
-  pad token, eos doubles as pad (padding never carries loss either way).
-  chat_template: the sibling chat template (`chat.read_template`) or None.
-  """
-
-  def __init__(self, path: str | Path):
-    # Lazy: `tokenizers` is not a swajax dependency (it comes with the `hf`
-    # extra, transformers); only this class needs it.
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    self.file = file
-    try:
-      self._tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises its own Exception types
-      raise DataError(f"tokenizer={str(path)!r}: cannot read {file} ({e})") from e
-    named = _configured_specials(file.parent / "tokenizer_config.json")
-    self.bos_id = self._find(named.get("bos_token"), _BOS_NAMES)
-    self.eos_id = self._find(named.get("eos_token"), _EOS_NAMES)
-    if self.eos_id is None:
-      raise DataError(f"tokenizer={str(path)!r}: no end-of-sequence token found "
-                      f"(tried {', '.join(_EOS_NAMES)})")
-    pad = self._find(named.get("pad_token"), _PAD_NAMES)
-    self.pad_id = self.eos_id if pad is None else pad
-    self.chat_template = chat_lib.read_template(file)
-    self.bos_token = None if self.bos_id is None else self._tok.id_to_token(self.bos_id)
-    self.eos_token = self._tok.id_to_token(self.eos_id)
-
-  def _find(self, configured, names) -> int | None:
-    for name in ((configured,) if configured else ()) + names:
-      token_id = self._tok.token_to_id(name)
-      if token_id is not None:
-        return token_id
-    return None
-
-  @property
-  def vocab_size(self) -> int:
-    return self._tok.get_vocab_size(with_added_tokens=True)
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
-    """(ids [L], offsets int [L, 2]: each token's character [start, end))."""
-    encoding = self._tok.encode(text, add_special_tokens=False)
-    return encoding.ids, np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
-
-  def decode(self, ids: Iterable[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def _configured_specials(config_file: Path) -> dict:
-  """{"bos_token": str, ...} from tokenizer_config.json, {} if absent."""
-  if not config_file.is_file():
-    return {}
-  config = json.loads(config_file.read_text())
-  out = {}
-  for key in ("bos_token", "eos_token", "pad_token"):
-    value = config.get(key)
-    if isinstance(value, dict):  # {"content": "<s>", ...}
-      value = value.get("content")
-    if isinstance(value, str):
-      out[key] = value
-  return out
-
-
-def load_tokenizer(path: str | Path | None):
-  """None -> ByteTokenizer(); a tokenizer.json (or its folder) -> HFTokenizer."""
-  if path is None:
-    return ByteTokenizer()
-  if not Path(path).exists():
-    raise DataError(f"tokenizer={str(path)!r}: no such file or directory")
-  return HFTokenizer(path)
 
 
 # ----------------------------------------------------------------------------
@@ -374,7 +252,7 @@ def read_documents(path: str | Path, tokenizer, *, train_prompt: bool = False
   A folder: every file under it (sorted) is one text document. A .jsonl
   file: one record per line, {"text": ...} or {"prompt": ..., "completion":
   ...} (the prompt is trained only with train_prompt=True), or a chat,
-  ShareGPT or Alpaca record (`swajax.chat`: rendered with the tokenizer's
+  ShareGPT or Alpaca record (`swajax.text.chat`: rendered with the tokenizer's
   chat template, the assistant turns trained). Any other file: one text
   document. A malformed line raises DataError naming its file and line.
   """

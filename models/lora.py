@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import models
+from models.causal_lm import CausalLM
 
 # PEFT `target_modules` names -> (sub-module of a decoder layer, projection).
 TARGETS = {
@@ -189,7 +189,7 @@ def lora_modules(model) -> list[tuple[tuple, LoraEinsum]]:
   return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, LoraEinsum)]
 
 
-def add_lora(model: models.CausalLM, spec: LoraSpec, *, rngs: nnx.Rngs) -> models.CausalLM:
+def add_lora(model: CausalLM, spec: LoraSpec, *, rngs: nnx.Rngs) -> CausalLM:
   """`model` with spec.targets of every layer wrapped by `LoraEinsum` (in
   place; returned for chaining). Raises ValueError if it already has LoRA."""
   if lora_modules(model):
@@ -218,11 +218,11 @@ def set_dropout_key(model, key: jax.Array | None) -> None:
     module.dropout_key = None if key is None else jax.random.fold_in(key, i)
 
 
-def merged_model(model: models.CausalLM) -> models.CausalLM:
+def merged_model(model: CausalLM) -> CausalLM:
   """A plain `CausalLM` (no adapters) whose kernels are W + scale * A @ B
   (W dequantized under QLoRA), in the adapters' (the parameter) dtype; the
   other parameters are `model`'s arrays (not copied)."""
-  plain = nnx.eval_shape(lambda: models.CausalLM(
+  plain = nnx.eval_shape(lambda: CausalLM(
       model.config, dtype=model.dtype, param_dtype=model.param_dtype,
       attn_impl=model.attn_impl, remat=model.remat, rngs=nnx.Rngs(0)))
   modules = dict(lora_modules(model))

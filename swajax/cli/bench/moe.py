@@ -18,7 +18,7 @@ after the same router (`models.moe.route`):
   capacity_factor · N·k / E), the rows past C dropped (inexact: the
   dropped share is reported), then one batched einsum.
 
-Timing per `swajax.bench.common` (compile, warm up, median); temp memory
+Timing per `swajax.cli.bench.common` (compile, warm up, median); temp memory
 from XLA's memory analysis of the forward + backward. `max_abs_diff` is each
 output against blocked's. Prints a table; writes JSON only with `--out`, a PNG
 with `--plot`. From Python: `benchmark(cases=..., ...)` returns the payload.
@@ -38,7 +38,7 @@ from flax import nnx
 import models
 from models.layers import gated_activation
 from models.moe import MoE, combine, route, sort_assignments
-from swajax.bench import common
+from swajax.cli.bench import common
 from swajax.dtypes import DTYPES
 
 DISPATCHES = ("blocked", "ragged", "dense", "capacity")

@@ -28,9 +28,9 @@ from flax import nnx
 
 import models
 from models.kv_cache import cache_bytes
-from swajax.bench import common
+from swajax.cli.bench import common
 from swajax.dtypes import DTYPES
-from swajax.generation import (check_request, decode, generate,
+from swajax.infer.generation import (check_request, decode, generate,
                                generate_stream, prefill)
 
 COLUMNS = [("attention", "attention"), ("window", "W"), ("prompt_len", "T"),

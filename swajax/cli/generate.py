@@ -13,7 +13,6 @@ Tokens go to stdout as they are generated; timing goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,10 +21,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from swajax.data import load_tokenizer
-from swajax.generation import generate_stream
-from swajax.hf_io import load_hf
-from swajax.sampling import check_sampling_args
+from swajax.infer.generation import generate_stream
+from swajax.infer.sampling import check_sampling_args
+from swajax.io.hf import load_hf
+from swajax.io.model_source import load_tokenizer_for, resolve_model_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,38 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--attn-impl", default="auto",
                       choices=["auto", "pallas", "xla", "reference"])
   return parser
-
-
-def resolve_model_dir(directory: Path) -> Path:
-  """The HF folder to load: `directory`, or a train run folder's `hf/`."""
-  if (directory / "config.json").is_file() and any(
-      directory.glob("*.safetensors*")):
-    return directory
-  if (directory / "hf" / "config.json").is_file():
-    return directory / "hf"
-  hint = (" (a swajax train run folder without its hf/ export: the run has "
-          "not finished)" if (directory / "checkpoints").is_dir() else "")
-  raise FileNotFoundError(
-      f"{directory}: expected a Hugging Face folder (config.json + "
-      f"*.safetensors) or a swajax train run folder with hf/{hint}")
-
-
-def load_tokenizer_for(model_dir: Path, run_dir: Path, choice: str | None = None):
-  """The tokenizer `choice` names (a tokenizer.json path or "bytes"); else
-  tokenizer.json from the model folder or the run folder; else bytes when the
-  model's config.json records "swajax_tokenizer": "bytes" (a `swajax train`
-  export); else FileNotFoundError (never a silent guess)."""
-  if choice is not None:
-    return load_tokenizer(None if choice == "bytes" else choice)
-  for folder in (model_dir, run_dir):
-    if (folder / "tokenizer.json").is_file():
-      return load_tokenizer(folder / "tokenizer.json")
-  config = json.loads((model_dir / "config.json").read_text())
-  if config.get("swajax_tokenizer") == "bytes":
-    return load_tokenizer(None)
-  raise FileNotFoundError(
-      f"{model_dir}: no tokenizer.json and no tokenizer recorded in config.json: "
-      "pass --tokenizer FILE (or --tokenizer bytes for UTF-8 byte ids)")
 
 
 class TextStream:

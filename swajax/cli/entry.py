@@ -1,8 +1,8 @@
 """`swajax` command line: one subcommand per user job, each in its own module.
 
-  swajax train      -> swajax.train_cli.main
-  swajax generate   -> swajax.generate_cli.main
-  swajax bench ...  -> swajax.bench.main   (attention | generate | train | tiles)
+  swajax train      -> swajax.cli.train.main
+  swajax generate   -> swajax.cli.generate.main
+  swajax bench ...  -> swajax.cli.bench.main   (attention | generate | train | tiles)
   swajax --version  -> the installed swajax version
 
 The subcommand modules are imported up front: `import swajax` already loads
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
-from swajax import bench, generate_cli, train_cli
-from swajax.commands import Table, dispatch
+from swajax.cli import bench, generate as generate_cli, train as train_cli
+from swajax.cli.commands import Table, dispatch
 
 SUBCOMMANDS: Table = {
     "train": (train_cli.main, "train a model (default: a small sliding-window "

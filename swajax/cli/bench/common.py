@@ -19,7 +19,7 @@ import time
 import jax
 
 import models
-from swajax.train_cli import parse_override
+from swajax.cli.train import parse_override
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The same model twice: `mistral_tiny` with every layer windowed (W keys), and
 `config.with_full_attention()` (every window removed). One jitted optimizer
 step each (forward, backward, AdamW; the `swajax train` step) on one row of T
-random tokens per device, timed per `swajax.bench.common` (compile, warm up,
+random tokens per device, timed per `swajax.cli.bench.common` (compile, warm up,
 median). Prints a table and writes JSON. The sliding model's attention costs
 O(T·W), the full one's O(T²/2); the MLP and projections cost the same in both,
 so the speedup grows with T / W and with the attention share of the model.
@@ -19,10 +19,12 @@ import jax
 import numpy as np
 
 from swajax import sharding as sharding_lib
-from swajax.bench import common
+from swajax.cli.bench import common
 from swajax.dtypes import DTYPES
-from swajax.train_config import REMAT, TrainConfig
-from swajax.training import StepOptions, init_model, train_step
+from swajax.training.config import REMAT, TrainConfig
+from swajax.training.optimizer import StepOptions
+from swajax.training.state import init_model
+from swajax.training.step import train_step
 
 COLUMNS = [("attention", "attention"), ("window", "window"), ("seq_len", "T"),
            ("batch", "B"), ("step_ms", "step ms"), ("tokens_per_s", "tokens/s"),

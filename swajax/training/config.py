@@ -17,7 +17,7 @@ from typing import Any
 import models
 from models.causal_lm import REMAT_POLICIES
 from pallas_kernels import IMPLS
-from swajax import lora as lora_lib
+from models import lora as lora_lib
 from swajax.dtypes import DTYPES
 
 REMAT = ("none", *REMAT_POLICIES)  # "none": no remat
@@ -39,7 +39,7 @@ class TrainConfig:
   dtype: str = "bfloat16"          # compute
   param_dtype: str = "float32"     # parameters and optimizer state
   remat: str = "none"              # "none" | "full" | "dots_saveable"
-  # LoRA (swajax.lora): None trains every parameter; a rank R trains only
+  # LoRA (models.lora): None trains every parameter; a rank R trains only
   # adapters of rank R on lora_targets (PEFT module names, comma-separated, or
   # "all"), scaled by lora_alpha / R (alpha None: 2 * R, LLaMA-Factory's
   # default; use_rslora: alpha / sqrt(R)). quantize_base (QLoRA): hold the
@@ -54,7 +54,7 @@ class TrainConfig:
   merge_lora: bool = False
   # Data: None = the embedded Python-stdlib corpus; else a folder, a text file
   # or a .jsonl ({"text"}, {"prompt", "completion"}, or chat / ShareGPT /
-  # Alpaca records: swajax.chat) file. too_long: documents longer than
+  # Alpaca records: swajax.text.chat) file. too_long: documents longer than
   # seq_len are "split" across rows, "truncate"d or "drop"ped (counted and
   # reported at the end of the run either way).
   data: str | None = None
@@ -150,7 +150,7 @@ class TrainConfig:
 
   @property
   def lora_spec(self) -> lora_lib.LoraSpec | None:
-    """The run's `swajax.lora.LoraSpec`; None for full fine-tuning."""
+    """The run's `models.lora.LoraSpec`; None for full fine-tuning."""
     if self.lora_rank is None:
       return None
     alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
