@@ -382,7 +382,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
   # A failure while writing removes the temporary directory.
   def broken_save(*args, **kwargs):
     raise OSError("disk full")
-  monkeypatch.setattr(hf_io, "save_file", broken_save)
+  monkeypatch.setattr(hf_folder, "save_file", broken_save)
   with pytest.raises(OSError, match="disk full"):
     save_hf(random_model(CONFIGS["llama"]), tmp_path / "b")
   assert _leftovers(tmp_path) == []
