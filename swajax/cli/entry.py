@@ -2,6 +2,7 @@
 
   swajax train      -> swajax.cli.train.main
   swajax generate   -> swajax.cli.generate.main
+  swajax merge      -> swajax.cli.merge.main
   swajax bench ...  -> swajax.cli.bench.main   (attention | generate | train | tiles)
   swajax --version  -> the installed swajax version
 
@@ -15,12 +16,15 @@ import sys
 from importlib import metadata
 
 from swajax.cli import bench, generate as generate_cli, train as train_cli
+from swajax.cli import merge as merge_cli
 from swajax.cli.commands import Table, dispatch
 
 SUBCOMMANDS: Table = {
     "train": (train_cli.main, "train a model (default: a small sliding-window "
               "Mistral on the embedded Python-stdlib corpus)"),
     "generate": (generate_cli.main, "generate text from a checkpoint directory"),
+    "merge": (merge_cli.main, "merge a LoRA adapter into its base (a run folder "
+              "or a PEFT adapter folder)"),
     "bench": (bench.main, "benchmarks: attention | generate | train"),
 }
 
