@@ -10,6 +10,7 @@ tensor by tensor in fp32; bad input is one line and exit 2.
 import json
 import re
 import shlex
+import subprocess
 
 import numpy as np
 import pytest
@@ -52,15 +53,21 @@ def printed_commands(stdout: str) -> dict[str, list[str]]:
 
 
 def test_every_command_a_lora_run_prints_works(lora_run):
+  """Each printed command exits 0 (chat reads one turn from stdin); eval
+  scores the validation file to the run's last validation loss."""
   run_dir, stdout = lora_run
   commands = printed_commands(stdout)
-  assert set(commands) >= {"generate", "merge"}, stdout
+  assert set(commands) == {"generate", "chat", "eval", "merge"}, stdout
+  outputs = {}
   for name, argv in commands.items():
-    proc = swajax(*argv, stdin=__import__("subprocess").PIPE)
-    out, err = proc.communicate("hello\n", timeout=300)
+    proc = swajax(*argv, stdin=subprocess.PIPE)
+    outputs[name], err = proc.communicate("hello\n", timeout=300)
     assert proc.returncode == 0, (name, err)
     assert "error" not in err, (name, err)
   assert (run_dir / "merged" / "config.json").is_file()
+  records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  val_loss = [r["val_loss"] for r in records if "val_loss" in r][-1]
+  assert json.loads(outputs["eval"])["loss"] == pytest.approx(val_loss, rel=1e-5)
 
 
 def merged_by_peft(base_dir, adapter_dir) -> dict[str, np.ndarray]:

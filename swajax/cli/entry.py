@@ -3,6 +3,7 @@
   swajax train      -> swajax.cli.train.main
   swajax generate   -> swajax.cli.generate.main
   swajax merge      -> swajax.cli.merge.main
+  swajax eval       -> swajax.cli.eval.main
   swajax bench ...  -> swajax.cli.bench.main   (attention | generate | train | tiles)
   swajax --version  -> the installed swajax version
 
@@ -16,7 +17,7 @@ import sys
 from importlib import metadata
 
 from swajax.cli import bench, generate as generate_cli, train as train_cli
-from swajax.cli import merge as merge_cli
+from swajax.cli import eval as eval_cli, merge as merge_cli
 from swajax.cli.commands import Table, dispatch
 
 SUBCOMMANDS: Table = {
@@ -25,6 +26,8 @@ SUBCOMMANDS: Table = {
     "generate": (generate_cli.main, "generate text from a checkpoint directory"),
     "merge": (merge_cli.main, "merge a LoRA adapter into its base (a run folder "
               "or a PEFT adapter folder)"),
+    "eval": (eval_cli.main, "loss and perplexity of a model on data (training's "
+             "tokenization and loss mask)"),
     "bench": (bench.main, "benchmarks: attention | generate | train"),
 }
 

@@ -318,9 +318,18 @@ def next_commands(run_dir: Path, config: TrainConfig) -> list[str]:
   folder is a MODEL: its hf/, or a LoRA run's adapter on its base)."""
   run = str(run_dir)
   lines = [f"generate: {shlex.join(['swajax', 'generate', run, '--prompt', SAMPLE_PROMPT])}"]
+  if config.val_data is not None:  # scores what the run's validation scored
+    lines.append(f"eval: {shlex.join(eval_argv(run, config))}")
   if config.lora_rank is not None and not config.merge_lora:
     lines.append(f"merge: {shlex.join(['swajax', 'merge', run, '--out', str(run_dir / 'merged')])}")
   return lines
+
+
+def eval_argv(run: str, config: TrainConfig) -> list[str]:
+  """`swajax eval` of the run on its validation file, packed as the run packed it."""
+  argv = ["swajax", "eval", run, "--data", config.val_data, "--seq-len", str(config.seq_len),
+          "--batch-size", str(config.batch_size), "--too-long", config.too_long]
+  return argv + (["--train-prompt"] if config.train_prompt else [])
 
 
 def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | None,
