@@ -26,6 +26,7 @@ import numpy as np
 from swajax.infer.generation import generate_stream
 from swajax.infer.sampling import check_sampling_args
 from swajax.io.model_source import resolve_model
+from swajax.text.stream import TextStream
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,32 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--attn-impl", default="auto",
                       choices=["auto", "pallas", "xla", "reference"])
   return parser
-
-
-class TextStream:
-  """Prints decoded text as tokens arrive, holding back a partial character
-  (a trailing U+FFFD) until the next token completes it.
-
-  `context`: the prompt ids (already printed). The new tokens are decoded
-  after them, so the tokenizer's own spacing between the prompt and the first
-  new token is kept (a WordLevel tokenizer joins words with spaces)."""
-
-  def __init__(self, tokenizer, context=(), out=sys.stdout):
-    self.tokenizer, self.out = tokenizer, out
-    self.ids: list[int] = [int(i) for i in context]
-    self.printed = len(tokenizer.decode(self.ids))
-
-  def add(self, token: int, final: bool = False) -> None:
-    self.ids.append(token)
-    self.flush(final)
-
-  def flush(self, final: bool) -> None:
-    text = self.tokenizer.decode(self.ids)
-    stable = len(text) if final else len(text.rstrip("\ufffd"))
-    if stable > self.printed:
-      self.out.write(text[self.printed:stable])
-      self.out.flush()
-      self.printed = stable
 
 
 def main(argv: list[str]) -> int:

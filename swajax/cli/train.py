@@ -317,7 +317,8 @@ def next_commands(run_dir: Path, config: TrainConfig) -> list[str]:
   """The commands a finished run suggests, each run as printed (the run
   folder is a MODEL: its hf/, or a LoRA run's adapter on its base)."""
   run = str(run_dir)
-  lines = [f"generate: {shlex.join(['swajax', 'generate', run, '--prompt', SAMPLE_PROMPT])}"]
+  lines = [f"generate: {shlex.join(['swajax', 'generate', run, '--prompt', SAMPLE_PROMPT])}",
+           f"chat: {shlex.join(['swajax', 'chat', run])}"]
   if config.val_data is not None:  # scores what the run's validation scored
     lines.append(f"eval: {shlex.join(eval_argv(run, config))}")
   if config.lora_rank is not None and not config.merge_lora:

@@ -83,6 +83,22 @@ class ModelSource:
           f"{model.config.vocab_size}: {self.model_dir} needs its tokenizer.json")
     return model, tokenizer
 
+  def eos_ids(self) -> tuple[int, ...]:
+    """The eos_token_id of the model folder's generation_config.json (an id
+    or a list of ids, as transformers' `generate` stops at them); () without
+    one."""
+    file = self.model_dir / "generation_config.json"
+    if not file.is_file():
+      return ()
+    try:
+      eos = json.loads(file.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise ValueError(f"{file}: expected a JSON object ({e})") from None
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+      raise ValueError(f"{file}: eos_token_id={eos!r}: expected an id or a list of ids")
+    return tuple(ids)
+
   def tokenizer(self, choice: str | None = None):
     """`load_tokenizer_for` this model: `choice`, else the adapter's, the
     model folder's or the named run folder's tokenizer.json, else bytes
