@@ -222,6 +222,17 @@ def merged_model(model: CausalLM) -> CausalLM:
   """A plain `CausalLM` (no adapters) whose kernels are W + scale * A @ B
   (W dequantized under QLoRA), in the adapters' (the parameter) dtype; the
   other parameters are `model`'s arrays (not copied)."""
+  return _plain_model(model, merge=True)
+
+
+def base_model(model: CausalLM) -> CausalLM:
+  """The frozen base of a LoRA model as a plain `CausalLM`: the kernels W
+  (dequantized under QLoRA) in the adapters' dtype, the adapters left out;
+  the other parameters are `model`'s arrays (not copied)."""
+  return _plain_model(model, merge=False)
+
+
+def _plain_model(model: CausalLM, *, merge: bool) -> CausalLM:
   plain = nnx.eval_shape(lambda: CausalLM(
       model.config, dtype=model.dtype, param_dtype=model.param_dtype,
       attn_impl=model.attn_impl, remat=model.remat, rngs=nnx.Rngs(0)))
@@ -230,7 +241,9 @@ def merged_model(model: CausalLM) -> CausalLM:
     owner, leaf = tuple(path[:-1]), path[-1]
     if owner in modules and leaf == "kernel":
       lora = modules[owner]
-      value = lora.base_kernel(lora.lora_a.get_value().dtype) + lora.delta()
+      value = lora.base_kernel(lora.lora_a.get_value().dtype)
+      if merge:
+        value = value + lora.delta()
     else:
       value = _get(model, path).get_value()
     _get(plain, path).set_value(value)

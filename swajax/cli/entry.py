@@ -2,6 +2,9 @@
 
   swajax train      -> swajax.cli.train.main
   swajax generate   -> swajax.cli.generate.main
+  swajax chat       -> swajax.cli.chat.main
+  swajax eval       -> swajax.cli.eval.main
+  swajax merge      -> swajax.cli.merge.main
   swajax bench ...  -> swajax.cli.bench.main   (attention | generate | train | tiles)
   swajax --version  -> the installed swajax version
 
@@ -15,12 +18,19 @@ import sys
 from importlib import metadata
 
 from swajax.cli import bench, generate as generate_cli, train as train_cli
+from swajax.cli import chat as chat_cli, eval as eval_cli, merge as merge_cli
 from swajax.cli.commands import Table, dispatch
 
 SUBCOMMANDS: Table = {
     "train": (train_cli.main, "train a model (default: a small sliding-window "
               "Mistral on the embedded Python-stdlib corpus)"),
     "generate": (generate_cli.main, "generate text from a checkpoint directory"),
+    "chat": (chat_cli.main, "chat with a model in its chat template (a run folder, "
+             "an HF folder, an adapter)"),
+    "eval": (eval_cli.main, "loss and perplexity of a model on data (training's "
+             "tokenization and loss mask)"),
+    "merge": (merge_cli.main, "merge a LoRA adapter into its base (a run folder "
+              "or a PEFT adapter folder)"),
     "bench": (bench.main, "benchmarks: attention | generate | train"),
 }
 

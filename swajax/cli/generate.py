@@ -1,7 +1,9 @@
 """`swajax generate CHECKPOINT_DIR --prompt TEXT`: stream a continuation.
 
 CHECKPOINT_DIR is a Hugging Face folder (config.json + safetensors, read by
-`swajax.load_hf`), or a `swajax train` run folder, whose `hf/` export is used.
+`swajax.load_hf`), a `swajax train` run folder, whose `hf/` export is used (a
+LoRA run's adapter on its base), or a PEFT adapter folder (on its base);
+`--adapter DIR` puts a PEFT adapter on the model (`io.model_source`).
 The tokenizer is `--tokenizer` (a tokenizer.json, or `bytes`), else the
 folder's tokenizer.json, else UTF-8 bytes (`ByteTokenizer`) when the export
 says so (`swajax train`'s default); with none known it is an error, never a
@@ -23,15 +25,18 @@ import numpy as np
 
 from swajax.infer.generation import generate_stream
 from swajax.infer.sampling import check_sampling_args
-from swajax.io.hf import load_hf
-from swajax.io.model_source import load_tokenizer_for, resolve_model_dir
+from swajax.io.model_source import resolve_model
+from swajax.text.stream import TextStream
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="swajax generate", description=__doc__.split("\n\n")[0])
   parser.add_argument("checkpoint_dir", type=Path,
-                      help="HF checkpoint folder or swajax train run folder")
+                      help="HF checkpoint folder, swajax train run folder or PEFT "
+                      "adapter folder")
+  parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                      help="a PEFT LoRA adapter folder to put on the model")
   parser.add_argument("--prompt", required=True, help="text to continue")
   parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
                       help="tokenizer.json (or its folder), or 'bytes' for UTF-8 "
@@ -48,44 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-class TextStream:
-  """Prints decoded text as tokens arrive, holding back a partial character
-  (a trailing U+FFFD) until the next token completes it.
-
-  `context`: the prompt ids (already printed). The new tokens are decoded
-  after them, so the tokenizer's own spacing between the prompt and the first
-  new token is kept (a WordLevel tokenizer joins words with spaces)."""
-
-  def __init__(self, tokenizer, context=(), out=sys.stdout):
-    self.tokenizer, self.out = tokenizer, out
-    self.ids: list[int] = [int(i) for i in context]
-    self.printed = len(tokenizer.decode(self.ids))
-
-  def add(self, token: int, final: bool = False) -> None:
-    self.ids.append(token)
-    self.flush(final)
-
-  def flush(self, final: bool) -> None:
-    text = self.tokenizer.decode(self.ids)
-    stable = len(text) if final else len(text.rstrip("\ufffd"))
-    if stable > self.printed:
-      self.out.write(text[self.printed:stable])
-      self.out.flush()
-      self.printed = stable
-
-
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
   try:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p)
-    model_dir = resolve_model_dir(args.checkpoint_dir)
-    tokenizer = load_tokenizer_for(model_dir, args.checkpoint_dir, args.tokenizer)
-    model = load_hf(model_dir, attn_impl=args.attn_impl)
-    if tokenizer.vocab_size > model.config.vocab_size:
-      raise ValueError(
-          f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
-          f"{model.config.vocab_size}: {model_dir} needs its tokenizer.json")
+    source = resolve_model(args.checkpoint_dir, args.adapter)
+    model, tokenizer = source.load_with_tokenizer(args.tokenizer,
+                                                  attn_impl=args.attn_impl)
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     prompt = np.asarray([bos + list(tokenizer.encode(args.prompt))], np.int32)
     stream = TextStream(tokenizer, context=prompt[0])

@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -307,27 +308,56 @@ def report(result, config: TrainConfig, seconds: float) -> None:
                          tokenizer=result.tokenizer)
   if config.sample_tokens > 0:
     _sample(result, run_dir / "sample.txt", config.sample_tokens, lines, write=lead)
-  lines.append(f"generate: swajax generate {run_dir} --prompt {SAMPLE_PROMPT!r}")
+  lines += next_commands(run_dir, config)
   if lead:
     print("\n".join(lines))
+
+
+def next_commands(run_dir: Path, config: TrainConfig) -> list[str]:
+  """The commands a finished run suggests, each run as printed (the run
+  folder is a MODEL: its hf/, or a LoRA run's adapter on its base)."""
+  run = str(run_dir)
+  lines = [f"generate: {shlex.join(['swajax', 'generate', run, '--prompt', SAMPLE_PROMPT])}",
+           f"chat: {shlex.join(['swajax', 'chat', run])}"]
+  if config.val_data is not None:  # scores what the run's validation scored
+    lines.append(f"eval: {shlex.join(eval_argv(run, config))}")
+  if config.lora_rank is not None and not config.merge_lora:
+    lines.append(f"merge: {shlex.join(['swajax', 'merge', run, '--out', str(run_dir / 'merged')])}")
+  return lines
+
+
+def eval_argv(run: str, config: TrainConfig) -> list[str]:
+  """`swajax eval` of the run on its validation file, packed as the run packed it."""
+  argv = ["swajax", "eval", run, "--data", config.val_data, "--seq-len", str(config.seq_len),
+          "--batch-size", str(config.batch_size), "--too-long", config.too_long]
+  return argv + (["--train-prompt"] if config.train_prompt else [])
 
 
 def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | None,
                 tokenizer=None) -> list[str]:
   """A LoRA run's export (`swajax train`): the PEFT adapter in hf_dir/adapter/
-  and, with merge, the merged model (`lora.merged_model`) as a full HF
-  checkpoint in hf_dir (replacing its files; with `tokenizer`, its files and
-  ids, as `save_hf`). Every process calls it (the merged
-  save gathers parameters); process 0 writes the adapter. Returns report lines."""
+  (with `tokenizer`'s files) and, with merge, the merged model
+  (`lora.merged_model`) as a full HF checkpoint in hf_dir (replacing its
+  files; with `tokenizer`, its files and ids, as `save_hf`). A run on a fresh
+  preset (no `base_model_name_or_path`) also writes its frozen base
+  (`lora.base_model`) to hf_dir/base/, the base the adapter records, so the
+  adapter loads anywhere (PEFT, `swajax generate RUN`). Every process calls it
+  (the saves gather parameters); process 0 writes the adapter. Returns report
+  lines."""
   hf_dir = Path(hf_dir)
   lines = []
   if merge:
     save_hf(lora_lib.merged_model(model), hf_dir, overwrite=True, tokenizer=tokenizer)
     lines.append(f"Hugging Face export (LoRA merged) {hf_dir}")
+  if base_model_name_or_path is None:
+    base_model_name_or_path = hf_dir / "base"
+    save_hf(lora_lib.base_model(model), base_model_name_or_path, overwrite=True,
+            tokenizer=tokenizer)
+    lines.append(f"the adapter's base (the fresh {model.config.model_type} it was "
+                 f"trained on) {base_model_name_or_path}")
   if jax.process_index() == 0:
-    base = None if base_model_name_or_path is None else str(
-        Path(base_model_name_or_path).absolute())
-    save_adapter(model, hf_dir / "adapter", base_model_name_or_path=base)
+    save_adapter(model, hf_dir / "adapter", tokenizer=tokenizer,
+                 base_model_name_or_path=str(Path(base_model_name_or_path).absolute()))
   lines.append(f"PEFT adapter {hf_dir / 'adapter'} (peft.PeftModel.from_pretrained)")
   return lines
 

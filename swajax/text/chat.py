@@ -55,6 +55,7 @@ DEFAULT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # Private-use characters bracketing generation blocks while rendering.
 _OPEN, _CLOSE = "\U000f0000", "\U000f0001"
+_PROBE = "\U000f0002"  # the assistant content `end_of_turn` looks after
 
 
 class ChatDataError(ValueError):
@@ -195,6 +196,25 @@ class ChatEncoder:
                                   **self.specials)
     except jinja2.TemplateError as e:
       raise ChatDataError(f"chat template: {e}") from e
+
+  def prompt(self, messages: list[dict]) -> str:
+    """The text a model continues to answer `messages`: the conversation
+    rendered with add_generation_prompt=True, as transformers'
+    `apply_chat_template(messages, add_generation_prompt=True)` renders it."""
+    return _strip_marks(self._render(messages, True))[0]
+
+  def end_of_turn(self) -> str:
+    """The text the template writes right after an assistant message's
+    content (its end-of-turn marker, e.g. "<|im_end|>"), whitespace
+    stripped; "" for a template that writes none (or that cannot render a
+    one-exchange conversation)."""
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE}]
+    try:
+      text = _strip_marks(self._render(probe, False))[0]
+    except ChatDataError:
+      return ""
+    at = text.rfind(_PROBE)
+    return "" if at < 0 else text[at + len(_PROBE):].strip()
 
   def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """(text, [(start, end) character spans of the trained text])."""

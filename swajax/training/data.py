@@ -13,6 +13,7 @@ and tokenizer.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sysconfig
@@ -352,21 +353,46 @@ def load_data(config: TrainConfig, tokenizer, notes: list[str] | None = None
       train_docs = [doc for _, doc in keyed]
       val_docs = [doc for _, doc in read_documents(
           config.val_data, tokenizer, train_prompt=config.train_prompt)]
-  train_docs, train_note = fit_documents(train_docs, config.seq_len, config.too_long)
-  val_docs, val_note = fit_documents(val_docs, config.seq_len, config.too_long)
+  pack = functools.partial(pack_for_loss, seq_len=config.seq_len,
+                           too_long=config.too_long, pad_id=tokenizer.pad_id)
+  train_rows, train_note = pack(train_docs, whole=keeps_records_whole(config.data))
+  val_rows, val_note = pack(val_docs, whole=keeps_records_whole(
+      config.data if config.val_data is None else config.val_data))
   if notes is not None:
     notes += [f"{split} data: {note}" for split, note in
               (("train", train_note), ("validation", val_note)) if note]
-  # Prompt/completion records stay whole; plain text streams end to end.
-  whole = config.data is not None and config.data.endswith(".jsonl")
-  pack = lambda docs: pack_sequences(
-      docs, config.seq_len, pad_id=tokenizer.pad_id, split_documents=not whole)
-  train_rows = PackedRows(pack(train_docs), seed=config.seed)
   # Validation: the first eval_batches * batch_size rows, each once (a short
   # validation set is not repeated to fill them), in whole batches.
-  val_rows = {k: v[:config.eval_batches * config.batch_size]
-              for k, v in pack(val_docs).items()}
-  return train_rows, pad_rows(val_rows, config.batch_size, pad_id=tokenizer.pad_id)
+  val_rows = {k: v[:config.eval_batches * config.batch_size] for k, v in val_rows.items()}
+  return (PackedRows(train_rows, seed=config.seed),
+          pad_rows(val_rows, config.batch_size, pad_id=tokenizer.pad_id))
+
+
+def keeps_records_whole(path: str | Path | None) -> bool:
+  """Whether documents from `path` are packed whole (JSONL records: a prompt
+  and its completion stay together), not streamed end to end (text)."""
+  return path is not None and str(path).endswith(".jsonl")
+
+
+def pack_for_loss(docs: list[Document], *, seq_len: int, too_long: str, pad_id: int,
+                  whole: bool) -> tuple[dict[str, np.ndarray], str | None]:
+  """(rows [R, T], note) of `docs` as training and evaluation pack them:
+  `fit_documents` (its note), then `pack_sequences` (documents that fit a
+  row kept whole when `whole`)."""
+  docs, note = fit_documents(docs, seq_len, too_long)
+  return pack_sequences(docs, seq_len, pad_id=pad_id, split_documents=not whole), note
+
+
+def file_rows(path: str | Path, tokenizer, *, seq_len: int, too_long: str,
+              train_prompt: bool = False) -> tuple[dict[str, np.ndarray], str | None]:
+  """(rows [R, T], note): every document of a data file (`read_documents`)
+  packed as a training run packs its data (`pack_for_loss`): the rows
+  `swajax eval` scores. DataError for a file without documents."""
+  docs = [doc for _, doc in read_documents(path, tokenizer, train_prompt=train_prompt)]
+  if not docs:
+    raise DataError(f"data={str(path)!r}: no documents")
+  return pack_for_loss(docs, seq_len=seq_len, too_long=too_long,
+                       pad_id=tokenizer.pad_id, whole=keeps_records_whole(path))
 
 
 def fit_documents(docs: list[Document], seq_len: int, too_long: str

@@ -116,10 +116,19 @@ def eval_step(params, rest, batch, *, graphdef):
 
 def evaluate(graphdef, params, rest, rows: dict, batch_size: int, sharding) -> float:
   """Mean target-token loss of `params` over validation rows, in batches."""
+  total, count = evaluate_sums(graphdef, params, rest, rows, batch_size, sharding)
+  return total / max(count, 1.0)
+
+
+def evaluate_sums(graphdef, params, rest, rows: dict, batch_size: int, sharding
+                  ) -> tuple[float, float]:
+  """(sum of the target tokens' losses, target count) of `params` over packed
+  rows (a whole number of batches of `batch_size`), batch by batch
+  (`eval_step`); `evaluate` and `swajax eval` both take it."""
   total = count = 0.0
   for start in range(0, len(rows["input_ids"]), batch_size):
     batch = {k: sharding_lib.global_array(v[start:start + batch_size], sharding)
              for k, v in rows.items()}
     loss_sum, n = eval_step(params, rest, batch, graphdef=graphdef)
     total, count = total + float(loss_sum), count + float(n)
-  return total / max(count, 1.0)
+  return total, count
