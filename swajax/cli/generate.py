@@ -1,7 +1,8 @@
 """`swajax generate CHECKPOINT_DIR --prompt TEXT`: stream a continuation.
 
 CHECKPOINT_DIR is a Hugging Face folder (config.json + safetensors, read by
-`swajax.load_hf`), or a `swajax train` run folder, whose `hf/` export is used.
+`swajax.load_hf`), a `swajax train` run folder, whose `hf/` export is used,
+or a GGUF file (`swajax.load_gguf`, with the file's tokenizer).
 The tokenizer is `--tokenizer` (a tokenizer.json, or `bytes`), else the
 folder's tokenizer.json, else UTF-8 bytes (`ByteTokenizer`) when the export
 says so (`swajax train`'s default); with none known it is an error, never a
@@ -23,15 +24,14 @@ import numpy as np
 
 from swajax.infer.generation import generate_stream
 from swajax.infer.sampling import check_sampling_args
-from swajax.io.hf import load_hf
-from swajax.io.model_source import load_tokenizer_for, resolve_model_dir
+from swajax.io.model_source import load_model, load_tokenizer_for, resolve_model_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="swajax generate", description=__doc__.split("\n\n")[0])
   parser.add_argument("checkpoint_dir", type=Path,
-                      help="HF checkpoint folder or swajax train run folder")
+                      help="HF checkpoint folder, swajax train run folder or .gguf file")
   parser.add_argument("--prompt", required=True, help="text to continue")
   parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
                       help="tokenizer.json (or its folder), or 'bytes' for UTF-8 "
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
                         args.top_p)
     model_dir = resolve_model_dir(args.checkpoint_dir)
     tokenizer = load_tokenizer_for(model_dir, args.checkpoint_dir, args.tokenizer)
-    model = load_hf(model_dir, attn_impl=args.attn_impl)
+    model = load_model(model_dir, attn_impl=args.attn_impl)
     if tokenizer.vocab_size > model.config.vocab_size:
       raise ValueError(
           f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="

@@ -18,6 +18,7 @@ unexpected tensor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -110,13 +111,22 @@ class GgufFile:
 
 def read_gguf(path) -> GgufFile:
   """Opens a GGUF file (memory-mapped; tensors are read when loaded).
-  FileNotFoundError for a missing file, ValueError (one line) for one
+  gguf's reader parses every metadata value up front (seconds for a 262k
+  vocabulary), so the last few files opened are kept, keyed by path, size
+  and modification time: the model and the tokenizer of one file share one
+  read. FileNotFoundError for a missing file, ValueError (one line) for one
   that is not a readable GGUF file (truncated, another format)."""
   if isinstance(path, GgufFile):
     return path
-  path = Path(path)
+  path = Path(path).absolute()
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such GGUF file")
+  stat = path.stat()
+  return _read(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(path: Path, size: int, mtime_ns: int) -> GgufFile:
   try:
     reader = gguf.GGUFReader(os.fspath(path))
   except Exception as e:  # the reader raises ValueError, struct / numpy errors
