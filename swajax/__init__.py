@@ -17,6 +17,7 @@ from pallas_kernels import (Band, DecodeBlockSizes, FlashBlockSizes,
                             visited_blocks, window_mask)
 from swajax.infer.generation import generate, generate_stream
 from swajax.infer.sampling import sample_next_token
+from swajax.io.gguf import gguf_tokenizer, load_gguf
 from swajax.io.hf import load_hf, save_hf
 from swajax.io.peft import load_adapter, save_adapter
 from swajax.text.tokenizers import ByteTokenizer
@@ -42,6 +43,7 @@ __all__ = [
     "decode_attention",
     "gemma2_tiny",
     "gemma3_tiny",
+    "gguf_tokenizer",
     "gpt_oss_tiny",
     "generate",
     "generate_stream",
@@ -49,6 +51,7 @@ __all__ = [
     "kv_block_range",
     "llama_tiny",
     "load_adapter",
+    "load_gguf",
     "load_hf",
     "merged_model",
     "ministral_tiny",

@@ -2,8 +2,9 @@
 
 CHECKPOINT_DIR is a Hugging Face folder (config.json + safetensors, read by
 `swajax.load_hf`), a `swajax train` run folder, whose `hf/` export is used (a
-LoRA run's adapter on its base), or a PEFT adapter folder (on its base);
-`--adapter DIR` puts a PEFT adapter on the model (`io.model_source`).
+LoRA run's adapter on its base), a PEFT adapter folder (on its base), or a
+GGUF file (`swajax.load_gguf`, with the file's tokenizer); `--adapter DIR`
+puts a PEFT adapter on the model (`io.model_source`).
 The tokenizer is `--tokenizer` (a tokenizer.json, or `bytes`), else the
 folder's tokenizer.json, else UTF-8 bytes (`ByteTokenizer`) when the export
 says so (`swajax train`'s default); with none known it is an error, never a
@@ -33,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="swajax generate", description=__doc__.split("\n\n")[0])
   parser.add_argument("checkpoint_dir", type=Path,
-                      help="HF checkpoint folder, swajax train run folder or PEFT "
-                      "adapter folder")
+                      help="HF checkpoint folder, swajax train run folder, PEFT "
+                      "adapter folder or .gguf file")
   parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
                       help="a PEFT LoRA adapter folder to put on the model")
   parser.add_argument("--prompt", required=True, help="text to continue")

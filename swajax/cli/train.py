@@ -58,7 +58,7 @@ FIELD_HELP = {
     "model_overrides": "ModelConfig fields of the preset, e.g. num_layers=2 "
                        "'layer_windows=(64,64)'",
     "init_from_hf": "fine-tune this Hugging Face folder (config.json + safetensors) "
-                    "instead of a fresh preset",
+                    "or .gguf file (dequantized) instead of a fresh preset",
     "attn_impl": "attention implementation (auto: pallas on GPU, else xla)",
     "dtype": "compute dtype",
     "param_dtype": "parameter and optimizer-state dtype",

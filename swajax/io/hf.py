@@ -96,11 +96,11 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
     first = table[0].hf_name
     with open_safetensors(files[first]) as f:
       dtype = _stored_dtype(files[first], f.get_slice(first), first)
-  dtype = _check_float(dtype, "dtype")
+  dtype = check_float(dtype, "dtype")
   model = nnx.eval_shape(lambda: CausalLM(
       config, dtype=dtype, param_dtype=dtype, attn_impl=attn_impl,
       rngs=nnx.Rngs(0)))
-  shardings = {} if mesh is None else _param_shardings(model, mesh)
+  shardings = {} if mesh is None else param_shardings(model, mesh)
   by_path = {}  # our parameter -> its HF tensors (several: Mixtral's experts)
   for spec in table:
     by_path.setdefault(spec.path, []).append(spec)
@@ -126,7 +126,7 @@ def load_hf(path, *, dtype=None, attn_impl: str = "auto", mesh=None,
 
     for path, specs in by_path.items():
       var = variable_at(model, path)
-      var.set_value(_read({spec: stored(spec) for spec in specs},
+      var.set_value(read_parameter({spec: stored(spec) for spec in specs},
                           var.get_value().shape, dtype, shardings.get(path)))
       progress.add(sum(math.prod(spec.hf_shape) for spec in specs) * dtype.itemsize)
   progress.close()
@@ -163,7 +163,7 @@ def _ignorable(name: str, files: dict[str, Path], config: ModelConfig) -> bool:
       "set tie_word_embeddings to false in config.json to load it untied)")
 
 
-def _param_shardings(model, mesh) -> dict[tuple, jax.sharding.NamedSharding]:
+def param_shardings(model, mesh) -> dict[tuple, jax.sharding.NamedSharding]:
   """Parameter path -> its NamedSharding on `mesh`."""
   params = nnx.state(model, nnx.Param)
   return {path: var.get_value() for path, var in
@@ -195,7 +195,7 @@ def _checked_slice(file: Path, f, name: str, shape, quantized: bool):
   return stored
 
 
-def _read(stored: dict, shape, dtype, sharding) -> jax.Array:
+def read_parameter(stored: dict, shape, dtype, sharding) -> jax.Array:
   """Our parameter of `shape` in `dtype` from its HF tensors `stored`
   ({spec: (file, slice)}): on the default device (sharding None), or placed
   with `sharding`, each device's block read on its own (`read_block`)."""
@@ -212,7 +212,7 @@ def _read(stored: dict, shape, dtype, sharding) -> jax.Array:
     raise ValueError(f"cannot read {names} ({e})") from e
 
 
-def _check_float(dtype, name):
+def check_float(dtype, name):
   if not any(jnp.dtype(dtype) == d for d in DTYPES.values()):
     raise ValueError(f"{name}={dtype}: expected float32, bfloat16 or float16")
   return jnp.dtype(dtype)

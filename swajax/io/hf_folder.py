@@ -107,10 +107,12 @@ def tokenizer_files(tokenizer, hf_config: dict) -> tuple[dict[str, str], dict[st
          "pad_token_id": tokenizer.pad_id}
   hf_config.update(ids)
   texts = {"generation_config.json": json.dumps(ids, indent=2) + "\n"}
-  source = getattr(tokenizer, "file", None)  # an HFTokenizer's tokenizer.json
-  if source is None:
+  if not hasattr(tokenizer, "file"):  # a ByteTokenizer
     hf_config["swajax_tokenizer"] = "bytes"
     return texts, {}
+  source = tokenizer.file  # an HFTokenizer's tokenizer.json
+  if source is None:  # built in memory (a GGUF file's)
+    return {**texts, **tokenizer.config_files()}, {}
   return texts, {name: Path(source).parent / name for name in TOKENIZER_FILES
                  if (Path(source).parent / name).is_file()}
 

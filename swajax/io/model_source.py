@@ -2,11 +2,12 @@
 
 A model is a Hugging Face folder (config.json + safetensors), a `swajax
 train` run folder (its `hf/` export; a LoRA run without `--merge-lora`: its
-PEFT adapter `hf/adapter/` on the base it was trained on), or a PEFT adapter
-folder (on the base its adapter_config.json names); `--adapter DIR` puts an
-adapter on any of these (`resolve_model`). Its tokenizer is the one the user
-names, else the adapter's, the model folder's or the run folder's
-tokenizer.json, else UTF-8 bytes when the export records them; with none
+PEFT adapter `hf/adapter/` on the base it was trained on), a PEFT adapter
+folder (on the base its adapter_config.json names), or a GGUF file (`.gguf`,
+read by `io.gguf`: its weights dequantized, its own tokenizer); `--adapter DIR`
+puts an adapter on any of these (`resolve_model`). Its tokenizer is the one
+the user names, else the adapter's, the GGUF file's, the model folder's or the
+run folder's tokenizer.json, else UTF-8 bytes when the export records them; with none
 known it is an error, never a guess. Every command that takes a model
 (`generate`, `chat`, `eval`, `merge`) resolves it here.
 """
@@ -18,14 +19,24 @@ import json
 from pathlib import Path
 
 from swajax.io import peft
+from swajax.io.gguf import gguf_tokenizer, load_gguf
 from swajax.io.hf import load_hf
 from swajax.text.tokenizers import load_tokenizer
 
 RUN_ADAPTER = Path("hf") / "adapter"  # where `swajax train` writes a LoRA run's adapter
 
 
+def is_gguf(path: Path) -> bool:
+  return Path(path).suffix.lower() == ".gguf"
+
+
 def resolve_model_dir(directory: Path) -> Path:
-  """The HF folder to load: `directory`, or a train run folder's `hf/`."""
+  """The model to load: a .gguf file as it is; else the HF folder
+  `directory`, or a train run folder's `hf/`."""
+  if is_gguf(directory):
+    if not Path(directory).is_file():
+      raise FileNotFoundError(f"{directory}: no such GGUF file")
+    return Path(directory)
   if _is_hf_folder(directory):
     return directory
   if (directory / "hf" / "config.json").is_file():
@@ -35,6 +46,12 @@ def resolve_model_dir(directory: Path) -> Path:
   raise FileNotFoundError(
       f"{directory}: expected a Hugging Face folder (config.json + "
       f"*.safetensors) or a swajax train run folder with hf/{hint}")
+
+
+def load_model(model_dir: Path, **options):
+  """The `CausalLM` at `model_dir` (a `resolve_model_dir` result):
+  `load_gguf` for a .gguf file, else `load_hf`; `options` go to it."""
+  return (load_gguf if is_gguf(model_dir) else load_hf)(model_dir, **options)
 
 
 def _is_hf_folder(directory: Path) -> bool:
@@ -61,8 +78,11 @@ class ModelSource:
     not fit the base is a ValueError naming both (and the base the adapter
     records)."""
     if self.adapter is None:
-      return load_hf(self.model_dir, dtype=dtype, attn_impl=attn_impl)
+      return load_model(self.model_dir, dtype=dtype, attn_impl=attn_impl)
     try:
+      if is_gguf(self.model_dir):
+        return peft.load_adapter(
+            load_gguf(self.model_dir, dtype=dtype, attn_impl=attn_impl), self.adapter)
       return load_hf(self.model_dir, dtype=dtype, attn_impl=attn_impl,
                      adapter=self.adapter)
     except ValueError as e:
@@ -167,14 +187,19 @@ def resolve_model(path: Path, adapter: Path | None = None) -> ModelSource:
 def load_tokenizer_for(model_dir: Path, run_dir: Path, choice: str | None = None,
                        *, adapter_dir: Path | None = None):
   """The tokenizer `choice` names (a tokenizer.json path or "bytes"); else
-  tokenizer.json from the adapter folder (when given), the model folder or
-  the run folder; else bytes when the model's config.json records
+  tokenizer.json from the adapter folder (when given); else a GGUF file's
+  own (`gguf_tokenizer`); else the model folder's or the run folder's
+  tokenizer.json; else bytes when the model's config.json records
   "swajax_tokenizer": "bytes" (a `swajax train` export); else
   FileNotFoundError (never a silent guess)."""
   if choice is not None:
     return load_tokenizer(None if choice == "bytes" else choice)
-  for folder in (adapter_dir, model_dir, run_dir):
-    if folder is not None and (folder / "tokenizer.json").is_file():
+  if adapter_dir is not None and (adapter_dir / "tokenizer.json").is_file():
+    return load_tokenizer(adapter_dir / "tokenizer.json")
+  if is_gguf(model_dir):
+    return gguf_tokenizer(model_dir)
+  for folder in (model_dir, run_dir):
+    if (folder / "tokenizer.json").is_file():
       return load_tokenizer(folder / "tokenizer.json")
   config = json.loads((model_dir / "config.json").read_text())
   if config.get("swajax_tokenizer") == "bytes":

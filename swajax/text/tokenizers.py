@@ -63,11 +63,12 @@ class HFTokenizer:
   from common spellings. bos_id may be None (no bos is prepended); without a
   pad token, eos doubles as pad (padding never carries loss either way).
   chat_template: the sibling chat template (`chat.read_template`) or None.
+  file: the tokenizer.json, or None for one built in memory
+  (`from_tokenizer`: a GGUF file's).
   """
 
   def __init__(self, path: str | Path):
-    # Lazy: `tokenizers` is not a swajax dependency (it comes with the `hf`
-    # extra, transformers); only this class needs it.
+    # Lazy: only this class needs `tokenizers`.
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -86,8 +87,35 @@ class HFTokenizer:
     pad = self._find(named.get("pad_token"), _PAD_NAMES)
     self.pad_id = self.eos_id if pad is None else pad
     self.chat_template = chat_lib.read_template(file)
+    self._name_specials()
+
+  @classmethod
+  def from_tokenizer(cls, tokenizer, *, bos_id: int | None, eos_id: int,
+                     pad_id: int | None, chat_template: str | None) -> HFTokenizer:
+    """One built in memory: a `tokenizers.Tokenizer` and its special ids
+    (pad None: eos doubles as pad). `file` is None; `config_files` gives
+    the files `save_hf` writes for it."""
+    self = cls.__new__(cls)
+    self.file, self._tok = None, tokenizer
+    self.bos_id, self.eos_id = bos_id, eos_id
+    self.pad_id = eos_id if pad_id is None else pad_id
+    self.chat_template = chat_template
+    self._name_specials()
+    return self
+
+  def _name_specials(self):
     self.bos_token = None if self.bos_id is None else self._tok.id_to_token(self.bos_id)
     self.eos_token = self._tok.id_to_token(self.eos_id)
+
+  def config_files(self) -> dict[str, str]:
+    """{file name: text}: tokenizer.json and a tokenizer_config.json naming
+    the specials and the chat template, as a Hugging Face folder holds them."""
+    config = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+              "pad_token": self._tok.id_to_token(self.pad_id)}
+    if self.chat_template is not None:
+      config["chat_template"] = self.chat_template
+    return {"tokenizer.json": self._tok.to_str(),
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
   def _find(self, configured, names) -> int | None:
     for name in ((configured,) if configured else ()) + names:

@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from swajax.io.gguf import gguf_tokenizer
+from swajax.io.model_source import is_gguf
 from swajax.text import chat as chat_lib
 from swajax.text.tokenizers import DataError, load_tokenizer
 from swajax.training.config import TOO_LONG, TrainConfig
@@ -418,8 +420,11 @@ def fit_documents(docs: list[Document], seq_len: int, too_long: str
 
 
 def resolve_tokenizer(config: TrainConfig):
-  """config.tokenizer, else the HF folder's tokenizer.json, else bytes."""
+  """config.tokenizer, else a GGUF file's own (`init_from_hf` a .gguf),
+  else the HF folder's tokenizer.json, else bytes."""
   if config.tokenizer is None and config.init_from_hf is not None:
+    if is_gguf(config.init_from_hf):
+      return gguf_tokenizer(config.init_from_hf)
     candidate = Path(config.init_from_hf) / "tokenizer.json"
     return load_tokenizer(candidate if candidate.is_file() else None)
   return load_tokenizer(config.tokenizer)

