@@ -93,13 +93,15 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
       state, specs)
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_dim: int = 0
-                   ) -> NamedSharding:
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_dim: int = 0, *,
+                   sequence: bool = True) -> NamedSharding:
   """Splits dimension `batch_dim` of an ndim-array over ("data", "fsdp"), and
-  the next one (the sequence) over "context" when the mesh has that axis."""
+  the next one (the sequence; not with sequence=False: per-row values such
+  as a pair's reference log-probabilities) over "context" when the mesh has
+  that axis."""
   dims = [None] * ndim
   dims[batch_dim] = BATCH_AXES
-  if CONTEXT_AXIS in mesh.axis_names:
+  if sequence and CONTEXT_AXIS in mesh.axis_names:
     dims[batch_dim + 1] = CONTEXT_AXIS
   return NamedSharding(mesh, P(*dims))
 

@@ -6,7 +6,7 @@ train --data` reads (a .txt file, a folder, JSONL text / prompt-completion /
 chat records), tokenized, packed and masked exactly as training does
 (`training.data.file_rows`: chat records score the assistant tokens only,
 prompts only with --train-prompt; documents stay inside their segment), and
-scored by training's validation loss (`training.step.evaluate_sums`): the
+scored by training's validation loss (`training.step.evaluate_totals`): the
 mean loss over the target tokens in nats, its exp (perplexity) and the
 number of target tokens, printed as JSON (and written to --out).
 """
@@ -28,7 +28,9 @@ from swajax.dtypes import DTYPES
 from swajax.io.model_source import resolve_model
 from swajax.training.config import TOO_LONG, TrainConfig
 from swajax.training.data import file_rows, pad_rows
-from swajax.training.step import evaluate_sums
+from swajax.training.config import TrainConfig
+from swajax.training.optimizer import StepOptions
+from swajax.training.step import evaluate_totals
 
 DEFAULTS = TrainConfig()  # packing defaults: the same as training's
 
@@ -81,8 +83,9 @@ def main(argv: list[str]) -> int:
     rows = pad_rows(rows, args.batch_size, pad_id=tokenizer.pad_id)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     with jax.set_mesh(mesh):
-      total, count = evaluate_sums(graphdef, params, rest, rows, args.batch_size,
-                                   sharding_lib.batch_sharding(mesh, 2))
+      totals = evaluate_totals(graphdef, params, rest, rows, args.batch_size, mesh,
+                               options=StepOptions.from_config(TrainConfig()))
+    total, count = totals["loss"], totals["count"]
     if not count:
       raise ValueError(f"data={str(args.data)!r}: no target tokens to score")
     loss = total / count

@@ -37,7 +37,8 @@ from swajax.infer.generation import generate
 from swajax.io.hf import save_hf
 from swajax.io.peft import save_adapter
 from swajax.sharding import maybe_initialize_distributed
-from swajax.training.config import REMAT, TOO_LONG, TrainConfig
+from swajax.training.config import REMAT, STAGES, TOO_LONG, TrainConfig
+from swajax.training.preference import PREF_LOSSES
 from swajax.training.loop import train
 from swajax.training.run_folder import TrainingInterrupted
 
@@ -81,6 +82,17 @@ FIELD_HELP = {
     "quantize_base": "QLoRA: hold the frozen base kernels in this format",
     "merge_lora": "LoRA: also export the merged model as a full HF checkpoint in hf/",
     "corpus_max_bytes": "bytes of the embedded corpus to read",
+    "stage": "sft: next-token training; dpo: preference tuning on a .jsonl of "
+             "{prompt, chosen, rejected} pairs (TRL standard or conversational, or "
+             "ShareGPT with chosen/rejected messages), one pair per row",
+    "pref_loss": "dpo: the preference loss (sigmoid: DPO; orpo, simpo: no reference model)",
+    "pref_beta": "dpo: the loss's beta (DPO's KL weight; ORPO's odds-ratio weight)",
+    "simpo_gamma": "dpo, simpo only: the target reward margin (none: 0.5)",
+    "pref_ftx": "dpo: weight of an added SFT loss (mean NLL of the chosen answer)",
+    "pref_label_smoothing": "dpo, sigmoid / simpo only: label smoothing (cDPO), in [0, 0.5)",
+    "precompute_ref": "dpo with a reference (sigmoid, ipo, hinge): compute the "
+                      "reference log-probabilities once before training (none kept "
+                      "in memory but two floats per pair)",
     "seq_len": "tokens per packed row (T)",
     "batch_size": "rows per micro-batch, over all devices (B)",
     "grad_accum": "micro-batches per optimizer step (A)",
@@ -116,7 +128,8 @@ def _choices(name: str) -> tuple[str, ...] | None:
   if name == "model":
     return tuple(sorted(n for n in dir(models) if n.endswith("_tiny")))
   return {"dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES), "remat": REMAT,
-          "attn_impl": ("auto", *IMPLS), "too_long": TOO_LONG,
+          "attn_impl": ("auto", *IMPLS), "too_long": TOO_LONG, "stage": STAGES,
+          "pref_loss": PREF_LOSSES,
           "quantize_base": lora_lib.QUANTIZE}.get(name)
 
 
@@ -227,15 +240,17 @@ class ProgressBar:
     done = record["step"] - self.first
     eta = (now - self.start) / done * (self.total - record["step"]) if done else None
     line = (f"step {record['step']}/{self.total} | loss {record['loss']:.3f} | "
-            f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | ETA {_duration(eta)}")
+            + ("" if "rewards/accuracies" not in record else
+               f"acc {record['rewards/accuracies']:.2f} | margin "
+               f"{record['rewards/margins']:.3f} | ")
+            + f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | ETA {_duration(eta)}")
     if self.tty:
       self.stream.write("\r" + line.ljust(70))
       self.open = True
     elif done % self.every == 0 or record["step"] == self.total or "val_loss" in record:
       self.stream.write(line + "\n")
     if "val_loss" in record:
-      self.log(f"  validation: loss {record['val_loss']:.3f}, "
-               f"perplexity {record['val_ppl']:.2f}")
+      self.log(f"  validation: {_validation(record)}")
     self.stream.flush()
 
   def log(self, line: str) -> None:
@@ -243,6 +258,16 @@ class ProgressBar:
     self.stream.write(("\n" if self.open else "") + line + "\n")
     self.open = False
     self.stream.flush()
+
+
+def _validation(record: dict) -> str:
+  """An evaluation's figures: the loss, then the perplexity (sft) or the
+  reward accuracy and margin (dpo)."""
+  if "val_ppl" in record:
+    return f"loss {record['val_loss']:.3f}, perplexity {record['val_ppl']:.2f}"
+  return (f"loss {record['val_loss']:.3f}, reward accuracy "
+          f"{record['val_rewards/accuracies']:.2f}, margin "
+          f"{record['val_rewards/margins']:.3f}")
 
 
 def _duration(seconds: float | None) -> str:
@@ -293,7 +318,8 @@ def report(result, config: TrainConfig, seconds: float) -> None:
   lines = [f"trained {len(result.history)} steps in {_duration(seconds)} "
            f"({result.tokens_per_s / 1e3:.1f}k tokens/s)"]
   if final is not None:
-    lines.append(f"validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.3f})")
+    lines.append(f"validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.3f})"
+                 if "val_ppl" in final else f"validation: {_validation(final)}")
   lines += result.notes
   lines.append(f"run folder {run_dir}: checkpoints/, metrics.jsonl, loss.png, config.json")
   # The run's Hugging Face export; a resumed run replaces the one its first

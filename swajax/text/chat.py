@@ -216,14 +216,25 @@ class ChatEncoder:
     at = text.rfind(_PROBE)
     return "" if at < 0 else text[at + len(_PROBE):].strip()
 
-  def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """(text, [(start, end) character spans of the trained text])."""
+  def render(self, messages: list[dict], train_from: int = 0
+             ) -> tuple[str, list[tuple[int, int]]]:
+    """(text, [(start, end) character spans of the trained text]): the
+    assistant turns from message `train_from` on (a preference pair trains
+    only its answer, not the assistant turns of its prompt)."""
+    assistant = [n for n, m in enumerate(messages) if m["role"] == "assistant"]
     if self.marked:
-      return _strip_marks(self._render(messages, False))
+      text, spans = _strip_marks(self._render(messages, False))
+      if train_from:
+        if len(spans) != len(assistant):
+          raise ChatDataError(
+              f"chat template: {len(spans)} {{% generation %}} blocks for "
+              f"{len(assistant)} assistant turns; cannot tell the answer's")
+        spans = [span for span, n in zip(spans, assistant) if n >= train_from]
+      return text, spans
     text = _strip_marks(self._render(messages, False))[0]
     spans = []
-    for n, message in enumerate(messages):
-      if message["role"] != "assistant":
+    for n in assistant:
+      if n < train_from:
         continue
       before = _strip_marks(self._render(messages[:n], True))[0]
       through = _strip_marks(self._render(messages[:n + 1], False))[0]
@@ -234,9 +245,11 @@ class ChatEncoder:
       spans.append((len(before), len(through)))
     return text, spans
 
-  def encode(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32 [L], trained bool [L]) of a conversation."""
-    text, spans = self.render(messages)
+  def encode(self, messages: list[dict], train_from: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [L], trained bool [L]) of a conversation; the trained
+    tokens are those of the assistant turns from message `train_from` on."""
+    text, spans = self.render(messages, train_from)
     ids, offsets = self.tokenizer.encode_with_offsets(text)
     ids = np.asarray(ids, np.int32)
     trained = np.zeros(len(ids), bool)

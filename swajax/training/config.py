@@ -19,8 +19,10 @@ from models.causal_lm import REMAT_POLICIES
 from pallas_kernels import IMPLS
 from models import lora as lora_lib
 from swajax.dtypes import DTYPES
+from swajax.training import preference as pref_lib
 
 REMAT = ("none", *REMAT_POLICIES)  # "none": no remat
+STAGES = ("sft", "dpo")  # next-token training; preference tuning
 TOO_LONG = ("split", "truncate", "drop")  # what becomes of a document > seq_len
 
 
@@ -65,6 +67,21 @@ class TrainConfig:
   corpus_max_bytes: int = 4_000_000
   too_long: str = "split"
   seq_len: int = 256               # T
+  # Stage: "sft" trains the next-token loss; "dpo" trains a preference loss
+  # on JSONL {prompt, chosen, rejected} pairs (swajax.training.pref_data,
+  # .preference): pref_loss "sigmoid" (DPO) | "ipo" | "hinge" | "orpo" |
+  # "simpo", its beta, simpo_gamma (simpo only; None: 0.5), pref_ftx (weight
+  # of the chosen answer's NLL added), pref_label_smoothing (sigmoid / simpo:
+  # cDPO). The reference (sigmoid, ipo, hinge) is the base with the adapters
+  # off (LoRA) or a frozen copy of the starting weights; precompute_ref:
+  # its log-probabilities computed once before training instead.
+  stage: str = "sft"
+  pref_loss: str = "sigmoid"
+  pref_beta: float = 0.1
+  simpo_gamma: float | None = None
+  pref_ftx: float = 0.0
+  pref_label_smoothing: float = 0.0
+  precompute_ref: bool = False
   batch_size: int = 8              # B: rows per micro-batch, global
   grad_accum: int = 1              # A: micro-batches per optimizer step
   # Optimizer: AdamW, linear warmup (capped at steps - 1) then cosine decay
@@ -141,12 +158,60 @@ class TrainConfig:
       if getattr(self, name) not in choices:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {sorted(choices)}")
 
+    self._check_preference()
     if self.lora_rank is not None:
       self.lora_spec  # raises ValueError for bad LoRA settings
     elif self.quantize_base is not None or self.merge_lora:
       name = "quantize_base" if self.quantize_base is not None else "merge_lora"
       raise ValueError(f"{name}={getattr(self, name)!r} without lora_rank: expected "
                        "a LoRA run (set lora_rank)")
+
+  def _check_preference(self) -> None:
+    """The stage and preference fields: each set only where it applies."""
+    defaults = {f.name: f.default for f in dataclasses.fields(self)
+                if f.name.startswith("pref_") or f.name in ("simpo_gamma", "precompute_ref")}
+    if self.stage not in STAGES:
+      raise ValueError(f"stage={self.stage!r}: expected one of {list(STAGES)}")
+    if self.stage == "sft":
+      changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+      if changed:
+        raise ValueError(f"{changed[0]}={getattr(self, changed[0])!r} with stage='sft': "
+                         "expected stage='dpo' (preference tuning)")
+      return
+    loss = self.pref_loss
+    if loss not in pref_lib.PREF_LOSSES:
+      raise ValueError(f"pref_loss={loss!r}: expected one of {list(pref_lib.PREF_LOSSES)}")
+    if not self.pref_beta > 0:
+      raise ValueError(f"pref_beta={self.pref_beta!r}: expected a float > 0")
+    if self.simpo_gamma is not None and loss != "simpo":
+      raise ValueError(f"simpo_gamma={self.simpo_gamma!r} with pref_loss={loss!r}: "
+                       "expected pref_loss='simpo' (or no simpo_gamma)")
+    if not 0.0 <= self.pref_label_smoothing < 0.5:
+      raise ValueError(f"pref_label_smoothing={self.pref_label_smoothing!r}: expected a "
+                       "float in [0, 0.5)")
+    if self.pref_label_smoothing and loss not in pref_lib.SMOOTHED:
+      raise ValueError(f"pref_label_smoothing={self.pref_label_smoothing!r} with "
+                       f"pref_loss={loss!r}: expected pref_loss in "
+                       f"{list(pref_lib.SMOOTHED)}")
+    if not self.pref_ftx >= 0:
+      raise ValueError(f"pref_ftx={self.pref_ftx!r}: expected a float >= 0")
+    if self.precompute_ref and loss in pref_lib.REFERENCE_FREE:
+      raise ValueError(f"precompute_ref=True with pref_loss={loss!r}: {loss} uses no "
+                       "reference model")
+    if self.train_prompt:
+      raise ValueError("train_prompt=True with stage='dpo': a preference loss trains "
+                       "the answers only")
+
+  @property
+  def reference(self) -> str:
+    """Where a run's reference log-probabilities come from: "none" (sft,
+    orpo, simpo), "precomputed" (once, before training), "adapters_off" (the
+    LoRA base) or "frozen_copy" (the starting weights, full fine-tuning)."""
+    if self.stage == "sft" or self.pref_loss in pref_lib.REFERENCE_FREE:
+      return "none"
+    if self.precompute_ref:
+      return "precomputed"
+    return "adapters_off" if self.lora_rank is not None else "frozen_copy"
 
   @property
   def lora_spec(self) -> lora_lib.LoraSpec | None:

@@ -264,15 +264,15 @@ def read_documents(path: str | Path, tokenizer, *, train_prompt: bool = False
     raise DataError(f"data={str(path)!r}: no such file or directory")
   if path.is_dir():
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return [(p.relative_to(path).as_posix(), encode_text(tokenizer, _read_text(p)))
+    return [(p.relative_to(path).as_posix(), encode_text(tokenizer, read_text(p)))
             for p in files]
   if path.suffix == ".jsonl":
     return [(f"{path.name}:{n}", doc)
             for n, doc in _jsonl_documents(path, tokenizer, train_prompt)]
-  return [(path.name, encode_text(tokenizer, _read_text(path)))]
+  return [(path.name, encode_text(tokenizer, read_text(path)))]
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
   try:
     return path.read_text(encoding="utf-8")
   except (OSError, UnicodeDecodeError) as e:
@@ -282,7 +282,7 @@ def _read_text(path: Path) -> str:
 def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
                      ) -> Iterator[tuple[int, Document]]:
   encoder = None  # the chat template, compiled at the first chat record
-  for n, line in enumerate(_read_text(path).splitlines(), start=1):
+  for n, line in enumerate(read_text(path).splitlines(), start=1):
     if not line.strip():
       continue
     try:

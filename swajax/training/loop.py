@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from models import lora as lora_lib
 from swajax import sharding as sharding_lib
 from swajax.text.tokenizers import HFTokenizer
 from swajax.training import data as data_lib
+from swajax.training import pref_data
 from swajax.training.config import TrainConfig
 from swajax.training.metrics import MetricsLog, plot_losses
 from swajax.training.optimizer import StepOptions
@@ -31,7 +33,8 @@ from swajax.training.run_folder import (TrainingInterrupted, check_resume,
                                         check_writable, claim_run_dir,
                                         deferred_signals)
 from swajax.training.state import init_model
-from swajax.training.step import evaluate, train_step
+from swajax.training.step import (evaluate, precompute_reference, row_shardings,
+                                  train_step)
 
 
 @dataclasses.dataclass
@@ -42,7 +45,7 @@ class TrainResult:
   model: Any                # the trained CausalLM (params on the mesh)
   tokenizer: Any
   history: list[dict]       # one dict per step: step, loss, grad_norm, lr, ...
-  evals: list[dict]         # step, val_loss, val_ppl
+  evals: list[dict]         # step, val_loss, val_ppl (dpo: val_rewards/...)
   tokens_per_s: float       # mean over the run's steps after the first (compile)
   resumed_from: int | None  # the checkpoint step this run started from
   notes: list[str] = dataclasses.field(default_factory=list)  # long documents, LoRA sizes
@@ -109,7 +112,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   try:
     tokenizer = data_lib.resolve_tokenizer(config)
     notes: list[str] = []  # long documents, LoRA sizes: reported at the end
-    train_rows, val_rows = data_lib.load_data(config, tokenizer, notes)
+    load = pref_data.load_pairs if config.stage == "dpo" else data_lib.load_data
+    train_rows, val_rows = load(config, tokenizer, notes)
     mesh = sharding_lib.make_mesh(config.fsdp, context=config.context_parallel)
     batch_ways = mesh.size // config.context_parallel  # "data" x "fsdp"
     if config.batch_size % batch_ways:
@@ -125,6 +129,10 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
       if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model vocab_size="
                          f"{model.config.vocab_size}: pick a matching tokenizer or model")
+      # The reference comes from the starting weights, before a resume
+      # restores the trained ones.
+      ref_params = _reference_setup(config, graphdef, state, rest, train_rows,
+                                    val_rows, mesh)
       position = 0
       if resume:
         state, meta = checkpointer.restore(state, resumed_from)
@@ -154,22 +162,36 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   with jax.set_mesh(mesh):
     history, evals, step_times = _loop(
         config, state, graphdef, rest, train_rows, val_rows, position, mesh,
-        checkpointer, run_dir, resumed_from, until_step, on_step, model)
+        checkpointer, run_dir, resumed_from, until_step, on_step, model, ref_params)
   timed = step_times[1:] or step_times
   tokens_per_s = config.tokens_per_step * len(timed) / max(sum(timed), 1e-9)
   return TrainResult(run_dir, model, tokenizer, history, evals, tokens_per_s, resumed_from,
                      notes)
 
 
+def _reference_setup(config, graphdef, state, rest, train_rows, val_rows, mesh):
+  """The reference of a dpo run (`TrainConfig.reference`): returns the frozen
+  copy of the starting weights ("frozen_copy") or None; "precomputed" adds
+  the reference log-probabilities of every pair as rows field ref_logps
+  [R, 2] (of train_rows.rows and val_rows, in place)."""
+  if config.reference == "frozen_copy":
+    return jax.tree.map(jnp.copy, state.params)  # the step donates state.params
+  if config.reference == "precomputed":
+    options = StepOptions.from_config(config)
+    for rows in (train_rows.rows, val_rows):
+      rows["ref_logps"] = precompute_reference(
+          graphdef, state.params, rest, rows, config.batch_size, mesh,
+          options=options, lora=config.lora_spec is not None)
+  return None
+
+
 def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
-          checkpointer, run_dir, resumed_from, until_step, on_step, model):
+          checkpointer, run_dir, resumed_from, until_step, on_step, model, ref_params):
   """The steps of `train` from state.step + 1: (history, evals, step_times);
   the trained parameters end up in `model`."""
   lead = jax.process_index() == 0
   rows_per_step = config.grad_accum * config.batch_size
   options = StepOptions.from_config(config)
-  step_sharding = sharding_lib.batch_sharding(mesh, 3, batch_dim=1)
-  eval_sharding = sharding_lib.batch_sharding(mesh, 2)
   metrics_log = (MetricsLog(run_dir / "metrics.jsonl", resumed_from=resumed_from)
                  if lead else None)
   history, evals, step_times = [], [], []
@@ -186,11 +208,12 @@ def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
       for step in range(step + 1, last + 1):
         t0 = time.perf_counter()
         host = train_rows.take(position, rows_per_step)
-        batch = {k: sharding_lib.global_array(
-            v.reshape(config.grad_accum, config.batch_size, config.seq_len), step_sharding)
-            for k, v in host.items()}
+        host = {k: v.reshape(config.grad_accum, config.batch_size, *v.shape[1:])
+                for k, v in host.items()}
+        shardings = row_shardings(host, mesh, batch_dim=1)
+        batch = {k: sharding_lib.global_array(v, shardings[k]) for k, v in host.items()}
         state, metrics = train_step(state, rest, batch, graphdef=graphdef,
-                                    options=options, mesh=mesh)
+                                    options=options, mesh=mesh, ref_params=ref_params)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         position += rows_per_step
         elapsed = time.perf_counter() - t0
@@ -198,10 +221,9 @@ def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
         record["tokens_per_s"] = config.tokens_per_step / elapsed
         finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
         if finite and (step % config.eval_every == 0 or step == last):
-          val_loss = evaluate(graphdef, state.params, rest, val_rows,
-                              config.batch_size, eval_sharding)
-          evaluation = {"step": step, "val_loss": val_loss,
-                        "val_ppl": math.exp(min(val_loss, 700.0))}
+          evaluation = {"step": step, **evaluate(
+              graphdef, state.params, rest, val_rows, config.batch_size, mesh,
+              options=options, ref_params=ref_params)}
           evals.append(evaluation)
           record.update(evaluation)
         history.append(record)

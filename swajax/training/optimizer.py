@@ -32,11 +32,20 @@ class StepOptions:
   router_aux_loss_coef: float | None  # None: the model config's
   schedule_steps: int  # the cosine's length: config.schedule_steps or config.steps
   lora_dropout: float = 0.0  # > 0: a dropout key per step (`lora.set_dropout_key`)
+  # The loss: "sft", or "dpo" with the `swajax.training.preference` settings;
+  # reference: `TrainConfig.reference`.
+  stage: str = "sft"
+  pref_loss: str = "sigmoid"
+  pref_beta: float = 0.1
+  simpo_gamma: float | None = None
+  pref_ftx: float = 0.0
+  pref_label_smoothing: float = 0.0
+  reference: str = "none"
 
   @classmethod
   def from_config(cls, config: TrainConfig) -> StepOptions:
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
-              if f.name != "schedule_steps"}
+              if f.name != "schedule_steps"}  # `reference` is a TrainConfig property
     return cls(**values, schedule_steps=config.schedule_steps or config.steps)
 
 

@@ -1,4 +1,4 @@
-"""`swajax bench {attention,generate,train,tiles,context,moe}`: one module per benchmark.
+"""`swajax bench {attention,generate,train,dpo,tiles,context,moe}`: one module per benchmark.
 
 Each module exposes `main(argv: list[str]) -> int`.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from swajax.cli.bench import attention, context, generate, moe, tiles, train
+from swajax.cli.bench import attention, context, dpo, generate, moe, tiles, train
 from swajax.cli.commands import Table, dispatch
 
 BENCHMARKS: Table = {
@@ -15,6 +15,8 @@ BENCHMARKS: Table = {
                   "the op's impls vs dense and tokamax baselines"),
     "context": (context.main, "context parallelism: bytes and memory per device, "
                 "halo vs ring"),
+    "dpo": (dpo.main, "preference-tuning step (DPO, ORPO) vs SFT step: time and "
+            "memory, full and LoRA"),
     "generate": (generate.main, "generation throughput"),
     "moe": (moe.main, "mixture-of-experts dispatch: the model's blocked "
             "einsum vs ragged_dot, dense, capacity-padded"),
