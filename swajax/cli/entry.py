@@ -2,6 +2,7 @@
 
   swajax train      -> swajax.cli.train.main
   swajax generate   -> swajax.cli.generate.main
+  swajax serve      -> swajax.cli.serve.main
   swajax bench ...  -> swajax.cli.bench.main   (attention | generate | train | tiles)
   swajax --version  -> the installed swajax version
 
@@ -14,13 +15,16 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
-from swajax.cli import bench, generate as generate_cli, train as train_cli
+from swajax.cli import bench, generate as generate_cli, serve as serve_cli
+from swajax.cli import train as train_cli
 from swajax.cli.commands import Table, dispatch
 
 SUBCOMMANDS: Table = {
     "train": (train_cli.main, "train a model (default: a small sliding-window "
               "Mistral on the embedded Python-stdlib corpus)"),
     "generate": (generate_cli.main, "generate text from a checkpoint directory"),
+    "serve": (serve_cli.main, "an OpenAI-compatible server with continuous "
+              "batching (chat, completions, streaming, logprobs)"),
     "bench": (bench.main, "benchmarks: attention | generate | train"),
 }
 

@@ -220,6 +220,7 @@ class Engine:
     self._wake = threading.Condition()
     self._stopping = False
     self._arrivals = itertools.count()
+    self._counts = {"generated": 0, "cancelled": 0}
     self._thread = threading.Thread(target=self._run, name="swajax-engine",
                                     daemon=True)
 
@@ -272,11 +273,12 @@ class Engine:
 
   def load(self) -> dict:
     """{"active": requests in slots, "waiting": queued, "max_batch",
-    "max_waiting"}."""
+    "max_waiting", "generated": tokens generated so far, "cancelled":
+    requests cancelled before their end}."""
     with self._wake:
       return {"active": sum(job is not None for job in self._slots),
               "waiting": len(self._waiting), "max_batch": self.max_batch,
-              "max_waiting": self.max_waiting}
+              "max_waiting": self.max_waiting, **self._counts}
 
   def start(self) -> None:
     """Starts the loop, then serves one short request through every
@@ -325,7 +327,9 @@ class Engine:
     waiting requests into free slots in arrival order."""
     for slot, job in enumerate(self._slots):
       if job is not None and job.cancelled:
+        self._counts["cancelled"] += 1
         self._finish(slot, Finished("cancelled"))
+    self._counts["cancelled"] += sum(j.cancelled for j in self._waiting)
     self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
     for slot, job in enumerate(self._slots):
       if job is None and self._waiting:
@@ -399,6 +403,7 @@ class Engine:
     at max_tokens, else feeds the token at the next step."""
     job = self._slots[slot]
     job.generated += 1
+    self._counts["generated"] += 1
     job.emit(NewToken(_scored(token, logprob, top, top_ids)))
     self._tokens[slot] = token
     self._positions[slot] += 1

@@ -196,6 +196,12 @@ class ChatEncoder:
     except jinja2.TemplateError as e:
       raise ChatDataError(f"chat template: {e}") from e
 
+  def prompt(self, messages: list[dict]) -> str:
+    """The text of a conversation to continue: rendered with
+    add_generation_prompt=True (the assistant's turn opened), as
+    transformers' `apply_chat_template(add_generation_prompt=True)`."""
+    return _strip_marks(self._render(messages, True))[0]
+
   def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """(text, [(start, end) character spans of the trained text])."""
     if self.marked:
