@@ -134,20 +134,19 @@ def _choose(logits, seeds, steps, temperature, top_p):
   return token, chosen, top, top_ids
 
 
-_choose_jit = jax.jit(_choose)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "scored"),
+@functools.partial(jax.jit, static_argnames=("graphdef",),
                    donate_argnames=("cache",))
 def _prefill_slot(graphdef, state, cache: KVCache, slot, fresh, ids, positions,
-                  targets, last, *, scored: bool):
-  """One prompt chunk into cache row `slot`.
+                  targets, last, seed, temperature, top_p):
+  """One prompt chunk into cache row `slot`, and the token after it.
 
   ids, positions int32 [T] (-1: padding after the prompt's end), targets
   int32 [T] (the next prompt token at each position, -1 past the prompt),
   last: the chunk's last prompt token; fresh: clear the row first (every
-  slot position -1). Returns (logits at `last` [1, V], cache, and when
-  scored: (targets' logprobs [T], top logprobs [T, K], their ids [T, K])).
+  slot position -1); seed, temperature, top_p: the request's. Returns
+  (`_choose`'s four arrays for the token after `last` (B = 1; step 0),
+  cache, (targets' logprobs [T], top logprobs [T, K], their ids [T, K])).
+  The scores are computed always (one program), fetched only when asked.
   """
   row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1), cache)
   row = KVCache(tuple(
@@ -158,14 +157,13 @@ def _prefill_slot(graphdef, state, cache: KVCache, slot, fresh, ids, positions,
       lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, slot, 0),
       cache, row)
   logits = logits[0]  # (T, V)
-  scores = None
-  if scored:
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    target = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None],
-                                 axis=-1)[:, 0]
-    scores = (target, *jax.lax.top_k(logprobs,
-                                     min(TOP_LOGPROBS, logits.shape[-1])))
-  return logits[last][None], cache, scores
+  logprobs = jax.nn.log_softmax(logits, axis=-1)
+  target = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None],
+                               axis=-1)[:, 0]
+  scores = (target, *jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1])))
+  first = _choose(logits[last][None], seed[None], jnp.zeros((1,), jnp.int32),
+                  temperature[None], top_p[None])
+  return first, cache, scores
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",),
@@ -284,11 +282,10 @@ class Engine:
     """Starts the loop, then serves one short request through every
     program (the compiles happen here, not in a client's first request)."""
     self._thread.start()
-    for scored in (False, True):
-      done = threading.Event()
-      self.submit(EngineRequest((0,), 2, prompt_logprobs=scored, seed=0),
-                  lambda event, done=done: isinstance(event, Finished) and done.set())
-      done.wait()
+    done = threading.Event()
+    self.submit(EngineRequest((0,), 2, seed=0),
+                lambda event: isinstance(event, Finished) and done.set())
+    done.wait()
 
   def stop(self) -> None:
     """Ends the loop; requests still running or waiting finish "cancelled"."""
@@ -360,12 +357,13 @@ class Engine:
     positions[:stop - start] = np.arange(start, stop)
     targets = np.full(chunk, -1, np.int32)
     targets[:max(0, min(stop, length - 1) - start)] = prompt[start + 1:stop + 1]
-    logits, self._cache, scores = _prefill_slot(
+    chosen, self._cache, scores = _prefill_slot(
         self._graphdef, self._state, self._cache, np.int32(slot),
         np.bool_(start == 0), ids, positions, targets, np.int32(stop - start - 1),
-        scored=request.prompt_logprobs)
+        np.uint32(job.seed), np.float32(request.temperature),
+        np.float32(request.top_p))
     job.prefilled = stop
-    if scores is not None:
+    if request.prompt_logprobs:
       target, top, top_ids = (np.asarray(x) for x in scores)
       job.scores += [_scored(prompt[start + 1 + t], target[t], top[t], top_ids[t])
                      for t in range(min(stop, length - 1) - start)]
@@ -379,10 +377,6 @@ class Engine:
       return
     self._seeds[slot], self._steps[slot] = job.seed, 0
     self._temperature[slot], self._top_p[slot] = request.temperature, request.top_p
-    chosen = _choose_jit(logits, self._seeds[slot:slot + 1],
-                         self._steps[slot:slot + 1],
-                         self._temperature[slot:slot + 1],
-                         self._top_p[slot:slot + 1])
     self._positions[slot] = length - 1  # advanced by _emit_token
     self._emit_token(slot, *(np.asarray(x)[0] for x in chosen))
 
