@@ -5,6 +5,7 @@
   swajax chat       -> swajax.cli.chat.main
   swajax eval       -> swajax.cli.eval.main
   swajax merge      -> swajax.cli.merge.main
+  swajax serve      -> swajax.cli.serve.main
   swajax bench ...  -> swajax.cli.bench.main   (attention | generate | train | tiles)
   swajax --version  -> the installed swajax version
 
@@ -17,7 +18,8 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
-from swajax.cli import bench, generate as generate_cli, train as train_cli
+from swajax.cli import bench, generate as generate_cli, serve as serve_cli
+from swajax.cli import train as train_cli
 from swajax.cli import chat as chat_cli, eval as eval_cli, merge as merge_cli
 from swajax.cli.commands import Table, dispatch
 
@@ -31,6 +33,8 @@ SUBCOMMANDS: Table = {
              "tokenization and loss mask)"),
     "merge": (merge_cli.main, "merge a LoRA adapter into its base (a run folder "
               "or a PEFT adapter folder)"),
+    "serve": (serve_cli.main, "an OpenAI-compatible server with continuous "
+              "batching (chat, completions, streaming, logprobs)"),
     "bench": (bench.main, "benchmarks: attention | generate | train"),
 }
 

@@ -73,6 +73,17 @@ class DecodeState:
   done: jax.Array     # bool [B], rows that have produced an eos
 
 
+def forward_chunk(graphdef, state, cache: KVCache, ids, positions):
+  """The model (split as graphdef, state) on ids, positions int32 [B, T]
+  (-1: padding) through `cache` -> (logits [B, T, V] float32, cache).
+
+  The one model call of every jitted step: a prefill chunk, a decode step
+  here, and the serving engine's (`swajax.infer.engine`), traced inside them.
+  """
+  return nnx.merge(graphdef, state).forward_with_cache(
+      ids, positions=positions, cache=cache)
+
+
 def _pick(logits, done, key, sampling: SamplingOptions):
   """The next token [B] from last-position logits [B, V]; eos once done."""
   token = sample_next_token(logits, key, temperature=sampling.temperature,
@@ -89,8 +100,7 @@ def _pick(logits, done, key, sampling: SamplingOptions):
 def _prefill_chunk(graphdef, state, cache: KVCache, ids, positions):
   """One prompt chunk ids, positions [B, T] -> (last logits [B, V], cache)."""
   TRACE_COUNTS["prefill"] += 1
-  logits, cache = nnx.merge(graphdef, state).forward_with_cache(
-      ids, positions=positions, cache=cache)
+  logits, cache = forward_chunk(graphdef, state, cache, ids, positions)
   return logits[:, -1], cache
 
 
@@ -102,8 +112,8 @@ def _step(graphdef, state, cache: KVCache, token, position, done, key, step,
   """One decode step: feeds token [B] at position [B], samples the next one
   with fold_in(key, step). Returns (next token [B], cache, position + 1,
   done [B]). Shared by `_decode_step` and the body of `_decode_loop`."""
-  logits, cache = nnx.merge(graphdef, state).forward_with_cache(
-      token[:, None], positions=position[:, None], cache=cache)
+  logits, cache = forward_chunk(graphdef, state, cache, token[:, None],
+                                position[:, None])
   token, done = _pick(logits[:, -1], done, jax.random.fold_in(key, step),
                       sampling)
   return token, cache, position + 1, done

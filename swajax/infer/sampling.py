@@ -111,21 +111,55 @@ def sample_next_token(logits, rng, *, temperature=0.0, top_k=None, top_p=None):
         f"logits.shape={tuple(logits.shape)}: expected [batch, vocab]")
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  # Shifted so that the largest is 0 (kept 0 where a subnormal temperature is
-  # flushed to zero): a tiny temperature sends the others to -inf, the greedy
-  # limit, never several tokens to +inf.
-  shifted = logits.astype(jnp.float32)
-  shifted = shifted - shifted.max(axis=-1, keepdims=True)
-  logits = jnp.where(shifted == 0, 0.0, shifted / temperature)
+  logits = _scaled(logits, temperature)
   vocab = logits.shape[-1]
   if top_k is not None and top_k < vocab:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
     logits = jnp.where(logits >= kth, logits, -jnp.inf)
   if top_p is not None and top_p < 1:
-    ranked = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V), descending
-    probs = jax.nn.softmax(ranked, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
-    cutoff = jnp.take_along_axis(ranked, num_kept - 1, axis=-1)  # (B, 1)
-    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    logits = _nucleus(logits, top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits, keys, temperature, top_p):
+  """One token per row of `logits` [B, V], each row with its own options;
+  int32 [B]. The traced twin of `sample_next_token` (no top-k) for a batch
+  of unrelated requests (the serving engine's slots).
+
+  keys: [B] jax PRNG keys; temperature: float [B] (0 = greedy, the argmax);
+  top_p: float [B] in (0, 1] (1 = every token). Row b draws as
+  `sample_next_token(logits[b:b+1], keys[b], temperature=temperature[b],
+  top_p=top_p[b])` does.
+  """
+  sampled = temperature > 0
+  scaled = _scaled(logits, jnp.where(sampled, temperature, 1.0)[:, None])
+  nucleus = _nucleus(scaled, top_p[:, None])
+  scaled = jnp.where((top_p < 1)[:, None], nucleus, scaled)
+  drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None])[0])(
+      keys, scaled)
+  greedy = jnp.argmax(logits, axis=-1)
+  return jnp.where(sampled, drawn, greedy).astype(jnp.int32)
+
+
+def _scaled(logits, temperature):
+  """logits [B, V] / temperature (a float > 0 or [B, 1]), in fp32.
+
+  Shifted so that the largest is 0 (kept 0 where a subnormal temperature is
+  flushed to zero): a tiny temperature sends the others to -inf, the greedy
+  limit, never several tokens to +inf.
+  """
+  shifted = logits.astype(jnp.float32)
+  shifted = shifted - shifted.max(axis=-1, keepdims=True)
+  return jnp.where(shifted == 0, 0.0, shifted / temperature)
+
+
+def _nucleus(logits, top_p):
+  """logits [B, V] with every token outside the nucleus set to -inf: the
+  smallest set of most probable tokens whose probability sums to >= top_p (a
+  float or [B, 1]); the most probable token is always kept."""
+  ranked = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V), descending
+  probs = jax.nn.softmax(ranked, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
+  cutoff = jnp.take_along_axis(ranked, num_kept - 1, axis=-1)  # (B, 1)
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)

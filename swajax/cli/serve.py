@@ -1,0 +1,103 @@
+"""`swajax serve MODEL`: an OpenAI-compatible server with continuous batching.
+
+MODEL is a Hugging Face folder or a `swajax train` run folder (its `hf/`),
+resolved by `io.model_source`; `--adapter DIR` adds a PEFT LoRA adapter.
+The engine (`infer.engine.Engine`) holds `--max-batch` slots of one rolling
+KV cache sized for `--max-len` positions per request (prompt + new tokens)
+and compiles its steps before the server accepts a connection; the HTTP app
+is `infer.server.create_app`, run by uvicorn on `--host` (127.0.0.1 unless
+told otherwise) and `--port` (0: a free one). Once listening it prints one
+line, `swajax serve: listening on http://HOST:PORT (model NAME)`.
+
+SIGTERM (or SIGINT): stop accepting connections, let the requests in flight
+finish (at most `--shutdown-timeout` seconds, then they are cancelled), stop
+the engine and exit 0 (130 after SIGINT). Bad arguments: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from swajax.infer.engine import Engine
+from swajax.io.hf import load_hf
+from swajax.io.model_source import load_tokenizer_for, resolve_model_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="swajax serve", description=__doc__.split("\n\n")[0])
+  parser.add_argument("model", type=Path,
+                      help="HF checkpoint folder or swajax train run folder")
+  parser.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default 127.0.0.1: this machine only)")
+  parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+  parser.add_argument("--max-batch", type=int, default=8,
+                      help="slots: requests decoded together")
+  parser.add_argument("--max-len", type=int, default=4096,
+                      help="positions per request, prompt + new tokens")
+  parser.add_argument("--max-waiting", type=int, default=64,
+                      help="requests that may wait for a slot; more get 503")
+  parser.add_argument("--prefill-chunk", type=int, default=128,
+                      help="prompt tokens prefilled per engine step")
+  parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                      help="a PEFT LoRA adapter folder to add onto MODEL")
+  parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
+                      help="tokenizer.json, or 'bytes' (default: MODEL's)")
+  parser.add_argument("--served-model-name", default=None,
+                      help="the model id clients name (default: MODEL's folder name)")
+  parser.add_argument("--attn-impl", default="auto",
+                      choices=["auto", "pallas", "xla", "reference"])
+  parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                      help="seconds in-flight requests may take after SIGTERM")
+  return parser
+
+
+def main(argv: list[str]) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    if args.shutdown_timeout < 0:
+      raise ValueError(f"--shutdown-timeout={args.shutdown_timeout}: expected >= 0")
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer_for(model_dir, args.model, args.tokenizer)
+    model = load_hf(model_dir, attn_impl=args.attn_impl, adapter=args.adapter)
+    if tokenizer.vocab_size > model.config.vocab_size:
+      raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model "
+                       f"vocab_size={model.config.vocab_size}")
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len,
+                    prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+  except (ValueError, OSError) as e:
+    if os.environ.get("SWAJAX_TRACEBACK"):
+      raise
+    print(f"swajax serve: error: {e}", file=sys.stderr)
+    return 2
+  import uvicorn  # pylint: disable=import-outside-toplevel  (the serve command's alone)
+
+  from swajax.infer.server import create_app  # pylint: disable=import-outside-toplevel
+
+  name = args.served_model_name or args.model.resolve().name
+  engine.start()
+  server = uvicorn.Server(uvicorn.Config(
+      create_app(engine, tokenizer, name), log_level=logging.WARNING,
+      timeout_graceful_shutdown=args.shutdown_timeout))
+  # uvicorn shuts down gracefully on these, then raises them again: handled
+  # here (recorded), so the command returns its own status.
+  received = []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda number, _: received.append(number))
+  host, port = sock.getsockname()[:2]
+  print(f"swajax serve: listening on http://{host}:{port} (model {name})",
+        flush=True)
+  try:
+    server.run(sockets=[sock])
+  finally:
+    engine.stop()
+  return 130 if signal.SIGINT in received else 0
