@@ -11,6 +11,7 @@ generation wraps the rings), on 127.0.0.1, a free port.
 
 import asyncio
 import json
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -286,6 +287,43 @@ def test_lm_eval_loglikelihoods_equal_transformers(server, tmp_path):
       scored += 1
   assert scored == 10 and len(samples) == 4
   assert 0 <= results["results"]["swajax_tiny_mc"]["acc,none"] <= 1
+
+
+def test_a_peft_adapter_folder_serves_as_peft_generates(server, tmp_path):
+  """A second server on a PEFT adapter folder as MODEL (`io.model_source`:
+  on the base its adapter_config.json records), whose base's
+  generation_config.json adds an eos id (a token of the adapter's greedy
+  answer): the chat answer equals PEFT's greedy `generate` with those eos ids,
+  token for token, and differs from the base's answer (the adapter acts)."""
+  peft = pytest.importorskip("peft")
+  base, adapter = tmp_path / "base", tmp_path / "adapter"
+  shutil.copytree(server.folder, base)
+  torch.manual_seed(1)
+  tuned = peft.get_peft_model(
+      transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager"),
+      peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, target_modules=[
+          "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+  tuned.save_pretrained(adapter)
+  ids = server.tokenizer.apply_chat_template(
+      CHATS[0], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+  im_end = server.tokenizer.convert_tokens_to_ids("<|im_end|>")
+  with torch.no_grad():
+    free = tuned.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                          eos_token_id=im_end, pad_token_id=im_end)[0, len(ids):].tolist()
+  stop = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i])
+  (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, stop]}))
+  expected = free[:free.index(stop) + 1]
+  base_answer = server.client.chat.completions.create(
+      model=MODEL_NAME, messages=CHATS[0], max_tokens=16, temperature=0)
+  with serve(adapter, "--max-batch", "2", "--max-len", "64", "--prefill-chunk", "16") as (url, _):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(model=MODEL_NAME, messages=CHATS[0],
+                                            max_tokens=16, temperature=0)
+  text = server.tokenizer.decode(expected, skip_special_tokens=True)
+  assert answer.choices[0].message.content == text
+  assert (answer.choices[0].finish_reason, answer.usage.completion_tokens) == (
+      "stop", len(expected))
+  assert base_answer.choices[0].message.content[:len(text)] != text
 
 
 def test_sigterm_finishes_requests_in_flight_and_exits_0(server):

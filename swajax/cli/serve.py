@@ -1,7 +1,11 @@
 """`swajax serve MODEL`: an OpenAI-compatible server with continuous batching.
 
-MODEL is a Hugging Face folder or a `swajax train` run folder (its `hf/`),
-resolved by `io.model_source`; `--adapter DIR` adds a PEFT LoRA adapter.
+MODEL is anything `swajax generate` takes, resolved by `io.model_source`: a
+Hugging Face folder, a `swajax train` run folder (a LoRA run without
+`--merge-lora`: its adapter on its base), a PEFT adapter folder (on the base
+it records), a `.gguf` file; `--adapter DIR` puts a PEFT LoRA adapter on it.
+A request ends at the tokenizer's eos or an eos id of the model's
+generation_config.json.
 The engine (`infer.engine.Engine`) holds `--max-batch` slots of one rolling
 KV cache sized for `--max-len` positions per request (prompt + new tokens)
 and compiles its steps before the server accepts a connection; the HTTP app
@@ -25,15 +29,15 @@ import sys
 from pathlib import Path
 
 from swajax.infer.engine import Engine
-from swajax.io.hf import load_hf
-from swajax.io.model_source import load_tokenizer_for, resolve_model_dir
+from swajax.io.model_source import resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="swajax serve", description=__doc__.split("\n\n")[0])
-  parser.add_argument("model", type=Path,
-                      help="HF checkpoint folder or swajax train run folder")
+  parser.add_argument("model", type=Path, metavar="MODEL",
+                      help="HF folder, swajax train run folder, PEFT adapter "
+                      "folder or .gguf file")
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default 127.0.0.1: this machine only)")
   parser.add_argument("--port", type=int, default=8000, help="0: any free port")
@@ -63,12 +67,10 @@ def main(argv: list[str]) -> int:
   try:
     if args.shutdown_timeout < 0:
       raise ValueError(f"--shutdown-timeout={args.shutdown_timeout}: expected >= 0")
-    model_dir = resolve_model_dir(args.model)
-    tokenizer = load_tokenizer_for(model_dir, args.model, args.tokenizer)
-    model = load_hf(model_dir, attn_impl=args.attn_impl, adapter=args.adapter)
-    if tokenizer.vocab_size > model.config.vocab_size:
-      raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model "
-                       f"vocab_size={model.config.vocab_size}")
+    source = resolve_model(args.model, args.adapter)
+    model, tokenizer = source.load_with_tokenizer(args.tokenizer,
+                                                  attn_impl=args.attn_impl)
+    stop_ids = source.eos_ids()
     engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len,
                     prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> int:
   name = args.served_model_name or args.model.resolve().name
   engine.start()
   server = uvicorn.Server(uvicorn.Config(
-      create_app(engine, tokenizer, name), log_level=logging.WARNING,
+      create_app(engine, tokenizer, name, stop_ids), log_level=logging.WARNING,
       timeout_graceful_shutdown=args.shutdown_timeout))
   # uvicorn shuts down gracefully on these, then raises them again: handled
   # here (recorded), so the command returns its own status.

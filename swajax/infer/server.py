@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -139,13 +139,17 @@ def _sse(obj) -> str:
   return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine, tokenizer, model_name: str) -> FastAPI:
+def create_app(engine, tokenizer, model_name: str,
+               stop_ids: Sequence[int] = ()) -> FastAPI:
   """The FastAPI app serving `engine` (started and stopped by the caller)
   under the model id `model_name`; `tokenizer` encodes prompts and decodes
-  tokens (its chat template renders chats)."""
+  tokens (its chat template renders chats). A request ends at the
+  tokenizer's eos or any of `stop_ids` (a model's generation_config.json eos
+  ids, as transformers' `generate` stops at them)."""
   app = FastAPI(title="swajax", docs_url=None, redoc_url=None)
   chat = ChatEncoder(tokenizer)
-  stop_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+  eos = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+  stop_ids = tuple(sorted({*map(int, eos), *map(int, stop_ids)}))
   created = int(time.time())
 
   @app.exception_handler(ApiError)
