@@ -124,6 +124,34 @@ def test_generate_bench_reports_stream_and_fused_decode(tmp_path, capsys):
   assert rows[0]["cache_bytes"] < rows[1]["cache_bytes"]  # W=4 < 10 tokens
 
 
+def test_serve_bench_batched_and_sequential_agree(tmp_path, capsys):
+  """Both modes at concurrency 1 and 2 serve every request whole, with the
+  same greedy tokens; the figures are consistent; JSON + PNG written."""
+  out = tmp_path / "s.json"
+  assert bench.main([
+      "serve", "--concurrency", "1", "2", "--requests", "3", "--prompt-len", "6",
+      "--new-tokens", "3", "--window", "4", "--prefill-chunk", "4", "--out", str(out),
+      "--model-overrides", "num_layers=1", "hidden_size=32", "intermediate_size=32",
+      "num_q_heads=2", "num_kv_heads=1", "head_dim=16"]) == 0
+  assert "same tokens" in capsys.readouterr().out
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["mode"], r["concurrency"]) for r in rows] == [
+      ("batched", 1), ("sequential", 1), ("batched", 2), ("sequential", 2)]
+  for row in rows:
+    assert (row["requests"], row["tokens"], row["same_tokens"]) == (3, 9, True)
+    np.testing.assert_allclose(row["tokens_per_s"], row["tokens"] / row["wall_s"])
+    assert 0 < row["ttft_p50_ms"] <= row["ttft_p95_ms"]
+    assert 0 < row["tpot_p50_ms"] <= row["tpot_p95_ms"]
+  assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_serve_bench_rejects_bad_values(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["serve", "--concurrency", "0"])
+  assert exit_info.value.code == 2
+  assert "--concurrency" in capsys.readouterr().err
+
+
 def test_moe_smoke_writes_json_and_plot(tmp_path):
   out, png = tmp_path / "m.json", tmp_path / "m.png"
   assert bench.main(["moe", "--smoke", "--out", str(out), "--plot", str(png)]) == 0

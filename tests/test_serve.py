@@ -90,6 +90,8 @@ def test_chat_greedy_equals_transformers(server, messages):
   assert choice.finish_reason == ("length" if len(new) == 24 else "stop")
   got = [entry.logprob for entry in choice.logprobs.content]
   np.testing.assert_allclose(got, logprobs, atol=TOLERANCE)
+  print(f"chat vs transformers: {len(new)} tokens equal, logprob max |diff| "
+        f"{np.abs(np.subtract(got, logprobs)).max():.1e}")
   for entry in choice.logprobs.content:  # greedy: the chosen token is the top one
     assert len(entry.top_logprobs) == 3
     assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
@@ -106,8 +108,10 @@ def test_completion_echo_logprobs_equal_transformers(server):
   assert choice.text == decode(ids) + decode(new)
   scores = choice.logprobs.token_logprobs
   assert scores[0] is None and len(scores) == len(ids) + len(new)
-  np.testing.assert_allclose(scores[1:], hf_prompt_logprobs(server, ids) + logprobs,
-                             atol=TOLERANCE)
+  expected = hf_prompt_logprobs(server, ids) + logprobs
+  np.testing.assert_allclose(scores[1:], expected, atol=TOLERANCE)
+  print(f"echo logprobs vs transformers: {len(expected)} tokens, max |diff| "
+        f"{np.abs(np.subtract(scores[1:], expected)).max():.1e}")
   assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
 
 
@@ -203,6 +207,8 @@ def test_load_64_requests_16_clients_each_equal_its_alone_answer(server):
   assert (after["active"], after["waiting"]) == (0, 0)  # no slot leaks
   assert after["generated"] - before["generated"] == sum(
       len(a.logprobs.tokens) for a in answers)
+  print(f"load: {len(answers)} requests from 16 clients over {MAX_BATCH} slots, "
+        f"{after['generated'] - before['generated']} tokens, all equal to alone")
 
 
 def test_disconnect_frees_the_slot(server):
@@ -277,14 +283,15 @@ def test_lm_eval_loglikelihoods_equal_transformers(server, tmp_path):
       tasks=["swajax_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
       log_samples=True)
   samples = results["samples"]["swajax_tiny_mc"]
-  scored = 0
+  scored, worst = 0, 0.0
   for sample in samples:
     for (context, continuation), response in zip(sample["arguments"], sample["resps"]):
       context_ids = server.tokenizer.encode(context)
       whole = server.tokenizer.encode(context + continuation)
       expected = sum(hf_prompt_logprobs(server, whole)[len(context_ids) - 1:])
       assert response[0][0] == pytest.approx(expected, abs=TOLERANCE)
-      scored += 1
+      scored, worst = scored + 1, max(worst, abs(response[0][0] - expected))
+  print(f"lm-eval loglikelihoods vs transformers: {scored}, max |diff| {worst:.1e}")
   assert scored == 10 and len(samples) == 4
   assert 0 <= results["results"]["swajax_tiny_mc"]["acc,none"] <= 1
 

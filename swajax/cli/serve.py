@@ -6,6 +6,7 @@ Hugging Face folder, a `swajax train` run folder (a LoRA run without
 it records), a `.gguf` file; `--adapter DIR` puts a PEFT LoRA adapter on it.
 A request ends at the tokenizer's eos or an eos id of the model's
 generation_config.json.
+
 The engine (`infer.engine.Engine`) holds `--max-batch` slots of one rolling
 KV cache sized for `--max-len` positions per request (prompt + new tokens)
 and compiles its steps before the server accepts a connection; the HTTP app

@@ -4,12 +4,13 @@
 A random sliding-window `mistral_tiny` (window W on every layer). At each
 concurrency c, c clients in a closed loop (each sends its next request when
 the last one has ended) send `--requests` requests in all: random prompts of
-T tokens, N new tokens each, greedy, no eos. "batched": an engine of c slots
-(its programs compiled before timing); "sequential": one worker serving the
-requests in arrival order with `generate_stream` (compiled before timing),
-so a request waits for those before it. Per request: time to first token
+T tokens, N new tokens each, greedy, no eos. "batched": an engine of c slots;
+"sequential": one worker serving the requests in arrival order with
+`generate_stream`, so a request waits for those before it. Both compile and
+serve one untimed request before timing. Per request: time to first token
 (from its submission: queueing + prefill) and time per later token; per
-level: generated tokens / wall time, p50 and p95 of both latencies. The
+level: generated tokens / wall time, p50 and p95 of both latencies, and
+whether both modes gave every prompt the same tokens (greedy). The
 engine path is in-process, without HTTP (the server adds the same per-token
 cost to both). Prints a table; `--out FILE.json` writes JSON and a PNG
 beside it (FILE.png).
@@ -33,7 +34,7 @@ from swajax.infer.generation import generate_stream
 COLUMNS = [("mode", "mode"), ("concurrency", "clients"), ("requests", "requests"),
            ("tokens_per_s", "tok/s"), ("ttft_p50_ms", "TTFT p50 ms"),
            ("ttft_p95_ms", "TTFT p95 ms"), ("tpot_p50_ms", "per-token p50 ms"),
-           ("tpot_p95_ms", "per-token p95 ms")]
+           ("tpot_p95_ms", "per-token p95 ms"), ("same_tokens", "same tokens")]
 
 
 class _Engine:
@@ -44,19 +45,20 @@ class _Engine:
                          prefill_chunk=prefill_chunk, max_waiting=slots)
     self.engine.start()
 
-  def run(self, prompt, new_tokens) -> list[float]:
-    """Sends one request; returns the time each token arrived."""
-    times, done = [], threading.Event()
+  def run(self, prompt, new_tokens) -> tuple[list[float], list[int]]:
+    """Sends one request; returns (the time each token arrived, the tokens)."""
+    times, tokens, done = [], [], threading.Event()
 
     def emit(event):
       if isinstance(event, NewToken):
         times.append(time.perf_counter())
+        tokens.append(int(event.scored.token))
       elif isinstance(event, Finished):
         done.set()
 
     self.engine.submit(EngineRequest(tuple(prompt), new_tokens, seed=0), emit)
     done.wait()
-    return times
+    return times, tokens
 
   def close(self):
     self.engine.stop()
@@ -69,24 +71,26 @@ class _Sequential:
     self.model, self.max_len, self.prefill_chunk = model, max_len, prefill_chunk
     self.lock = threading.Lock()
 
-  def run(self, prompt, new_tokens) -> list[float]:
+  def run(self, prompt, new_tokens) -> tuple[list[float], list[int]]:
     with self.lock:
-      times = []
-      for _ in generate_stream(self.model, np.asarray([prompt], np.int32),
-                               max_new_tokens=new_tokens, max_len=self.max_len,
-                               prefill_chunk=self.prefill_chunk):
+      times, tokens = [], []
+      for token in generate_stream(self.model, np.asarray([prompt], np.int32),
+                                   max_new_tokens=new_tokens, max_len=self.max_len,
+                                   prefill_chunk=self.prefill_chunk):
         times.append(time.perf_counter())
-      return times
+        tokens.append(int(token[0]))
+      return times, tokens
 
   def close(self):
     pass
 
 
-def run_level(server, prompts, concurrency: int, new_tokens: int) -> dict:
-  """c clients in a closed loop over `prompts`; the level's figures."""
+def run_level(server, prompts, concurrency: int, new_tokens: int):
+  """c clients in a closed loop over `prompts`: (the level's figures, each
+  prompt's tokens)."""
   pending = list(range(len(prompts)))
   lock = threading.Lock()
-  ttft, tpot, tokens = [], [], [0]
+  ttft, tpot, tokens, answers = [], [], [0], [None] * len(prompts)
 
   def client():
     while True:
@@ -95,7 +99,7 @@ def run_level(server, prompts, concurrency: int, new_tokens: int) -> dict:
           return
         i = pending.pop(0)
       sent = time.perf_counter()
-      times = server.run(prompts[i], new_tokens)
+      times, answers[i] = server.run(prompts[i], new_tokens)
       with lock:
         ttft.append(times[0] - sent)
         if len(times) > 1:
@@ -113,7 +117,7 @@ def run_level(server, prompts, concurrency: int, new_tokens: int) -> dict:
   return dict(concurrency=concurrency, requests=len(prompts),
               tokens=tokens[0], wall_s=wall, tokens_per_s=tokens[0] / wall,
               ttft_p50_ms=ms(ttft, 50), ttft_p95_ms=ms(ttft, 95),
-              tpot_p50_ms=ms(tpot, 50), tpot_p95_ms=ms(tpot, 95))
+              tpot_p50_ms=ms(tpot, 50), tpot_p95_ms=ms(tpot, 95)), answers
 
 
 def plot(payload: dict, path: str) -> None:
@@ -169,10 +173,16 @@ def main(argv: list[str]) -> int:
   rows = []
   for level in args.concurrency:
     batched = _Engine(model, level, max_len, args.prefill_chunk)
+    batched.run(prompts[0], args.new_tokens)  # a first request, untimed
+    level_rows, answers = [], []
     for mode, server in (("batched", batched), ("sequential", sequential)):
-      rows.append(dict(mode=mode, **run_level(server, prompts, level,
-                                              args.new_tokens)))
+      row, tokens = run_level(server, prompts, level, args.new_tokens)
+      level_rows.append(dict(mode=mode, **row))
+      answers.append(tokens)
     batched.close()
+    for row in level_rows:  # greedy: both modes must give every prompt the same tokens
+      row["same_tokens"] = answers[0] == answers[1]
+    rows += level_rows
   print(common.format_table(rows, COLUMNS))
   if args.out:
     payload = dict(benchmark="serve", machine=common.machine_info(),
