@@ -4,9 +4,12 @@ against transformers' `generate`, logprobs against its logits), lm-eval's
 `local-completions` model on a small multiple-choice task (loglikelihoods
 equal to transformers'), a load of 64 requests from 16 concurrent clients
 (each equal to its answer served alone), client disconnects, overload (503),
-bad requests, and SIGTERM. One server process (module fixture) on a tiny
-random Qwen2 (a full layer and two window-8 layers, so every prompt +
-generation wraps the rings), on 127.0.0.1, a free port.
+bad requests. One server process (module fixture) on a tiny random Qwen2 (a
+full layer and two window-8 layers, so every prompt + generation wraps the
+rings), on 127.0.0.1, a free port; two more on the other MODELs
+`io.model_source` resolves: a PEFT adapter folder (vs PEFT's `generate`,
+with a generation_config.json eos id) and a LoRA `swajax train` run folder
+(byte tokenizer; vs PEFT's `generate`, then SIGTERM).
 """
 
 import asyncio
@@ -20,7 +23,9 @@ import httpx
 import numpy as np
 import pytest
 
+from swajax.text.tokenizers import ByteTokenizer
 from tests.serve_fixtures import MODEL_NAME, WINDOW, health, serve, tiny_checkpoint
+from tests.test_faults import TINY, run
 
 openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch")
@@ -35,6 +40,7 @@ CHATS = [
      {"role": "assistant", "content": "Waves fold into foam."},
      {"role": "user", "content": "Translate to German: good morning"}],
 ]
+BYTES = ByteTokenizer()  # a `swajax train` run's tokenizer
 LM_EVAL_TASK = Path(__file__).parent / "data" / "lm_eval_tiny"
 # One worker runs the module, so one server serves it (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("serve")
@@ -333,10 +339,29 @@ def test_a_peft_adapter_folder_serves_as_peft_generates(server, tmp_path):
   assert base_answer.choices[0].message.content[:len(text)] != text
 
 
-def test_sigterm_finishes_requests_in_flight_and_exits_0(server):
-  """A second server: SIGTERM during a stream stops new connections, lets the
-  stream finish whole, and the command exits 0."""
-  with serve(server.folder, "--max-batch", "1", "--max-len", "64",
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  """A 2-step LoRA `swajax train` run without --merge-lora (window 16, byte
+  tokenizer): its hf/ holds base/ and adapter/ only."""
+  out = tmp_path_factory.mktemp("lora") / "run"
+  result = run("train", *TINY, "--steps", "2", "--lr", "0.05", "--lora-rank", "4",
+               "--out", out)
+  assert result.returncode == 0, result.stderr
+  return out
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_0(lora_run):
+  """A second server, on a LoRA run folder: SIGTERM during a stream stops new
+  connections, lets the stream finish whole — equal to PEFT's greedy
+  `generate` on the run's base and adapter — and the command exits 0."""
+  peft = pytest.importorskip("peft")
+  ids = [BYTES.bos_id, *BYTES.encode("x").tolist()]
+  hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+      lora_run / "hf" / "base", attn_implementation="eager"), lora_run / "hf" / "adapter")
+  with torch.no_grad():
+    new = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                      eos_token_id=BYTES.eos_id, pad_token_id=BYTES.eos_id)[0, len(ids):]
+  with serve(lora_run, "--max-batch", "1", "--max-len", "64",
              "--prefill-chunk", "16") as (url, process):
     with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
         "model": MODEL_NAME, "prompt": "x", "max_tokens": 40, "temperature": 0,
@@ -351,5 +376,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(server):
           asyncio.run(asyncio.sleep(0.05))
     events = [json.loads(l[6:]) for l in [first, *rest] if l != "data: [DONE]"]
     assert rest[-1] == "data: [DONE]"
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in events) == BYTES.decode(new.tolist())
+    assert events[-1]["choices"][0]["finish_reason"] == (
+        "stop" if BYTES.eos_id in new else "length")
     assert process.wait(timeout=60) == 0

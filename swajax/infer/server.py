@@ -177,11 +177,15 @@ def create_app(engine, tokenizer, model_name: str,
                          top_p=body.top_p, seed=body.seed,
                          prompt_logprobs=prompt_logprobs, stop_ids=stop_ids)
 
+  def token_ids(text: str) -> list[int]:
+    """Python ints (a byte tokenizer encodes to numpy int32)."""
+    return [int(i) for i in tokenizer.encode(text)]
+
   def encode(prompt) -> list[int]:
     if not isinstance(prompt, str):
       return list(prompt)
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return bos + list(tokenizer.encode(prompt))
+    return bos + token_ids(prompt)
 
   @app.get("/health")
   async def health():
@@ -260,7 +264,7 @@ def create_app(engine, tokenizer, model_name: str,
   async def chat_completions(body: api.ChatRequest):
     check_model(body.model)
     try:
-      ids = list(tokenizer.encode(chat.prompt([m.as_dict() for m in body.messages])))
+      ids = token_ids(chat.prompt([m.as_dict() for m in body.messages]))
     except ChatDataError as e:
       raise ApiError(400, str(e), param="messages") from e
     limit = body.token_limit
