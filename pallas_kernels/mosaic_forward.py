@@ -18,7 +18,6 @@ Builds on `mosaic_tiles.py` only; `mosaic_attention.py` pairs it with
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
