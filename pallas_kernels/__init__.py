@@ -12,6 +12,7 @@ from pallas_kernels.api import (IMPLS, reference_attention,
 from pallas_kernels.context_parallel import context_parallel_attention
 from pallas_kernels.decode import DECODE_IMPLS, DecodeBlockSizes, decode_attention
 from pallas_kernels.flash_tiles import FlashBlockSizes
+from pallas_kernels.mosaic_tiles import MosaicBlockSizes
 from pallas_kernels.mask import Band, kv_block_range, q_block_range, visible
 from pallas_kernels.xla_blockwise import XlaBlockSizes
 
@@ -21,6 +22,7 @@ __all__ = [
     "DecodeBlockSizes",
     "FlashBlockSizes",
     "IMPLS",
+    "MosaicBlockSizes",
     "XlaBlockSizes",
     "context_parallel_attention",
     "decode_attention",

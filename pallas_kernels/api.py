@@ -9,7 +9,8 @@ from typing import Callable, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import cudnn, flash_attention, reference, xla_blockwise
+from pallas_kernels import (cudnn, flash_attention, mosaic_attention, reference,
+                            xla_blockwise)
 from pallas_kernels.features import (ALL_FEATURES, check_features,
                                      resolve_impl)
 from pallas_kernels.mask import cdiv, dense_mask, kv_block_range
@@ -34,9 +35,13 @@ IMPLS = {
     "reference": Impl(reference.attention, ALL_FEATURES),
     "xla": Impl(xla_blockwise.attention, ALL_FEATURES),
     "pallas": Impl(flash_attention.attention, ALL_FEATURES),
+    # Hopper kernels on Mosaic GPU: 16-bit inputs; see mosaic_attention.py.
+    "mosaic": Impl(mosaic_attention.attention, mosaic_attention.FEATURES),
     # cuDNN also runs unmasked (full bidirectional); see pallas_kernels/cudnn.py.
     "cudnn": Impl(cudnn.attention, cudnn.FEATURES),
 }
+# The impls whose kernels run in an interpret mode without a GPU.
+INTERPRETED = ("pallas", "mosaic")
 
 
 def sliding_window_attention(q, k, v, *, window=None, causal=True,
@@ -96,22 +101,25 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   before every key) returns out = 0, lse = -inf and zero gradients, never NaN;
   with sinks, out = 0 and lse = sinks[n].
 
-  impl: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla", "reference"
-    (dense masked, O(T·S)), or "cudnn" (GPU only; causal windows, no
-    segments/softcap/lse/sinks). A feature an impl lacks raises
-    NotImplementedError.
+  impl: "auto" (pallas on GPU, xla elsewhere), "pallas" (Triton kernels),
+    "mosaic" (Hopper kernels on Mosaic GPU: bf16/fp16, head dims <= 256,
+    jax >= 0.11.2), "xla", "reference" (dense masked, O(T·S)), or "cudnn"
+    (GPU only; causal windows, no segments/softcap/lse/sinks). A feature an
+    impl lacks raises NotImplementedError.
   block_sizes: the impl's own block-size dataclass (`FlashBlockSizes` for
-    "pallas", `XlaBlockSizes` for "xla"), or None for its default.
-  interpret: pallas only; None runs the kernels in interpret mode when no GPU
-    is present.
+    "pallas", `MosaicBlockSizes` for "mosaic", `XlaBlockSizes` for "xla"),
+    or None for its default.
+  interpret: pallas and mosaic only; None runs the kernels in interpret mode
+    when no GPU is present.
   """
   problem = check_attention_args(
       q, k, v, window=window, causal=causal, segment_ids=segment_ids,
       softcap=softcap, scale=scale, sinks=sinks)
   impl = resolve_impl(impl, sorted(IMPLS))
   check_features(impl, IMPLS[impl].features, problem, return_lse)
-  if interpret is not None and impl != "pallas":
-    raise ValueError(f"interpret={interpret!r}: only impl='pallas' takes it")
+  if interpret is not None and impl not in INTERPRETED:
+    raise ValueError(f"interpret={interpret!r}: only impl='pallas' and "
+                     "'mosaic' take it")
   kwargs = {} if interpret is None else {"interpret": interpret}
   if problem.batch == 0:  # every impl: the empty result (no kernel has work)
     out = jnp.zeros(q.shape, q.dtype)
