@@ -37,7 +37,8 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 LOG2_E = math.log2(math.e)
 TILE_ROWS = 64          # wgmma rows per warpgroup; tiles are multiples of it
 HEAD_DIMS = (64, 128, 256)  # padded head dims the kernels compile for
-MIN_JAX = (0, 11, 2)    # the jax the GPU machine has; GPU interpret mode
+MIN_JAX = (0, 11, 2)    # compiled for the GPU: the jax the GPU machine has
+MIN_JAX_INTERPRET = (0, 12, 1)  # GPU interpret mode with wgmma (0.11.2 lacks it)
 SMEM_BYTES = 227 * 1024  # Hopper: 228 KB per SM, 227 KB per block
 SMEM_SLACK = 1024       # barriers and alignment
 
@@ -46,15 +47,17 @@ Q_TILES = ("block_q", "block_q_dq", "block_q_dkv")
 K_TILES = ("block_k", "block_k_dq", "block_k_dkv")
 
 
-def check_jax_version() -> None:
-  """NotImplementedError unless this jax has Mosaic GPU's interpret mode."""
-  if (plgpu is None or not hasattr(plgpu, "InterpretGPUParams")
-      or jax.__version_info__ < MIN_JAX):
-    need = ".".join(map(str, MIN_JAX))
+def check_jax_version(interpret: bool = True) -> None:
+  """NotImplementedError unless this jax runs the kernels (compiled for a
+  GPU: jax >= 0.11.2; in GPU interpret mode, which needs `wgmma` there:
+  jax >= 0.12.1)."""
+  need = MIN_JAX_INTERPRET if interpret else MIN_JAX
+  if plgpu is None or jax.__version_info__ < need:
+    mode = "in GPU interpret mode" if interpret else "compiled for a GPU"
     raise NotImplementedError(
-        f"impl='mosaic' needs jax >= {need} (Pallas Mosaic GPU with GPU "
-        f"interpret mode); this is jax {jax.__version__}. Use impl='pallas' "
-        "or 'xla'")
+        f"impl='mosaic' {mode} needs jax >= {'.'.join(map(str, need))} "
+        f"(Pallas Mosaic GPU); this is jax {jax.__version__}. Use "
+        "impl='pallas' or 'xla'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +174,9 @@ class MosaicConfig:
 
   @classmethod
   def make(cls, problem: AttentionProblem, block_sizes, interpret):
-    check_jax_version()
+    if interpret is None:
+      interpret = jax.default_backend() != "gpu"
+    check_jax_version(interpret is not False)
     head_dim = padded_head_dim(problem.head_dim)
     if block_sizes is None:
       block_sizes = MosaicBlockSizes.default(problem)
@@ -180,8 +185,6 @@ class MosaicConfig:
           f"block_sizes={block_sizes!r}: expected "
           "pallas_kernels.MosaicBlockSizes or None")
     block_sizes.check_fits(head_dim, problem.dtype)
-    if interpret is None:
-      interpret = jax.default_backend() != "gpu"
     if interpret is True:
       interpret = plgpu.InterpretGPUParams()
     elif interpret is False:

@@ -8,8 +8,28 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pallas_kernels import reference_attention, sliding_window_attention
+from pallas_kernels.mosaic_tiles import check_jax_version
+
+
+def _mosaic_skip_reason():
+  """Why impl="mosaic" cannot run here (None where it can): compiled on a
+  GPU, else in GPU interpret mode."""
+  try:
+    check_jax_version(interpret=jax.default_backend() != "gpu")
+  except NotImplementedError as e:
+    return str(e)
+  return None
+
+
+MOSAIC_SKIP = _mosaic_skip_reason()
+# impl="mosaic" as a parametrize value: skipped, with the jax it needs, where
+# this jax cannot run it (on CPU: no Mosaic GPU interpret mode before 0.12.1,
+# e.g. the 3.11 / jax 0.10 leg).
+MOSAIC = pytest.param("mosaic", id="mosaic", marks=pytest.mark.skipif(
+    MOSAIC_SKIP is not None, reason=MOSAIC_SKIP or ""))
 
 # Why these numbers (atol, rtol), compared as |x - ref| <= atol + rtol |ref|:
 # - float32: kernels and the blockwise path accumulate in fp32 like the

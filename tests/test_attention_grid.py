@@ -2,8 +2,11 @@
 
 Each case compares forward, LSE and dq/dk/dv (and dsinks, with attention
 sinks) against the fp32 dense reference (tests/attention_cases.py holds the
-tolerances). Pallas runs in interpret mode
+tolerances). Pallas and Mosaic run in interpret mode
 on CPU; on a GPU machine the same grid runs the compiled kernels.
+impl="mosaic" takes 16-bit inputs only: every fp32 case runs it in bf16
+(with bf16's tolerances), and on a jax without its interpret mode (< 0.12.1)
+its cases skip, naming the version they need.
 """
 
 import chex
@@ -11,16 +14,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
-from pallas_kernels import FlashBlockSizes, sliding_window_attention
-from tests.attention_cases import (assert_matches_reference, make_inputs,
-                                   make_sinks)
+from pallas_kernels import (FlashBlockSizes, MosaicBlockSizes,
+                            sliding_window_attention)
+from tests.attention_cases import (MOSAIC, assert_matches_reference,
+                                   make_inputs, make_sinks)
 
-IMPLS = ["reference", "xla", "pallas"]
+IMPLS = ["reference", "xla", "pallas", MOSAIC]
 # Small tiles for the short sequences here, so every case spans several
 # blocks: band edges, interior tiles and ragged last blocks. Others: defaults.
-BLOCK_SIZES = {"pallas": FlashBlockSizes(16, 16, 16, 16, 16, 16)}
+# Mosaic's smallest tiles are 64 rows: the grid's short rows are mostly one
+# or two tiles (tests/test_mosaic_kernels.py holds its multi-tile checks).
+BLOCK_SIZES = {"pallas": FlashBlockSizes(16, 16, 16, 16, 16, 16),
+               "mosaic": MosaicBlockSizes(64, 64, 64, 64, 64, 64)}
+# The widest dtype each impl takes: the "fp32" grid runs it in that.
+WIDEST = {"mosaic": jnp.bfloat16}
 
 # (q_len, kv_len, num_q_heads, num_kv_heads, head_dim, window, causal,
 #  num_segments, softcap, also with sinks)
@@ -62,7 +71,8 @@ def test_fp32_matches_reference(impl, q_len, kv_len, num_q_heads, num_kv_heads,
                                 with_sinks):
   q, k, v, seg = make_inputs(
       0, batch=2, q_len=q_len, kv_len=kv_len, num_q_heads=num_q_heads,
-      num_kv_heads=num_kv_heads, head_dim=head_dim, num_segments=num_segments)
+      num_kv_heads=num_kv_heads, head_dim=head_dim, num_segments=num_segments,
+      dtype=WIDEST.get(impl, jnp.float32))
   sinks = make_sinks(num_q_heads) if with_sinks else None
   errors = assert_matches_reference(
       q, k, v, impl=impl, window=window, causal=causal, segment_ids=seg,
@@ -70,9 +80,24 @@ def test_fp32_matches_reference(impl, q_len, kv_len, num_q_heads, num_kv_heads,
   assert ("dsinks" in errors) == with_sinks
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def _with_impls(values, mosaic_values):
+  """(impl, *value) params: every impl on `values`, impl="mosaic" (slow in
+  interpret mode) on `mosaic_values` only."""
+  return [pytest.param(impl, *value,
+                       marks=MOSAIC.marks if impl == "mosaic" else ())
+          for impl in ("reference", "xla", "pallas", "mosaic")
+          for value in (values if impl != "mosaic" else mosaic_values)]
+
+
+HEAD_DIM_CASES = [(dtype, head_dim) for dtype in (jnp.bfloat16, jnp.float16)
+                  for head_dim in (64, 80, 96, 128, 256)]
+# Mosaic: each padded head dim (64, 128, 256) once, a padded one in fp16.
+MOSAIC_HEAD_DIM_CASES = [(jnp.bfloat16, 64), (jnp.bfloat16, 128),
+                         (jnp.bfloat16, 256), (jnp.float16, 80)]
+
+
+@pytest.mark.parametrize("impl, dtype, head_dim",
+                         _with_impls(HEAD_DIM_CASES, MOSAIC_HEAD_DIM_CASES))
 def test_low_precision_head_dims(impl, dtype, head_dim):
   q, k, v, seg = make_inputs(1, q_len=48, num_q_heads=4, num_kv_heads=2,
                              head_dim=head_dim, dtype=dtype, num_segments=2)
@@ -80,11 +105,14 @@ def test_low_precision_head_dims(impl, dtype, head_dim):
                            block_sizes=BLOCK_SIZES.get(impl))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype, sinks_dtype", [
+SINK_DTYPES = [
     (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32),
     (jnp.bfloat16, jnp.bfloat16),  # dsinks comes back in the sinks' dtype
-])
+]
+
+
+@pytest.mark.parametrize("impl, dtype, sinks_dtype",
+                         _with_impls(SINK_DTYPES, SINK_DTYPES[-1:]))
 def test_low_precision_with_sinks(impl, dtype, sinks_dtype):
   q, k, v, seg = make_inputs(1, batch=2, q_len=48, num_q_heads=4,
                              num_kv_heads=2, head_dim=64, dtype=dtype,
@@ -94,8 +122,9 @@ def test_low_precision_with_sinks(impl, dtype, sinks_dtype):
                            block_sizes=BLOCK_SIZES.get(impl))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "impl, dtype", _with_impls([(jnp.bfloat16,), (jnp.float16,)],
+                               [(jnp.float16,)]))
 def test_low_precision_large_gradients(impl, dtype):
   # A cotangent 64x the usual gives gradients in the hundreds, where one
   # 16-bit ulp exceeds the absolute tolerance: the relative term carries it.
@@ -109,7 +138,10 @@ def test_low_precision_large_gradients(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hypothesis_shapes_and_windows(impl):
-  # Every impl draws the profile's examples (conftest: 8, derandomized).
+  # Every impl draws the profile's examples (conftest: 8, derandomized);
+  # mosaic (slow in interpret mode) 3 examples.
+  @settings(max_examples=3 if impl == "mosaic" else
+            settings.default.max_examples)
   @given(data=st.data())
   def check(data):
     seq = data.draw(st.integers(1, 80), "seq")
@@ -133,7 +165,8 @@ def test_hypothesis_shapes_and_windows(impl):
     q, k, v, seg = make_inputs(data.draw(st.integers(0, 2**16), "seed"),
                                q_len=seq, num_q_heads=kv_heads * group,
                                num_kv_heads=kv_heads, head_dim=32,
-                               num_segments=segments)
+                               num_segments=segments,
+                               dtype=WIDEST.get(impl, jnp.float32))
     assert_matches_reference(
         q, k, v, impl=impl, window=window, causal=causal, segment_ids=seg,
         softcap=softcap, sinks=None if sinks is None else jnp.asarray(sinks),
@@ -145,21 +178,23 @@ def test_hypothesis_shapes_and_windows(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rows_that_see_nothing_give_zeros_and_finite_grads(impl):
   # Queries at positions -3..-1 (more queries than keys) see no key.
-  q, k, v, _ = make_inputs(4, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1)
+  q, k, v, _ = make_inputs(4, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1,
+                           dtype=WIDEST.get(impl, jnp.float32))
   errors = assert_matches_reference(q, k, v, impl=impl, window=4,
                                     block_sizes=BLOCK_SIZES.get(impl))
-  assert errors["out"] < 1e-5
+  assert errors["out"] < (1e-5 if q.dtype == jnp.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rows_that_see_nothing_with_sinks_give_zeros_and_the_sink(impl):
   # Queries at positions -3..-1 see no key: out 0 and lse = their head's
   # sink; d lse / d sink = 1 there, so those rows add d_lse to dsinks.
-  q, k, v, _ = make_inputs(4, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1)
+  q, k, v, _ = make_inputs(4, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1,
+                           dtype=WIDEST.get(impl, jnp.float32))
   sinks = make_sinks(2)
   errors = assert_matches_reference(q, k, v, impl=impl, window=4, sinks=sinks,
                                     block_sizes=BLOCK_SIZES.get(impl))
-  assert errors["dsinks"] < 1e-4, errors
+  assert errors["dsinks"] < (1e-4 if q.dtype == jnp.float32 else 2e-2), errors
   out, lse = sliding_window_attention(q, k, v, window=4, sinks=sinks, impl=impl,
                                       return_lse=True,
                                       block_sizes=BLOCK_SIZES.get(impl))
@@ -173,7 +208,8 @@ def test_rows_that_see_nothing_with_sinks_give_zeros_and_the_sink(impl):
 def test_minus_infinity_sinks_are_no_sinks(impl):
   # exp(-inf) = 0 joins no denominator: the op without sinks, also on rows
   # that see no key (lse -inf), with zero sink gradients and no NaN.
-  q, k, v, _ = make_inputs(5, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1)
+  q, k, v, _ = make_inputs(5, q_len=12, kv_len=9, num_q_heads=2, num_kv_heads=1,
+                           dtype=WIDEST.get(impl, jnp.float32))
   kwargs = dict(window=4, impl=impl, return_lse=True,
                 block_sizes=BLOCK_SIZES.get(impl))
   sinks = jnp.full((2,), -jnp.inf)
