@@ -40,7 +40,7 @@ HEAD_DIMS = (64, 128, 256)  # padded head dims the kernels compile for
 MIN_JAX = (0, 11, 2)    # compiled for the GPU: the jax the GPU machine has
 MIN_JAX_INTERPRET = (0, 12, 1)  # GPU interpret mode with wgmma (0.11.2 lacks it)
 SMEM_BYTES = 227 * 1024  # Hopper: 228 KB per SM, 227 KB per block
-SMEM_SLACK = 1024       # barriers and alignment
+SMEM_SLACK = 4096       # barriers and alignment (Mosaic counts ~2 KB more)
 
 # Tile fields of `MosaicBlockSizes`: query-row tiles and key-row tiles.
 Q_TILES = ("block_q", "block_q_dq", "block_q_dkv")
@@ -310,8 +310,9 @@ def pipelined_loop(lo, hi, carry, *, fetch, compute, barriers, num_stages):
   `slot`, each signalling its own barrier of `slot`. barriers: the
   per-slot barrier arrays (every copy of a step waits on its own).
   compute(step, slot, carry) -> carry: runs once the copies have landed; it
-  must be done reading the slot when it returns (its wgmmas are awaited),
-  since the next fetch into that slot is issued at the following step.
+  must be done reading the slot when it returns (its wgmmas are awaited):
+  the next fetch into that slot is issued at the following step, after a
+  `commit_smem` (the race detector's test holds this).
   """
   for s in range(num_stages - 1):
     @pl.when(lo + s < hi)
@@ -324,6 +325,9 @@ def pipelined_loop(lo, hi, carry, *, fetch, compute, barriers, num_stages):
 
     @pl.when(ahead < hi)
     def _prefetch():
+      # The slot was last read at step - 1, also by plain loads (segment
+      # ids, lse rows): order those reads before the TMA overwrites it.
+      plgpu.commit_smem()
       fetch(ahead, lax.rem(ahead - lo, num_stages))
 
     for barrier in barriers:

@@ -67,11 +67,11 @@ def _lowering_skip_reason():
 needs_lowering = pytest.mark.skipif(_lowering_skip_reason() is not None,
                                     reason=_lowering_skip_reason() or "")
 
-# (T, window, causal, probed tile): the probed query tile (forward, dq) and
-# key tile (dk, dv) each have unseen whole tiles before and after their band.
+# (T, window, causal, probed query tile (out, lse, dq), probed key tile (dk,
+# dv)): each has unseen whole tiles before and after the rows it meets.
 PROBES = [
-    (256, 64, True, 2),           # causal window: past and future rows
-    (320, (40, 40), False, 2),    # local bidirectional band
+    (256, 64, True, 2, 1),           # causal window: past and future rows
+    (320, (40, 40), False, 2, 2),    # local bidirectional band
 ]
 
 
@@ -99,22 +99,21 @@ def _run(impl, q, k, v, d_out, d_lse, window, causal):
   return jax.jit(run)(q, k, v, d_out, d_lse)
 
 
-def _probe(impl, q_len, window, causal, tile):
+def _probe(impl, q_len, window, causal, q_tile, k_tile):
   """Runs both probes; returns {name: (all finite, equal to the clean run)}."""
   q, k, v, _ = make_inputs(3, q_len=q_len, num_q_heads=2, num_kv_heads=1,
                            head_dim=64, dtype=jnp.bfloat16)
   d_out = jax.random.normal(jax.random.key(1), q.shape, q.dtype)
   d_lse = jax.random.normal(jax.random.key(2), (1, 2, q_len), jnp.float32)
   mask = np.asarray(window_mask(q_len, window=window, causal=causal))
-  rows = slice(tile * TILE, (tile + 1) * TILE)
+  rows = slice(q_tile * TILE, (q_tile + 1) * TILE)
   nan = jnp.float32(jnp.nan)
   clean = _run(impl, q, k, v, d_out, d_lse, window, causal)
   results = {}
 
   # Forward probe: NaN in the K/V rows query tile `tile` never sees.
   unseen = _unseen_rows(mask[rows].any(axis=0))
-  assert unseen[:rows.start].any() or not causal  # rows before the band
-  assert unseen[rows.stop:].any()                 # rows after the band
+  assert unseen[:rows.start].any() and unseen[rows.stop:].any()
   bad = jnp.asarray(unseen)[None, :, None, None]
   probed = _run(impl, q, jnp.where(bad, nan, k).astype(k.dtype),
                 jnp.where(bad, nan, v).astype(v.dtype), d_out, d_lse, window,
@@ -128,9 +127,10 @@ def _probe(impl, q_len, window, causal, tile):
                      bool(np.array_equal(got, want)))
 
   # Backward probe: NaN in the Q, dO and dLSE rows that never see key tile
-  # `tile`.
+  # `k_tile`.
+  rows = slice(k_tile * TILE, (k_tile + 1) * TILE)
   unseen = _unseen_rows(mask[:, rows].any(axis=1))
-  assert unseen[rows.stop:].any()
+  assert unseen[:rows.start].any() and unseen[rows.stop:].any()
   bad = jnp.asarray(unseen)[None, :, None, None]
   probed = _run(impl, jnp.where(bad, nan, q).astype(q.dtype), k, v,
                 jnp.where(bad, nan, d_out).astype(d_out.dtype),
@@ -145,16 +145,19 @@ def _probe(impl, q_len, window, causal, tile):
 
 
 @pytest.mark.parametrize("impl", [MOSAIC, "pallas", "xla"])
-@pytest.mark.parametrize("q_len, window, causal, tile", PROBES)
-def test_nan_probes_prove_tile_skipping(impl, q_len, window, causal, tile):
-  results = _probe(impl, q_len, window, causal, tile)
+@pytest.mark.parametrize("q_len, window, causal, q_tile, k_tile", PROBES)
+def test_nan_probes_prove_tile_skipping(impl, q_len, window, causal, q_tile,
+                                        k_tile):
+  results = _probe(impl, q_len, window, causal, q_tile, k_tile)
   assert results == {name: (True, True) for name in results}, results
 
 
 def test_nan_probes_fail_the_dense_reference():
   # The control: the dense path weighs every row (by 0 outside the band), and
-  # 0 * NaN = NaN, so each probed quantity turns non-finite.
+  # 0 * NaN = NaN, so out and every gradient turn non-finite (its lse, a
+  # reduction over masked scores, does not).
   results = _probe("reference", *PROBES[0])
+  assert results.pop("lse") == (True, True)
   assert all(not finite for finite, _ in results.values()), results
 
 
