@@ -23,6 +23,7 @@ Builds on `mosaic_tiles.py` only; `mosaic_attention.py` pairs it with
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,23 +34,23 @@ from jax.experimental import pallas as pl
 from pallas_kernels.mask import kv_block_range, q_block_range
 from pallas_kernels.mosaic_tiles import (
     LOG2_E, MosaicConfig, along, block_range, load_rows, pad_heads, pad_rows,
-    pipelined_loop, plgpu, round_up, row_smem, tile_smem, tile_visible)
+    mask_edge_tile, pipelined_loop, plgpu, round_up, row_smem, tile_smem)
 from pallas_kernels.numerics import sink_gradient, soft_cap
 
 
-def _probs_and_dscores(s, dp, lse2, delta, visible, q_axis: int,
+def _probs_and_dscores(s, dp, lse2, delta, masker, q_axis: int,
                        config: MosaicConfig):
   """p (masked) and ds, the gradient w.r.t. scale·q·kᵀ, of one score tile.
 
   s: raw q·kᵀ (or its transpose: q_axis says which axis holds queries);
   dp: dO·Vᵀ in the same orientation; lse2, delta: row vectors along q_axis
   (lse2 in base 2, +inf on rows that see nothing, so p = 0 there).
+  `masker(x, fill)` fills what the window, segments and sequence ends hide.
   """
   p = config.problem
   shape = s.shape
   s, tanh = soft_cap(s * p.scale, p.softcap)
-  probs = jnp.exp2(s * LOG2_E - along(lse2, shape, q_axis))
-  probs = jnp.where(visible, probs, 0.0)
+  probs = masker(jnp.exp2(s * LOG2_E - along(lse2, shape, q_axis)), 0.0)
   ds = probs * (dp - along(delta, shape, q_axis))
   if tanh is not None:
     ds = ds * (1.0 - tanh * tanh)
@@ -119,9 +120,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse2_ref, delta_ref,
     k_seg = None
     if seg_ref is not None:
       k_seg = along(load_rows(kseg_smem.at[slot], 1), (bq, bk), 1)
-    visible = tile_visible(q_start, step * bk, (bq, bk), 0, q_seg, k_seg,
-                           config)
-    _, ds = _probs_and_dscores(s, dp, lse2, delta, visible, 0, config)
+    masker = functools.partial(mask_edge_tile, q_tile=q_tile, k_tile=step,
+                               q_seg=q_seg, k_seg=k_seg, q_axis=0, block_q=bq,
+                               block_k=bk, config=config)
+    _, ds = _probs_and_dscores(s, dp, lse2, delta, masker, 0, config)
 
     def dq_update(acc_ref):
       plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
@@ -219,9 +221,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse2_ref, delta_ref,
     q_seg = None
     if seg_ref is not None:
       q_seg = along(load_rows(qseg_smem.at[slot], 1), (bk, bq), 1)
-    visible = tile_visible(q_tile * bq, k_start, (bk, bq), 1, q_seg, k_seg,
-                           config)
-    probs, ds = _probs_and_dscores(s, dp, lse2, delta, visible, 1, config)
+    masker = functools.partial(mask_edge_tile, q_tile=q_tile, k_tile=k_tile,
+                               q_seg=q_seg, k_seg=k_seg, q_axis=1, block_q=bq,
+                               block_k=bk, config=config)
+    probs, ds = _probs_and_dscores(s, dp, lse2, delta, masker, 1, config)
 
     def update(refs):
       dk_ref, dv_ref = refs

@@ -5,9 +5,10 @@ Q tile into shared memory once, then walks only the key tiles of its band
 (`mask.kv_block_range`), their K/V tiles TMA-loaded `num_stages - 1` steps
 ahead (`mosaic_tiles.pipelined_loop`). Scores q·kᵀ and p·v are `wgmma`s with
 fp32 accumulators in registers; the online softmax (base 2) runs in
-registers. Every visited tile is masked with `mask.visible` on its positions
-(segments included): masking costs only register ops, and tiles outside the
-band are never loaded. With attention sinks the running max starts at the
+registers. Tiles on the band's edges (and ragged or segmented ones) are
+masked with `mask.visible` on their positions; interior tiles
+(`mask.block_fully_visible`) skip the mask through a `lax.cond`. Tiles
+outside the band are never loaded. With attention sinks the running max starts at the
 head's sink and the running sum at 1. GQA/MQA: query head n reads KV head
 n // G, K/V are never repeated. Out and lse leave through shared memory by
 TMA.
@@ -26,7 +27,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.mask import kv_block_range
 from pallas_kernels.mosaic_tiles import (
     LOG2_E, MosaicConfig, along, block_range, load_rows, pad_heads, pad_rows,
-    pipelined_loop, plgpu, round_up, row_smem, tile_smem, tile_visible)
+    mask_edge_tile, pipelined_loop, plgpu, round_up, row_smem, tile_smem)
 from pallas_kernels.numerics import soft_cap
 
 
@@ -87,9 +88,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, sink_ref, out_ref, lse_ref,
     k_seg = None
     if seg_ref is not None:
       k_seg = along(load_rows(kseg_smem.at[slot], 1), (bq, bk), 1)
-    visible = tile_visible(q_start, step * bk, (bq, bk), 0, q_seg, k_seg,
-                           config)
-    s = jnp.where(visible, s, -jnp.inf)
+    s = mask_edge_tile(s, -jnp.inf, q_tile, step, q_seg, k_seg, q_axis=0,
+                       block_q=bq, block_k=bk, config=config)
     m_new = jnp.maximum(m, s.max(axis=1))
     # A row that has seen no key keeps m = -inf: shift by 0, so that
     # exp2(-inf - shift) = 0 rather than NaN.

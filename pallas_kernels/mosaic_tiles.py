@@ -6,8 +6,8 @@ op (impl="mosaic"). Here: the block sizes (`MosaicBlockSizes`, their shared
 memory), the static config of one call (`MosaicConfig`), the jax version
 gate, the padding of ragged inputs to whole tiles, the shared-memory tile
 types, the in-register window mask of a tile (`mask.visible` on
-`broadcasted_iota` positions) and a TMA-pipelined loop over a dynamic range of
-tiles (`pipelined_loop`).
+`broadcasted_iota` positions, skipped on interior tiles: `mask_edge_tile`)
+and a TMA-pipelined loop over a dynamic range of tiles (`pipelined_loop`).
 
 Tiles are multiples of 64 rows (a warpgroup's `wgmma` is 64 rows tall, and a
 128-byte swizzled bf16/fp16 row is 64 elements); head dims are padded to 64,
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.mask import Band, visible
+from pallas_kernels.mask import block_fully_visible, visible
 from pallas_kernels.validation import AttentionProblem
 
 try:  # jax >= 0.11.2: Mosaic GPU with GPU interpret mode
@@ -284,15 +284,26 @@ def tile_visible(q_start, k_start, shape, q_axis: int, q_seg, k_seg,
   return ok & (q_rows < p.q_len) & (k_rows < p.kv_len)
 
 
-def needs_row_mask(config: MosaicConfig) -> bool:
-  """Whether a tile may hold rows past T or S (a padded, ragged tail)."""
-  p, b = config.problem, config.blocks
-  return any(p.q_len % getattr(b, f) for f in Q_TILES) or any(
-      p.kv_len % getattr(b, f) for f in K_TILES)
+def mask_edge_tile(x, fill, q_tile, k_tile, q_seg, k_seg, *, q_axis: int,
+                   block_q: int, block_k: int, config: MosaicConfig):
+  """`where(visible, x, fill)` on a tile on the band's edge; interior tiles
+  (`mask.block_fully_visible`) pass unmasked, through a `lax.cond`.
 
+  x: a [bq, bk] (q_axis=0) or [bk, bq] (q_axis=1) tile of query tile
+  `q_tile` and key tile `k_tile`. With segment ids every tile is masked.
+  """
+  shape = x.shape
 
-def band_is_everything(band: Band) -> bool:
-  return band.left is None and band.right is None
+  def masked(x):
+    visible = tile_visible(q_tile * block_q, k_tile * block_k, shape, q_axis,
+                           q_seg, k_seg, config)
+    return jnp.where(visible, x, fill)
+
+  if config.problem.has_segments:
+    return masked(x)
+  full = block_fully_visible(q_tile, k_tile,
+                             **config.band_kwargs(block_q, block_k))
+  return lax.cond(full, lambda x: x, masked, x)
 
 
 def block_range(range_fn, block, block_q: int, block_k: int,

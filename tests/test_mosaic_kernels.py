@@ -23,12 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import (FlashBlockSizes, MosaicBlockSizes, XlaBlockSizes,
-                            sliding_window_attention, window_mask)
+from pallas_kernels import (Band, FlashBlockSizes, MosaicBlockSizes,
+                            XlaBlockSizes, sliding_window_attention,
+                            window_mask)
+from pallas_kernels.mask import block_fully_visible
 from pallas_kernels.mosaic_tiles import (DEFAULT_BLOCK_SIZES, MIN_JAX,
                                          SMEM_BYTES, check_jax_version, plgpu)
 from pallas_kernels.validation import check_attention_args
-from tests.attention_cases import MOSAIC, MOSAIC_SKIP, make_inputs, make_sinks
+from tests.attention_cases import (MOSAIC, MOSAIC_SKIP, assert_matches_reference,
+                                   make_inputs, make_sinks)
 from tests.cuda_lowering import lowered_cuda_text
 
 TILE = 64  # the probes' tile: every impl below runs with tiles dividing it
@@ -161,6 +164,29 @@ def test_nan_probes_fail_the_dense_reference():
   assert all(not finite for finite, _ in results.values()), results
 
 
+@pytest.mark.parametrize("impl", [MOSAIC])
+@pytest.mark.parametrize("window, causal, kv_len", [
+    (None, True, 256),        # full causal: the tiles below the diagonal
+    (150, True, 256),         # a window wider than two tiles
+    ((100, 80), False, 320),  # local band, T != S (bottom-right)
+])
+def test_interior_tiles_skip_the_mask_exactly(impl, window, causal, kv_len):
+  # Multi-tile rows (the grid's are mostly one or two 64-row tiles): some
+  # visited tile pairs are fully inside the band and skip the mask
+  # (`mask.block_fully_visible`), the edges are masked.
+  band = Band.from_window(window, causal)
+  kwargs = dict(block_q=TILE, block_k=TILE, q_len=256, kv_len=kv_len,
+                band=band)
+  interior = [(i, j) for i in range(4) for j in range(kv_len // TILE)
+              if block_fully_visible(i, j, **kwargs)]
+  assert interior
+  q, k, v, _ = make_inputs(7, q_len=256, kv_len=kv_len, num_q_heads=4,
+                           num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16)
+  assert_matches_reference(q, k, v, impl=impl, window=window, causal=causal,
+                           softcap=20.0, sinks=make_sinks(4),
+                           block_sizes=PROBE_BLOCK_SIZES["mosaic"])
+
+
 def _lower(head_dim, *, grad, sinks, segments=False, softcap=None):
   """The CUDA text of impl="mosaic" (forward, or forward + backward)."""
   q = jax.ShapeDtypeStruct((1, 256, 4, head_dim), jnp.bfloat16)
@@ -223,9 +249,11 @@ def test_default_block_sizes_lower_with_segments_and_sinks(head_dim):
 
 
 @needs_interpret
-def test_race_detector_finds_no_race_forward_and_backward():
+@pytest.mark.parametrize("num_segments", [2, None])  # masked / interior tiles
+def test_race_detector_finds_no_race_forward_and_backward(num_segments):
   q, k, v, seg = make_inputs(0, q_len=192, num_q_heads=2, num_kv_heads=1,
-                             head_dim=64, dtype=jnp.bfloat16, num_segments=2)
+                             head_dim=64, dtype=jnp.bfloat16,
+                             num_segments=num_segments)
   # A race raises (on_race="raise") while the kernel is interpreted.
   params = plgpu.InterpretGPUParams(detect_races=True, on_race="raise")
 
