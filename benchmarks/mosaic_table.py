@@ -135,7 +135,8 @@ def run(*, gqa=GQA, head_dims=HEAD_DIMS, seq_lens=SEQ_LENS, windows=WINDOWS,
   device = jax.devices()[0]
   return dict(machine=dict(device=device.device_kind,
                            backend=jax.default_backend(),
-                           jax=jax.__version__, python=platform.python_version()),
+                           jax=jax.__version__,
+                           python=platform.python_version()),
               repeats=repeats, budget_s=budget_s,
               elapsed_s=time.perf_counter() - start, results=rows)
 

@@ -8,10 +8,10 @@ fp32 accumulators in registers; the online softmax (base 2) runs in
 registers. Tiles on the band's edges (and ragged or segmented ones) are
 masked with `mask.visible` on their positions; interior tiles
 (`mask.block_fully_visible`) skip the mask through a `lax.cond`. Tiles
-outside the band are never loaded. With attention sinks the running max starts at the
-head's sink and the running sum at 1. GQA/MQA: query head n reads KV head
-n // G, K/V are never repeated. Out and lse leave through shared memory by
-TMA.
+outside the band are never loaded. With attention sinks the running max
+starts at the head's sink and the running sum at 1. GQA/MQA: query head n
+reads KV head n // G, K/V are never repeated. Out and lse leave through
+shared memory by TMA.
 
 Builds on `mosaic_tiles.py` only; `mosaic_attention.py` pairs it with
 `mosaic_backward.py` in the custom VJP.

@@ -38,7 +38,7 @@ LOG2_E = math.log2(math.e)
 TILE_ROWS = 64          # wgmma rows per warpgroup; tiles are multiples of it
 HEAD_DIMS = (64, 128, 256)  # padded head dims the kernels compile for
 MIN_JAX = (0, 11, 2)    # compiled for the GPU: the jax the GPU machine has
-MIN_JAX_INTERPRET = (0, 12, 1)  # GPU interpret mode with wgmma (0.11.2 lacks it)
+MIN_JAX_INTERPRET = (0, 12, 1)  # interpret mode with wgmma (0.11.2 lacks it)
 SMEM_BYTES = 227 * 1024  # Hopper: 228 KB per SM, 227 KB per block
 SMEM_SLACK = 4096       # barriers and alignment (Mosaic counts ~2 KB more)
 
@@ -129,7 +129,7 @@ class MosaicBlockSizes:
             (("forward", fwd), ("dq", dq), ("dkv", dkv))}
 
   def check_fits(self, head_dim: int, dtype) -> None:
-    """ValueError naming the kernel whose tiles exceed Hopper's shared memory."""
+    """ValueError naming a kernel whose tiles exceed Hopper's shared memory."""
     for kernel, used in self.smem_bytes(head_dim, dtype).items():
       if used > SMEM_BYTES:
         raise ValueError(

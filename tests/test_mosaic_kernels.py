@@ -30,8 +30,9 @@ from pallas_kernels.mask import block_fully_visible
 from pallas_kernels.mosaic_tiles import (DEFAULT_BLOCK_SIZES, MIN_JAX,
                                          SMEM_BYTES, check_jax_version, plgpu)
 from pallas_kernels.validation import check_attention_args
-from tests.attention_cases import (MOSAIC, MOSAIC_SKIP, assert_matches_reference,
-                                   make_inputs, make_sinks)
+from tests.attention_cases import (MOSAIC, MOSAIC_SKIP,
+                                   assert_matches_reference, make_inputs,
+                                   make_sinks)
 from tests.cuda_lowering import lowered_cuda_text
 
 TILE = 64  # the probes' tile: every impl below runs with tiles dividing it
