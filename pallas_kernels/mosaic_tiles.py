@@ -139,8 +139,14 @@ class MosaicBlockSizes:
 
 
 # One default per padded head dim; bf16 and fp16 have the same itemsize.
+# Registers bound the tiles as much as shared memory: one warpgroup holds its
+# fp32 accumulators, 32 registers per thread per 64x64 (forward: s [bq, bk]
+# and acc [bq, Hp]; dQ: s, dp and dq; dK/dV: s, dp, dk [bk, Hp], dv). At
+# Hp = 256 dK/dV's two [64, 256] accumulators alone take 256 registers per
+# thread: it compiles with spills (splitting them over two warpgroups is the
+# next step, once a GPU measures it).
 DEFAULT_BLOCK_SIZES = {
-    64: MosaicBlockSizes(64, 128, 64, 128, 64, 128, num_stages=2),
+    64: MosaicBlockSizes(64, 128, 64, 128, 64, 64, num_stages=2),
     128: MosaicBlockSizes(64, 128, 64, 64, 64, 64, num_stages=2),
     256: MosaicBlockSizes(64, 64, 64, 64, 64, 64, num_stages=2),
 }
