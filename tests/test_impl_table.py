@@ -5,6 +5,7 @@ feature (plus ones the impl has) raises NotImplementedError naming it, before
 any kernel runs, so no impl ever drops the window, segments or softcap.
 """
 
+import glob
 import os
 
 import chex
@@ -76,7 +77,7 @@ def test_missing_feature_raises_naming_it(impl, feature, features):
 def test_every_impl_lacking_something_is_tested():
   lacking = {impl for impl, entry in IMPLS.items()
              if entry.features != ALL_FEATURES}
-  assert lacking == {"cudnn", "mosaic"}, lacking  # update README with IMPLS
+  assert lacking == {"cudnn", "mosaic"}, lacking  # update the docs' table
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="CPU resolution")
@@ -95,7 +96,7 @@ def test_unknown_impl_is_a_value_error():
 
 
 def feature_table_markdown() -> str:
-  """The README's feature table, generated from `IMPLS`."""
+  """The docs' feature table, generated from `IMPLS`."""
   impls = list(IMPLS)
   order = [*MASKS, SEGMENT_IDS, SOFTCAP, GQA, UNEQUAL_LENGTHS, RETURN_LSE,
            SINKS, *DTYPES]
@@ -112,7 +113,13 @@ def test_feature_table_covers_every_feature():
   assert all(f"| {f} |" in table for f in ALL_FEATURES)
 
 
-def test_readme_shows_the_current_table():
-  readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
-  with open(readme) as f:
-    assert feature_table_markdown() in f.read()
+def test_docs_show_the_current_table():
+  # README.md or a docs/ page (docs/mosaic.md holds it with impl="mosaic").
+  root = os.path.join(os.path.dirname(__file__), os.pardir)
+  pages = [os.path.join(root, "README.md"),
+           *glob.glob(os.path.join(root, "docs", "*.md"))]
+  texts = []
+  for page in pages:
+    with open(page) as f:
+      texts.append(f.read())
+  assert any(feature_table_markdown() in text for text in texts), pages
