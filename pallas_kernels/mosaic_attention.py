@@ -11,12 +11,12 @@ The stack points down only:
 
 Like impl="pallas" every kernel visits only the tiles of the band
 (`mask.kv_block_range` / `q_block_range`): work is O(T·W). Without a GPU the
-kernels run in Mosaic GPU's interpret mode (jax >= 0.11.2); on a GPU they are
-compiled for Hopper (wgmma and TMA need sm90).
+kernels run in Mosaic GPU's interpret mode (jax >= 0.12.1); on a GPU they are
+compiled for Hopper (wgmma and TMA need sm90; jax >= 0.11.2).
 
 What it does not do (refused by `features.check_features` or here, never a
 fallback): float32 inputs (wgmma takes 16-bit operands here), head dims above
-256, GPUs older than Hopper, jax older than 0.11.2.
+256, GPUs older than Hopper, jax older than 0.11.2 (0.12.1 without a GPU).
 """
 
 from __future__ import annotations
