@@ -7,7 +7,7 @@
 # OUT_DIR (else $OUT) receives at most 9 flat files: env.txt (nvidia-smi,
 # versions), gpu_check.log (everything), tests.xml (junit), mosaic.json and
 # mosaic.png (the Mosaic GPU kernels' table: mosaic vs pallas vs cudnn vs
-# tokamax, benchmarks/mosaic_table.py), attention.json, attention.png,
+# tokamax, `swajax bench mosaic`), attention.json, attention.png,
 # tiles.json (Pallas BlockSizes sweep), summary.txt (phase exit codes).
 # Kernel tests (the Mosaic ones too) run compiled (interpret=None resolves to
 # compiled on GPU), without the slow marker. The phases after the tests and
@@ -49,8 +49,8 @@ phase() {
 if [[ "$SMOKE" == 1 ]]; then
   phase tests 120 "$PY" -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT_DIR/tests.xml" tests/test_cudnn.py
-  phase mosaic 120 "$PY" benchmarks/mosaic_table.py --smoke --impls mosaic \
-    --budget-s 60 --out "$OUT_DIR/mosaic.json"
+  phase mosaic 120 "$PY" -m swajax.cli.bench mosaic --smoke --budget-s 60 \
+    --out "$OUT_DIR/mosaic.json"
   phase bench 120 "$PY" -m swajax.cli.bench attention --smoke \
     --impls xla cudnn dense \
     --out "$OUT_DIR/attention.json" --plot "$OUT_DIR/attention.png"
@@ -71,7 +71,7 @@ else
   # The Mosaic GPU kernels (impl="mosaic") against Triton, cuDNN, tokamax:
   # bf16, GQA 32:8 then 64:8, H 128 then 64, T 8k-128k, W 128/1024/4096,
   # fwd and fwd+bwd, in that priority until its 150 s budget is spent.
-  phase mosaic 200 "$PY" benchmarks/mosaic_table.py --budget-s 150 \
+  phase mosaic 200 "$PY" -m swajax.cli.bench mosaic --budget-s 150 \
     --out "$OUT_DIR/mosaic.json" --plot "$OUT_DIR/mosaic.png"
   # bf16, head_dim 128, GQA 32:8, W=4096. cudnn_causal = cuDNN causal flash
   # without the window; dense = XLA masked (only where its scores fit).

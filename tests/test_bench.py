@@ -1,6 +1,7 @@
 """Benchmarks run end to end at tiny sizes: CLI dispatch, JSON, plot, GPU script."""
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import pytest
 from pallas_kernels import Band, FlashBlockSizes, visible
 from pallas_kernels.validation import check_attention_args
 from swajax.cli import bench
-from swajax.cli.bench import attention, moe, tiles
+from swajax.cli.bench import attention, moe, mosaic, tiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,9 +201,32 @@ def test_gpu_check_smoke_mode(tmp_path):
           "mosaic.json"} <= set(names)
   rows = json.loads((tmp_path / "attention.json").read_text())["results"]
   assert any(r["impl"] == "xla" and r["time_s"] for r in rows)
-  # impl="mosaic" in interpret mode (jax >= 0.12.1), else listed with why.
+  # The Mosaic table's rows: every impl and mode; on a CPU none is timed,
+  # each listed with why (the kernels' interpret modes time the interpreter).
   rows = json.loads((tmp_path / "mosaic.json").read_text())["results"]
-  assert rows and all(r["time_s"] or "jax >=" in r["skipped"] for r in rows)
+  assert {(r["impl"], r["mode"]) for r in rows} == set(
+      itertools.product(mosaic.IMPLS, attention.MODES))
+  assert all(r["heads"] == 4 and r["kv_heads"] == 2 for r in rows)
+  if jax.default_backend() != "gpu":
+    assert all(r["time_s"] is None and r["skipped"] for r in rows), rows
+
+
+def test_mosaic_table_stops_at_its_budget(tmp_path):
+  out = tmp_path / "m.json"
+  payload = mosaic.benchmark(gqa=((4, 2),), head_dims=(64,),
+                             seq_lens=(128, 256), windows=(64,),
+                             impls=("mosaic", "cudnn"), budget_s=0, out=out)
+  assert json.loads(out.read_text()) == payload
+  rows = payload["results"]
+  assert len(rows) == 2 * 2 * 2  # T x mode x impl
+  assert all(r["skipped"] == "budget" and r["time_s"] is None for r in rows)
+
+
+def test_mosaic_table_compares_with_cudnn():
+  rows = [dict(impl=impl, mode="fwd", window=64, time_s=t)
+          for impl, t in (("cudnn", 2.0), ("mosaic", 1.6), ("pallas", None))]
+  got = {r["impl"]: r.get("vs_cudnn") for r in mosaic._with_vs_cudnn(rows)}
+  assert got == {"cudnn": 1.0, "mosaic": 1.25, "pallas": None}
 
 
 @pytest.mark.parametrize("benchmark", ["generate", "train"])

@@ -1,4 +1,4 @@
-"""`swajax bench {attention,generate,train,dpo,tiles,context,moe,serve}`: one module per benchmark.
+"""`swajax bench {attention,generate,train,dpo,tiles,context,moe,mosaic,serve}`: one module per benchmark.
 
 Each module exposes `main(argv: list[str]) -> int`.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from swajax.cli.bench import attention, context, dpo, generate, moe, serve, tiles, train
+from swajax.cli.bench import (attention, context, dpo, generate, moe, mosaic,
+                               serve, tiles, train)
 from swajax.cli.commands import Table, dispatch
 
 BENCHMARKS: Table = {
@@ -20,6 +21,8 @@ BENCHMARKS: Table = {
     "generate": (generate.main, "generation throughput"),
     "moe": (moe.main, "mixture-of-experts dispatch: the model's blocked "
             "einsum vs ragged_dot, dense, capacity-padded"),
+    "mosaic": (mosaic.main, "impl='mosaic' vs Triton, cuDNN, tokamax: the "
+               "Mosaic GPU kernels' table (GPU)"),
     "serve": (serve.main, "serving: continuous batching vs one request at a "
               "time, tokens/s and latency against concurrency"),
     "train": (train.main, "training step throughput"),

@@ -11,10 +11,10 @@ For each (seq_len, window) it times the forward and forward+backward (grad of
 - the fraction of this machine's plain matmul rate (same dtype, same FLOPs as
   the forward) that each impl reaches.
 
-Impls: xla, pallas (GPU), cudnn (GPU, bf16/fp16), reference (short sequences),
-dense (the baseline above), cudnn_causal (GPU: cuDNN causal flash without a
-window, the "ignore the window" speed bound), tokamax (if installed: its
-chunked XLA path on CPU, its GPU kernels on GPU). A case that cannot run here
+Impls: xla, pallas (GPU), mosaic (GPU, bf16/fp16), cudnn (GPU, bf16/fp16),
+reference (short sequences), dense (the baseline above), cudnn_causal (GPU:
+cuDNN causal flash without a window, the "ignore the window" speed bound),
+tokamax (if installed: its chunked XLA path on CPU, its GPU kernels on GPU). A case that cannot run here
 is listed with the reason instead of a time.
 
 From Python: `benchmark(seq_lens=..., windows=..., impls=..., ...)` returns the
@@ -36,8 +36,8 @@ from pallas_kernels import sliding_window_attention
 from swajax.cli.bench import common
 from swajax.dtypes import DTYPES
 
-ALL_IMPLS = ("xla", "pallas", "cudnn", "reference", "dense", "cudnn_causal",
-             "tokamax")
+ALL_IMPLS = ("xla", "pallas", "mosaic", "cudnn", "reference", "dense",
+             "cudnn_causal", "tokamax")
 MODES = ("fwd", "fwd+bwd")
 # The sizes that depend on the backend: long bf16 sequences on a GPU, short
 # fp32 ones on a CPU.
@@ -170,11 +170,11 @@ def attention_fn(impl: str, window: int, settings):
   """(callable (q, k, v) -> out, None) or (None, reason it cannot run here)."""
   on_gpu = jax.default_backend() == "gpu"
   low_precision = settings.dtype != "float32"
-  if impl in ("pallas", "cudnn", "cudnn_causal") and not on_gpu:
+  if impl in ("pallas", "mosaic", "cudnn", "cudnn_causal") and not on_gpu:
     return None, "needs a GPU"
   if impl in ("cudnn", "cudnn_causal") and not low_precision:
     return None, "cuDNN takes bf16/fp16 only"
-  if impl in ("xla", "pallas", "cudnn", "reference"):
+  if impl in ("xla", "pallas", "mosaic", "cudnn", "reference"):
     return (lambda q, k, v: sliding_window_attention(
         q, k, v, window=window, impl=impl)), None
   if impl == "dense":
@@ -246,7 +246,9 @@ def run_case(impl, mode, seq_len, window, settings, inputs):
     else:
       timing = common.time_fn(with_grad(fn), q, k, v, d_out,
                               repeats=settings.repeats)
-  except (NotImplementedError, ValueError, RuntimeError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # A kernel this GPU or jax cannot compile (Pallas' LoweringError is a
+    # plain Exception) is a row with its reason, not the end of the table.
     return dict(row, time_s=None, skipped=f"{type(e).__name__}: {e}"[:160])
   flops = 4 * in_window_pairs(seq_len, window) * settings.head_dim * (
       settings.heads * settings.batch * (1.0 if mode == "fwd" else 3.5))
