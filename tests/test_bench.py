@@ -222,6 +222,17 @@ def test_mosaic_table_stops_at_its_budget(tmp_path):
   assert all(r["skipped"] == "budget" and r["time_s"] is None for r in rows)
 
 
+@pytest.mark.parametrize("flags, match", [
+    (["--repeats", "0"], "--repeats=0: expected an int >= 1"),
+    (["--budget-s", "-1"], "--budget-s=-1.0: expected seconds >= 0"),
+])
+def test_mosaic_table_bad_flags_exit_2(flags, match, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["mosaic", *flags])
+  assert exit_info.value.code == 2
+  assert match in capsys.readouterr().err
+
+
 def test_mosaic_table_compares_with_cudnn():
   rows = [dict(impl=impl, mode="fwd", window=64, time_s=t)
           for impl, t in (("cudnn", 2.0), ("mosaic", 1.6), ("pallas", None))]

@@ -131,9 +131,10 @@ def main(argv) -> int:
   parser.add_argument("--smoke", action="store_true",
                       help="tiny sizes (seconds), for tests")
   args = parser.parse_args(argv)
-  if args.repeats < 1 or args.budget_s < 0:
-    parser.error(f"--repeats={args.repeats}, --budget-s={args.budget_s}: "
-                 "expected repeats >= 1 and budget >= 0")
+  if args.repeats < 1:
+    parser.error(f"--repeats={args.repeats}: expected an int >= 1")
+  if args.budget_s < 0:
+    parser.error(f"--budget-s={args.budget_s}: expected seconds >= 0")
   kwargs = dict(SMOKE) if args.smoke else {}
   kwargs.setdefault("repeats", args.repeats)
   payload = benchmark(impls=tuple(args.impls), budget_s=args.budget_s,
