@@ -40,7 +40,11 @@ HEAD_DIMS = (64, 128, 256)  # padded head dims the kernels compile for
 MIN_JAX = (0, 11, 2)    # compiled for the GPU: the jax the GPU machine has
 MIN_JAX_INTERPRET = (0, 12, 1)  # interpret mode with wgmma (0.11.2 lacks it)
 SMEM_BYTES = 227 * 1024  # Hopper: 228 KB per SM, 227 KB per block
-SMEM_SLACK = 4096       # barriers and alignment (Mosaic counts ~2 KB more)
+SMEM_ALIGN = 1024       # Pallas Mosaic GPU starts every scratch buffer here
+BARRIER_BYTES = 8       # one mbarrier
+# The forward's row max and row sum cross the warpgroup's warps through
+# shared memory: Mosaic adds this much to the forward's scratch.
+REDUCTION_BYTES = 2048
 
 # Tile fields of `MosaicBlockSizes`: query-row tiles and key-row tiles.
 Q_TILES = ("block_q", "block_q_dq", "block_q_dkv")
@@ -108,25 +112,37 @@ class MosaicBlockSizes:
   def smem_bytes(self, head_dim: int, dtype) -> dict:
     """Shared memory of each kernel, bytes: {"forward", "dq", "dkv"}.
 
-    head_dim: the padded head dim (64, 128 or 256). Counts the tiles in
-    shared memory (16-bit rows), the fp32/int32 row vectors and the barriers.
+    head_dim: the padded head dim (64, 128 or 256). The kernels' scratch
+    buffers as Pallas Mosaic GPU lays them out (each 16-bit tile and each
+    fp32/int32 row vector rounded up to 1 KB), their barriers and the
+    forward's reduction scratch: Mosaic's own count when it lowers (the
+    lowering test holds them equal).
     """
     e = jnp.dtype(dtype).itemsize
     s = self.num_stages
-    fwd = (self.block_q * head_dim * e              # q, reused for out
-           + s * 2 * self.block_k * head_dim * e     # k, v stages
-           + s * self.block_k * 4                    # key segment ids
-           + 3 * self.block_q * 4)                   # q seg, sink row, lse
-    dq = (2 * self.block_q_dq * head_dim * e         # q (reused for dq), dO
-          + s * 2 * self.block_k_dq * head_dim * e   # k, v stages
-          + s * self.block_k_dq * 4                  # key segment ids
-          + 3 * self.block_q_dq * 4)                 # q seg, lse, delta
-    dkv = (2 * self.block_k_dkv * head_dim * e       # k, v (reused: dk, dv)
-           + s * 2 * self.block_q_dkv * head_dim * e  # q, dO stages
-           + s * 3 * self.block_q_dkv * 4             # lse, delta, q seg
-           + self.block_k_dkv * 4)                    # key segment ids
-    return {name: b + SMEM_SLACK for name, b in
-            (("forward", fwd), ("dq", dq), ("dkv", dkv))}
+
+    def buffers(*sizes):
+      return sum(-(-n // SMEM_ALIGN) * SMEM_ALIGN for n in sizes)
+
+    bq, bk = self.block_q, self.block_k
+    fwd = (buffers(bq * head_dim * e,                  # q, reused for out
+                   s * bk * head_dim * e, s * bk * head_dim * e,  # k, v
+                   bq * 4, s * bk * 4,                 # q, k segment ids
+                   bq * 4, bq * 4)                     # sink row, lse
+           + (3 + 3 * s) * BARRIER_BYTES + REDUCTION_BYTES)
+    bq, bk = self.block_q_dq, self.block_k_dq
+    dq = (buffers(bq * head_dim * e, bq * head_dim * e,  # q (then dq), dO
+                  s * bk * head_dim * e, s * bk * head_dim * e,  # k, v
+                  bq * 4, s * bk * 4,                  # q, k segment ids
+                  bq * 4, bq * 4)                      # lse, delta
+          + (5 + 3 * s) * BARRIER_BYTES)
+    bq, bk = self.block_q_dkv, self.block_k_dkv
+    dkv = (buffers(bk * head_dim * e, bk * head_dim * e,  # k, v (dk, dv)
+                   bk * 4,                             # key segment ids
+                   s * bq * head_dim * e, s * bq * head_dim * e,  # q, dO
+                   s * bq * 4, s * bq * 4, s * bq * 4)  # lse, delta, q seg
+           + (3 + 5 * s) * BARRIER_BYTES)
+    return {"forward": fwd, "dq": dq, "dkv": dkv}
 
   def check_fits(self, head_dim: int, dtype) -> None:
     """ValueError naming a kernel whose tiles exceed Hopper's shared memory."""

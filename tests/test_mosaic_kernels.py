@@ -35,6 +35,11 @@ from tests.attention_cases import (MOSAIC, MOSAIC_SKIP,
                                    make_sinks)
 from tests.cuda_lowering import lowered_cuda_text
 
+try:  # the lowering tests' jax (>= 0.11.2) has it; they skip on older jax
+  from jax.experimental.mosaic.gpu import core as mosaic_gpu_core
+except ImportError:
+  mosaic_gpu_core = None
+
 TILE = 64  # the probes' tile: every impl below runs with tiles dividing it
 PROBE_BLOCK_SIZES = {
     "mosaic": MosaicBlockSizes(TILE, TILE, TILE, TILE, TILE, TILE),
@@ -188,7 +193,8 @@ def test_interior_tiles_skip_the_mask_exactly(impl, window, causal, kv_len):
                            block_sizes=PROBE_BLOCK_SIZES["mosaic"])
 
 
-def _lower(head_dim, *, grad, sinks, segments=False, softcap=None):
+def _lower(head_dim, *, grad, sinks, segments=False, softcap=None,
+           block_sizes=None):
   """The CUDA text of impl="mosaic" (forward, or forward + backward)."""
   q = jax.ShapeDtypeStruct((1, 256, 4, head_dim), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
@@ -198,7 +204,8 @@ def _lower(head_dim, *, grad, sinks, segments=False, softcap=None):
   def attend(q, k, v, s):
     return sliding_window_attention(
         q, k, v, window=100, segment_ids=seg, softcap=softcap, sinks=s,
-        impl="mosaic", return_lse=True, interpret=False)
+        impl="mosaic", return_lse=True, interpret=False,
+        block_sizes=block_sizes)
 
   def loss(q, k, v, s):
     out, lse = attend(q, k, v, s)
@@ -241,12 +248,29 @@ def test_default_block_sizes_fit_hopper_shared_memory(head_dim, dtype):
 
 
 @needs_lowering
-@pytest.mark.parametrize("head_dim", sorted(DEFAULT_BLOCK_SIZES))
-def test_default_block_sizes_lower_with_segments_and_sinks(head_dim):
-  # The largest variant of each kernel (segment tiles, sink rows) at the
-  # default tiles: Mosaic checks its shared memory when it lowers.
-  text = _lower(head_dim, grad=True, sinks=True, segments=True)
+@pytest.mark.parametrize("head_dim, blocks", [
+    *sorted(DEFAULT_BLOCK_SIZES.items()),
+    (64, MosaicBlockSizes(192, 128, 64, 192, 128, 64, num_stages=4)),
+])
+def test_block_sizes_lower_using_the_shared_memory_they_count(
+    head_dim, blocks, monkeypatch):
+  # The defaults (and one larger set) lower with segments and sinks, the
+  # largest variant of each kernel, and Mosaic's own count of each kernel's
+  # shared memory (checked against Hopper's limit as it lowers) is exactly
+  # `smem_bytes`, so `check_fits` refuses what Mosaic would.
+  counted = []
+  count = mosaic_gpu_core._smem_tree_size  # pylint: disable=protected-access
+
+  def recording(tree):
+    counted.append(count(tree))
+    return counted[-1]
+
+  monkeypatch.setattr(mosaic_gpu_core, "_smem_tree_size", recording)
+  text = _lower(head_dim, grad=True, sinks=True, segments=True,
+                block_sizes=blocks)
   assert text.count(MOSAIC_CALL) == 3
+  used = blocks.smem_bytes(head_dim, jnp.bfloat16)
+  assert counted == [used["forward"], used["dq"], used["dkv"]], counted
 
 
 @needs_interpret

@@ -14,8 +14,8 @@ For each (seq_len, window) it times the forward and forward+backward (grad of
 Impls: xla, pallas (GPU), mosaic (GPU, bf16/fp16), cudnn (GPU, bf16/fp16),
 reference (short sequences), dense (the baseline above), cudnn_causal (GPU:
 cuDNN causal flash without a window, the "ignore the window" speed bound),
-tokamax (if installed: its chunked XLA path on CPU, its GPU kernels on GPU). A case that cannot run here
-is listed with the reason instead of a time.
+tokamax (if installed: its chunked XLA path on CPU, its GPU kernels on GPU).
+A case that cannot run here is listed with the reason instead of a time.
 
 From Python: `benchmark(seq_lens=..., windows=..., impls=..., ...)` returns the
 payload that `swajax bench attention --out FILE` writes (the CLI is a thin
