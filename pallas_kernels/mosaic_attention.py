@@ -16,7 +16,8 @@ compiled for Hopper (wgmma and TMA need sm90; jax >= 0.11.2).
 
 What it does not do (refused by `features.check_features` or here, never a
 fallback): float32 inputs (wgmma takes 16-bit operands here), head dims above
-256, GPUs older than Hopper, jax older than 0.11.2 (0.12.1 without a GPU).
+256, GPUs other than Hopper (sm90: wgmma is Hopper's), jax older than 0.11.2
+(0.12.1 without a GPU).
 """
 
 from __future__ import annotations
@@ -56,15 +57,16 @@ def _mosaic_bwd(config: MosaicConfig, residuals, cotangents):
 _mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)
 
 
-def check_gpu() -> None:
-  """NotImplementedError on a GPU older than Hopper (compiled mode only)."""
-  device = jax.devices()[0]
+def check_gpu(device=None) -> None:
+  """NotImplementedError unless `device` (default: the first) is a Hopper
+  GPU, sm90: the kernels' wgmma exists there only (compiled mode)."""
+  device = jax.devices()[0] if device is None else device
   capability = getattr(device, "compute_capability", None)
-  if capability is not None and float(capability) < 9.0:
+  if capability is not None and capability.split(".")[0] != "9":
     raise NotImplementedError(
-        f"impl='mosaic' needs a Hopper (sm90) or newer GPU; this is "
-        f"{device.device_kind} (sm{capability.replace('.', '')}). Use "
-        "impl='pallas'")
+        f"impl='mosaic' needs a Hopper (sm90) GPU, whose wgmma its kernels "
+        f"use; this is {device.device_kind} (sm{capability.replace('.', '')})."
+        " Use impl='pallas'")
 
 
 def attention(q, k, v, segment_ids, problem: AttentionProblem, *, sinks=None,

@@ -18,6 +18,8 @@ The interpret-mode tests need jax >= 0.12.1 and skip, saying so, on older
 jax; the lowering tests need jax >= 0.11.2.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,7 @@ from pallas_kernels import (Band, FlashBlockSizes, MosaicBlockSizes,
                             XlaBlockSizes, sliding_window_attention,
                             window_mask)
 from pallas_kernels.mask import block_fully_visible
+from pallas_kernels.mosaic_attention import check_gpu
 from pallas_kernels.mosaic_tiles import (DEFAULT_BLOCK_SIZES, MIN_JAX,
                                          SMEM_BYTES, check_jax_version, plgpu)
 from pallas_kernels.validation import check_attention_args
@@ -320,6 +323,23 @@ def test_refusals_are_not_implemented_errors():
   with pytest.raises(TypeError, match="MosaicBlockSizes"):
     sliding_window_attention(q, k, v, impl="mosaic",
                              block_sizes=FlashBlockSizes())
+
+
+@pytest.mark.parametrize("kind, capability, refused", [
+    ("NVIDIA H100 80GB HBM3", "9.0", False),
+    ("NVIDIA A100-SXM4-80GB", "8.0", True),   # no wgmma before Hopper
+    ("NVIDIA B200", "10.0", True),            # nor after it (tcgen05)
+])
+def test_gpus_other_than_hopper_are_refused(kind, capability, refused):
+  # A device as jax describes one: its kind and compute capability.
+  device = types.SimpleNamespace(device_kind=kind,
+                                 compute_capability=capability)
+  if not refused:
+    check_gpu(device)
+    return
+  sm = "sm" + capability.replace(".", "")
+  with pytest.raises(NotImplementedError, match=f"Hopper.*{kind}.*{sm}"):
+    check_gpu(device)
 
 
 def test_old_jax_is_refused_naming_the_version(monkeypatch):
