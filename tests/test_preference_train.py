@@ -53,15 +53,24 @@ def pref_config(out, data, **overrides) -> TrainConfig:
   return TrainConfig(**values)
 
 
-def test_step_one_sigmoid_loss_is_ln2_with_a_frozen_copy(tmp_path):
+def test_step_one_loss_is_ln2_with_a_frozen_copy_and_a_resume_is_exact(tmp_path):
   """Full fine-tuning: the reference is a copy of the starting weights, so at
-  step 1 policy == reference, z = 0 and the loss is ln 2 (rewards 0)."""
+  step 1 policy == reference, z = 0 and the sigmoid loss is ln 2 (rewards
+  0). A resumed run takes its reference from the starting weights too (not
+  from the checkpoint's): its steps equal the uninterrupted run's bitwise."""
   data = write_pairs(tmp_path / "pairs.jsonl", 24, seed=0)
-  run = loop_lib.train(pref_config(tmp_path / "run", data))
-  first = run.history[0]
+  whole = loop_lib.train(pref_config(tmp_path / "whole", data, steps=3))
+  first = whole.history[0]
   assert abs(first["loss"] - math.log(2)) < 1e-6
   assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0
   assert first["logps/chosen"] < 0 and first["pairs"] == 8
+  assert whole.history[-1]["loss"] < first["loss"]
+  config = pref_config(tmp_path / "parts", data, steps=3, checkpoint_every=1)
+  loop_lib.train(config, until_step=2)
+  resumed = loop_lib.train(config, resume=True)
+  assert resumed.history[0]["step"] == 3
+  assert {k: v for k, v in resumed.history[0].items() if k != "tokens_per_s"} == {
+      k: v for k, v in whole.history[-1].items() if k != "tokens_per_s"}
 
 
 @pytest.fixture(scope="module")
