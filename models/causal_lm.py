@@ -5,6 +5,8 @@ Dimension letters: B batch, T sequence, D model dim, V vocab.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -100,6 +102,19 @@ def _call_layer(layer, x, positions, segment_ids):
   return layer.forward_with_router_logits(x, positions, segment_ids)
 
 
+def _remat_layer(layer, x, positions, segment_ids, *, policy):
+  """`_call_layer` under `jax.checkpoint(policy=)`, the layer passed as its
+  state: a pure function of arrays (a layer call writes no state back; nnx's
+  lifted remat would, and fails where the frozen base of a LoRA model holds
+  values from outside the differentiated function)."""
+  graphdef, state = nnx.split(layer)
+
+  def pure(state, x, positions, segment_ids):
+    return _call_layer(nnx.merge(graphdef, state), x, positions, segment_ids)
+
+  return jax.checkpoint(pure, policy=policy)(state, x, positions, segment_ids)
+
+
 class CausalLM(nnx.Module):
   """A decoder of any `hf_config.FAMILIES` family with its LM head.
 
@@ -193,7 +208,7 @@ class CausalLM(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     call = _call_layer
     if self.remat != "none":
-      call = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
+      call = functools.partial(_remat_layer, policy=REMAT_POLICIES[self.remat])
     x = self._embed(input_ids)  # (B, T, D)
     router_logits = []
     for layer in self.layers:

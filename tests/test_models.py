@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import models
+from models import lora as lora_lib
 from models import (CausalLM, ModelConfig, llama_tiny, mistral_tiny, qwen2_tiny,
                     qwen3_tiny)
 
@@ -161,15 +162,23 @@ def test_packed_segments_equal_separate_documents(family):
   chex.assert_trees_all_close(logits, expected, atol=1e-5, rtol=0)
 
 
-def test_remat_keeps_loss_and_grads():
+@pytest.mark.parametrize("lora", [False, True])
+def test_remat_keeps_loss_and_grads(lora):
+  """With LoRA as a LoRA run trains: the gradient of the adapters only, the
+  frozen base an input of the jitted function."""
   config = tiny("qwen2")
   x = tokens(6, 2, 10)
 
   def loss_and_grads(remat):
     model = CausalLM(config, attn_impl="reference", remat=remat,
                      rngs=nnx.Rngs(3))
-    loss = lambda m: jnp.mean(jax.nn.log_softmax(m(x))[..., 0])
-    return nnx.jit(nnx.value_and_grad(loss))(model)
+    if lora:
+      model = lora_lib.add_lora(model, lora_lib.LoraSpec(rank=2, alpha=4.0),
+                                rngs=nnx.Rngs(4))
+    graphdef, params, rest = nnx.split(model, lora_lib.TRAINABLE if lora else nnx.Param, ...)
+    loss = lambda p, rest: jnp.mean(
+        jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(x))[..., 0])
+    return jax.jit(jax.value_and_grad(loss))(params, rest)
 
   expected = loss_and_grads("none")
   for remat in ("full", "dots_saveable"):
