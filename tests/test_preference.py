@@ -13,7 +13,7 @@ for its fused LM head) and precomputed reference log-probs; `CPOTrainer.cpo_loss
 for the label-smoothed sigmoid (cDPO: fed the log-ratios) and SimPO (fed
 `get_batch_logps(average_log_prob=True)`); `ORPOTrainer.odds_ratio_loss`
 for ORPO's odds-ratio term, whose NLL term is the chosen answers' mean
-token NLL (TRL's ORPO also counts the prompt tokens there: README).
+token NLL (TRL's ORPO also counts the prompt tokens there: docs/preference.md).
 """
 
 import collections
