@@ -96,7 +96,8 @@ def test_lora_dpo_learns_the_preference_and_its_peft_adapter_agrees(tmp_path, hf
   held_out = write_pairs(tmp_path / "held_out.jsonl", 16, seed=2)
   config = pref_config(tmp_path / "run", train_file, init_from_hf=str(hf_base),
                        val_data=held_out, eval_batches=2, lora_rank=8, lr=2e-2,
-                       steps=16, eval_every=16, pref_beta=0.5, lora_targets="all")
+                       steps=16, eval_every=16, pref_beta=0.5, lora_targets="all",
+                       remat="full")  # the adapters-off reference inside the remat step
   run = loop_lib.train(config)
   assert abs(run.history[0]["loss"] - math.log(2)) < 1e-6  # adapters off == policy
   final = run.evals[-1]
