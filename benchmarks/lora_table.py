@@ -1,5 +1,5 @@
 """Full fine-tuning vs LoRA vs QLoRA on one model: trainable parameters,
-optimizer-state bytes, frozen base bytes and step time (README's LoRA table).
+optimizer-state bytes, frozen base bytes and step time (docs/lora.md's table).
 
   PYTHONPATH=. python benchmarks/lora_table.py [--steps 12] [--out FILE.json]
 

@@ -30,7 +30,7 @@ class Impl(NamedTuple):
   features: frozenset
 
 
-# The one table of who does what; README shows it, tests enforce it.
+# The one table of who does what; docs/backends.md shows it, tests enforce it.
 IMPLS = {
     "reference": Impl(reference.attention, ALL_FEATURES),
     "xla": Impl(xla_blockwise.attention, ALL_FEATURES),

@@ -85,4 +85,4 @@ def check_features(impl: str, supported: frozenset, problem: AttentionProblem,
     raise NotImplementedError(
         f"impl={impl!r} does not support {', '.join(sorted(missing))}; "
         "use impl='pallas', 'xla' or 'reference', which support every "
-        "feature (see the feature table in README)")
+        "feature (see the feature table in docs/backends.md)")

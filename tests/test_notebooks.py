@@ -4,7 +4,7 @@ Execution runs each notebook in a fresh kernel of this interpreter, in small
 mode (SWAJAX_NOTEBOOK_SCALE=small), from a temp dir so nothing is written into
 the repo; any failing cell fails the test. The other tests read the committed
 .ipynb files: every code cell has run, none raised, at least one plot is
-embedded, its README picture exists, and only the public `swajax` API is used.
+embedded, its picture (docs/notebooks.md) exists, and only the public `swajax` API is used.
 """
 
 import json
