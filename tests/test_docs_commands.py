@@ -51,6 +51,10 @@ import pytest
 
 from swajax.cli import entry
 
+# One worker runs the module (make test: --dist loadgroup): README's runs are
+# made once and the later pages find them.
+pytestmark = pytest.mark.xdist_group("docs_commands")
+
 REPO = Path(__file__).resolve().parent.parent
 PAGES = ["README.md"] + sorted(
     str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
@@ -216,6 +220,8 @@ def test_every_shell_line_is_a_known_command():
   stray = [s for page in PAGES for s in ALL[page][1]]
   assert not stray, "swajax commands outside a shell block:\n" + "\n".join(stray)
   assert [c.text for c in COMMANDS if c.text in OTHER_COMMANDS] == list(OTHER_COMMANDS)
+  documented = {c.subcommand for page in PAGES for c in RUNNABLE[page]}
+  assert set(OVERRIDES) <= documented, f"overrides of no command: {set(OVERRIDES) - documented}"
 
 
 def test_readme_newcomer_path_is_on_the_first_screen():
