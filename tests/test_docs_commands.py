@@ -13,8 +13,9 @@ parse.
 Shell forms understood: `swajax ARGS`, `python -m swajax ARGS`, and
 `echo TEXT | swajax ARGS` (TEXT becomes stdin); a trailing backslash continues
 a line, `#` starts a comment. Any other line in a shell block fails the test
-unless it is in OTHER_COMMANDS (which says who runs it). A `swajax` line in a
-block that is not a shell block fails too (it would escape this test).
+unless it is in OTHER_COMMANDS (which says who runs it); an open quote
+continues a line too. A `swajax` command line in an untagged block fails (it
+would escape this test); a synopsis goes in a `text` block.
 
 Commands run as documented, except for these explicit overrides, appended to
 the documented arguments (argparse: the last value of a flag wins) and listed
@@ -132,6 +133,15 @@ def parse_line(text: str) -> tuple[list[str], tuple[str, ...] | None, str | None
   return words, None, None
 
 
+def looks_like_a_command(line: str) -> bool:
+  """Whether `line` of an untagged block is a swajax command line (a block
+  tagged `text`, `python`, ... declares it holds none)."""
+  words = line.split()
+  if words[:3] in (["python", "-m", "swajax"], ["python3", "-m", "swajax"]):
+    return True
+  return words[:1] == ["swajax"] and len(words) > 1 and words[1] in entry.SUBCOMMANDS
+
+
 def read_page(page: str) -> tuple[list[Command], list[str]]:
   """The commands of `page`'s shell blocks, and the `swajax` lines found in
   its other blocks (each an error)."""
@@ -147,7 +157,7 @@ def read_page(page: str) -> tuple[list[Command], list[str]]:
       continue
     line = raw.strip()
     if language not in SHELL_LANGUAGES:
-      if line.startswith(("swajax ", "python -m swajax")):
+      if not language and looks_like_a_command(line):
         stray.append(f"{page}:{number}: {line}")
       continue
     if not pending:
@@ -160,7 +170,11 @@ def read_page(page: str) -> tuple[list[Command], list[str]]:
     if mark:
       needs = mark.group(1).strip()
       continue
-    words, argv, stdin = parse_line(line)
+    try:
+      words, argv, stdin = parse_line(line)
+    except ValueError:  # a quote still open: the command goes on on the next line
+      pending = line + "\n"
+      continue
     if words:
       commands.append(Command(page, start, " ".join(words), argv, stdin, needs))
   return commands, stray
