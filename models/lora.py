@@ -50,6 +50,7 @@ TARGETS = {
     "gate_proj": ("mlp", "gate_proj"), "up_proj": ("mlp", "up_proj"),
     "down_proj": ("mlp", "down_proj"),
 }
+ALL = "all"  # LoraSpec.targets: every projection of TARGETS the model has
 QUANTIZE = ("int8", "int4", "nf4")
 QUANT_BLOCK = 64
 TRAINABLE = nnx.LoRAParam  # the filter that selects a LoRA run's trained variables
@@ -61,12 +62,13 @@ _RANK = "r"  # the einsum letter of the adapter rank (the models use upper case)
 class LoraSpec:
   """rank r >= 1; alpha (scale = alpha / r, or alpha / sqrt(r) with rslora);
   dropout in [0, 1) on the adapter input; targets: PEFT module names (keys of
-  `TARGETS`); quantize: None or one of `QUANTIZE` for the frozen base."""
+  `TARGETS`), or `ALL`: those of them the model has (`add_lora` resolves it);
+  quantize: None or one of `QUANTIZE` for the frozen base."""
 
   rank: int
   alpha: float
   dropout: float = 0.0
-  targets: tuple[str, ...] = tuple(TARGETS)
+  targets: tuple[str, ...] | str = ALL
   quantize: str | None = None
   rslora: bool = False
 
@@ -77,9 +79,12 @@ class LoraSpec:
       raise ValueError(f"lora_alpha={self.alpha!r}: expected a float > 0")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"lora_dropout={self.dropout!r}: expected a float in [0, 1)")
-    unknown = [t for t in self.targets if t not in TARGETS]
-    if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-      raise ValueError(f"lora_targets={','.join(self.targets)!r}: expected distinct "
+    if self.targets != ALL and (
+        isinstance(self.targets, str) or not self.targets
+        or any(t not in TARGETS for t in self.targets)
+        or len(set(self.targets)) != len(self.targets)):
+      shown = self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+      raise ValueError(f"lora_targets={shown!r}: expected {ALL!r} or distinct "
                        f"names among {','.join(TARGETS)}")
     if self.quantize is not None and self.quantize not in QUANTIZE:
       raise ValueError(f"quantize_base={self.quantize!r}: expected one of {QUANTIZE}")
@@ -89,10 +94,10 @@ class LoraSpec:
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-def parse_targets(text: str) -> tuple[str, ...]:
-  """"q_proj,v_proj" -> ("q_proj", "v_proj"); "all" -> every name of `TARGETS`."""
-  if text.strip() == "all":
-    return tuple(TARGETS)
+def parse_targets(text: str) -> tuple[str, ...] | str:
+  """"q_proj,v_proj" -> ("q_proj", "v_proj"); "all" -> `ALL`."""
+  if text.strip() == ALL:
+    return ALL
   return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
@@ -191,12 +196,17 @@ def lora_modules(model) -> list[tuple[tuple, LoraEinsum]]:
 
 def add_lora(model: CausalLM, spec: LoraSpec, *, rngs: nnx.Rngs) -> CausalLM:
   """`model` with spec.targets of every layer wrapped by `LoraEinsum` (in
-  place; returned for chaining). Raises ValueError if it already has LoRA."""
+  place; returned for chaining; targets `ALL`: every projection of `TARGETS`
+  the model has, e.g. only the attention's in a mixture of experts, and the
+  adapters' spec names them). Raises ValueError if it already has LoRA, or
+  for a target the model lacks (naming those it has)."""
   if lora_modules(model):
     raise ValueError("add_lora: the model already has LoRA adapters")
   layer = model.layers[0]
   present = [name for name, (block, proj) in TARGETS.items()
              if isinstance(getattr(getattr(layer, block), proj, None), nnx.Einsum)]
+  if spec.targets == ALL:
+    spec = dataclasses.replace(spec, targets=tuple(present))
   missing = [name for name in spec.targets if name not in present]
   if missing:
     raise ValueError(

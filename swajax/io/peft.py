@@ -99,16 +99,17 @@ def read_adapter_config(path) -> lora_lib.LoraSpec:
     if config.get(key):
       raise ValueError(f"{file}: {key}={config[key]!r}: expected none (not supported)")
   targets = config.get("target_modules")
-  if isinstance(targets, str):  # PEFT's "all-linear": every projection, not lm_head
-    targets = tuple(lora_lib.TARGETS) if targets in ("all", "all-linear") else None
-  if not isinstance(targets, list | tuple):
+  if targets in ("all", "all-linear"):  # PEFT's: every projection, not lm_head
+    targets = lora_lib.ALL
+  elif isinstance(targets, list | tuple):
+    order = [t for t in lora_lib.TARGETS if t in targets]  # the models' own order
+    targets = tuple(order) + tuple(t for t in targets if t not in order)
+  else:
     raise ValueError(f"{file}: target_modules={config.get('target_modules')!r}: "
                      f"expected a list of names among {','.join(lora_lib.TARGETS)}")
-  order = [t for t in lora_lib.TARGETS if t in targets]  # the models' own order
   return lora_lib.LoraSpec(
       rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-      dropout=float(config.get("lora_dropout") or 0.0),
-      targets=tuple(order) + tuple(t for t in targets if t not in order),
+      dropout=float(config.get("lora_dropout") or 0.0), targets=targets,
       rslora=bool(config.get("use_rslora", False)))
 
 
