@@ -10,6 +10,7 @@ cost is one interpreter start; the training runs are subprocesses of tiny
 models for 1-2 steps.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -63,7 +64,7 @@ BATCH = textwrap.dedent("""\
         except SystemExit as e:
           code = e.code
       results.append([code, out.getvalue(), err.getvalue()])
-    print(json.dumps(results))
+    print("\\n" + json.dumps(results))
     """)
 
 
@@ -79,10 +80,11 @@ def run_swajax(*argv, **env) -> subprocess.CompletedProcess:
                         env=swajax_env(**env), text=True, capture_output=True, timeout=600)
 
 
-def swajax_batch(*argvs, pythonpath=()) -> list[tuple[int, str, str]]:
+def swajax_batch(*argvs, pythonpath=(), **env) -> list[tuple[int, str, str]]:
   """(exit status, stdout, stderr) of the `swajax` command's main on each
-  argv, all in one subprocess."""
-  env = swajax_env()
+  argv, all in one subprocess (environment `env` added). Text the command
+  writes to sys.stdout.buffer (generate's tokens) is not kept."""
+  env = swajax_env(**env)
   env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), str(REPO)])
   result = subprocess.run(
       [sys.executable, "-c", BATCH, json.dumps([[str(a) for a in argv] for argv in argvs])],
@@ -197,7 +199,7 @@ def test_refusals_and_warnings(folders, tmp_path):
   one_line_error(results[11], "--report-to wandb needs the wandb package (pip install wandb)")
   assert not (tmp_path / "run").exists()
   code, usage, _ = results[12]
-  assert code == 0 and "attention | context | generate | moe | train | tiles" in usage
+  assert code == 0 and "attention | context | dpo | generate | moe | train | tiles" in usage
   code, usage, _ = results[13]
   assert code == 0 and all(word in " ".join(usage.split()) for word in (
       "chat {messages}", "ShareGPT {conversations}", "Alpaca {instruction, input, output}",
@@ -212,3 +214,190 @@ def test_readme_lora_example_runs():
                           rngs=nnx.Rngs(0))
   eval(example, {"swajax": swajax, "nnx": nnx, "model": model})
   assert len(lora_lib.lora_modules(model)) == 7  # every projection of the layer
+  assert any(np.abs(m.lora_a.get_value()).max() > 0 for _, m in lora_lib.lora_modules(model))
+
+
+# ----- The tokenizer's own special tokens (bug 10) ----------------------------------
+
+def test_generate_adds_the_special_tokens_the_tokenizer_adds(tmp_path):
+  """`swajax generate`'s prompt ids (the count on its stderr) are transformers'
+  tokenizer(prompt) ids: bos only where the tokenizer adds it (tokenizer.json's
+  post-processor; tokenizer_config.json's add_bos_token alone adds none in
+  transformers 5), none with --no-special-tokens (before: bos always, so a
+  pasted <bos> was doubled)."""
+  settings = {"unset": {}, "add_bos_token": {"add_bos_token": True},
+              "post_processor": None}
+  model = random_hf()
+  for name, config in settings.items():
+    model.save_pretrained(tmp_path / name)
+    make_tokenizer(tmp_path / name, config=config, bos_post_processor=config is None)
+  prompt = "<bos>Paris is the"
+  argvs = [["generate", tmp_path / name, "--prompt", prompt, "--max-new-tokens", "1", *flag]
+           for name in settings for flag in ([], ["--no-special-tokens"])]
+  results = iter(swajax_batch(*argvs))
+  for name in settings:
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / name)
+    bos = reference.convert_tokens_to_ids("<bos>")
+    ids = reference(prompt).input_ids  # the settings differ as intended:
+    assert (ids[:2] == [bos, bos]) == (name == "post_processor"), (name, ids)
+    for special in (True, False):
+      code, _, err = next(results)
+      assert code == 0, err
+      count = len(reference(prompt, add_special_tokens=special).input_ids)
+      assert f"[prompt {count} tokens;" in err, (name, special, err)
+
+
+# ----- QLoRA quantizes every frozen kernel (bug 9) -----------------------------------
+
+def test_qlora_quantizes_every_frozen_kernel_experts_included():
+  """gpt-oss with adapters on q_proj,v_proj only: k_proj, o_proj and the
+  experts are held quantized too (before: only the targeted kernels, the
+  experts never), and the summary's 'before' is the unquantized base."""
+  model = models.CausalLM(models.gpt_oss_tiny(), rngs=nnx.Rngs(0), attn_impl="xla")
+  full = lora_lib.base_bytes(model)
+  lora_lib.add_lora(model, lora_lib.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj"),
+                                             quantize="nf4"))
+  frozen = ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(
+      model.layers, nnx.All(nnx.Param, nnx.Not(lora_lib.TRAINABLE))))]
+  assert [p for p in frozen if p.split("/")[-1] in ("kernel", *lora_lib.EXPERTS)
+          and not p.endswith("router/kernel")] == []
+  quantized = {"/".join(map(str, p)) for p, m in nnx.iter_modules(model.layers)
+               if isinstance(m, lora_lib.QuantizedWeight)}
+  assert {"0/mlp/gate_up", "0/mlp/down", "0/attn/k_proj/weight", "0/attn/q_proj/weight"
+          } <= quantized
+  after = lora_lib.base_bytes(model)
+  assert after < full / 3
+  assert (f"frozen base {after / 2**20:.2f} MiB (nf4; {full / 2**20:.2f} MiB before "
+          "quantization)") in lora_lib.summary(model)
+
+
+# ----- Two training runs: a QLoRA chat run, LoRA on a mixture of experts -------------
+
+def wandb_history(path: Path) -> list[dict]:
+  """The logged rows ({name: value}) of an offline W&B run file (run-*.wandb:
+  W&B's 7-byte header, then LevelDB-log framing of 32 KiB blocks, each chunk
+  a 7-byte header (crc, length, type: 1 full, 2 first, 3 middle, 4 last) of
+  serialized `wandb_internal_pb2.Record`s); wandb 0.31 ships no reader."""
+  import struct
+
+  from wandb.proto import wandb_internal_pb2
+
+  data, pos, chunks, rows = path.read_bytes(), 7, b"", []
+  while pos + 7 <= len(data):
+    if 32768 - pos % 32768 < 7:  # a block's zero-filled trailer
+      pos += 32768 - pos % 32768
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    if kind == 0:
+      break
+    chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record.FromString(chunks)
+      chunks = b""
+      if record.WhichOneof("record_type") == "history":
+        rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                     for i in record.history.item})
+  return rows
+
+
+@pytest.fixture(scope="module")
+def runs(folders) -> dict:
+  """Both runs, in one `swajax` process: `chat`, a QLoRA (nf4) chat run with
+  --merge-lora and --report-to tensorboard,wandb (W&B offline) on a base whose
+  template sits in tokenizer_config.json (as older transformers saved it);
+  `moe`, gpt-oss with the default LoRA targets."""
+  root = folders["root"]
+  base = root / "templated_base"
+  random_hf().save_pretrained(base)
+  make_tokenizer(base, config={"chat_template": TEMPLATE})
+  chat_run, moe_run = root / "chat_run", root / "moe_run"
+  chat, moe = swajax_batch(
+      ["train", "--init-from-hf", base, "--data", folders["chats"], "--lora-rank", "4",
+       "--quantize-base", "nf4", "--merge-lora", "--steps", "2", "--lr", "0.05",
+       "--eval-every", "2", "--sample-tokens", "2", "--report-to", "tensorboard,wandb",
+       "--out", chat_run, *RUN],
+      ["train", "--model", "gpt_oss_tiny", "--lora-rank", "2", "--steps", "1",
+       "--sample-tokens", "0", "--out", moe_run, *RUN],
+      WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true")
+  assert chat[0] == 0, chat[2]
+  assert moe[0] == 0, moe[2]
+  return {"base": base, "chat": chat_run, "moe": moe_run, "moe_stdout": moe[1],
+          "wandb": root / "wandb"}
+
+
+def test_exports_carry_the_chat_template_and_the_sample_is_a_chat(runs):
+  """Bug 1: hf/ and hf/adapter/ carry the template, so transformers'
+  apply_chat_template renders as on the base (before: "chat_template is not
+  set") and fine-tuning the export again uses it. Bug 11: the end-of-run
+  sample of a chat run is a chat turn, not 'def '."""
+  messages = CHATS[0]["messages"][:1]
+  expected = transformers.AutoTokenizer.from_pretrained(runs["base"]).apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=True)
+  assert expected == "### user: What is 0 plus 0?\n### assistant: "
+  for export in (runs["chat"] / "hf", runs["chat"] / "hf" / "adapter"):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    assert tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True) == expected, export
+    assert HFTokenizer(export).chat_template == TEMPLATE
+  assert (runs["chat"] / "sample.txt").read_text().startswith(expected)
+
+
+def test_qlora_merge_is_into_the_original_base(runs):
+  """Bug 8: the QLoRA run's merged hf/ equals PEFT's merge_and_unload of its
+  adapter on the original fp32 base; the same adapter merged into the
+  NF4-dequantized base (what the export wrote before) is off by far more."""
+  peft = pytest.importorskip("peft")
+  adapter = runs["chat"] / "hf" / "adapter"
+  x = np.random.default_rng(0).integers(0, 380, (2, 24))
+  with torch.no_grad():
+    base = transformers.AutoModelForCausalLM.from_pretrained(runs["base"],
+                                                            attn_implementation="eager")
+    expected = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()(
+        torch.as_tensor(x)).logits.numpy()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        runs["chat"] / "hf", attn_implementation="eager")(torch.as_tensor(x)).logits.numpy()
+  np.testing.assert_allclose(merged, expected, atol=1e-5, rtol=0)
+  trained = load_hf(runs["base"], adapter=adapter)
+  spec = lora_lib.lora_modules(trained)[0][1].spec
+  quantized = lora_lib.add_lora(load_hf(runs["base"]),
+                                dataclasses.replace(spec, quantize="nf4"))
+  for (_, q), (_, t) in zip(lora_lib.lora_modules(quantized), lora_lib.lora_modules(trained)):
+    q.lora_a.set_value(t.lora_a.get_value())
+    q.lora_b.set_value(t.lora_b.get_value())
+  dequantized = np.asarray(lora_lib.merged_model(quantized)(x.astype(np.int32)))
+  assert np.abs(dequantized - expected).max() > 1e-3
+
+
+def test_lora_default_targets_on_a_mixture_of_experts(runs):
+  """Bug 3: `--lora-targets` left at `all` on gpt-oss trains the attention's
+  four projections (before: exit 2, "no gate_proj")."""
+  config = json.loads((runs["moe"] / "hf" / "adapter" / "adapter_config.json").read_text())
+  assert config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+  assert "LoRA: " in runs["moe_stdout"]
+
+
+def test_report_to_tensorboard_and_wandb(runs):
+  """`--report-to tensorboard,wandb`: tensorboard's EventAccumulator and the
+  offline W&B run read back metrics.jsonl's values under Trainer's names."""
+  event_accumulator = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_accumulator")
+  records = [json.loads(line)
+             for line in (runs["chat"] / "metrics.jsonl").read_text().splitlines()]
+  expected = {(name, r["step"]): r[key] for r in records for key, name in (
+      ("loss", "train/loss"), ("lr", "train/learning_rate"), ("grad_norm", "train/grad_norm"),
+      ("val_loss", "eval/loss"), ("val_ppl", "eval/perplexity")) if r.get(key) is not None}
+  assert {name for name, _ in expected} == {"train/loss", "train/learning_rate",
+                                            "train/grad_norm", "eval/loss", "eval/perplexity"}
+  board = event_accumulator.EventAccumulator(str(runs["chat"] / "tensorboard"))
+  board.Reload()
+  written = {(tag, e.step): e.value for tag in board.Tags()["scalars"]
+             for e in board.Scalars(tag)}
+  assert written.keys() >= expected.keys()
+  np.testing.assert_allclose([written[k] for k in expected], list(expected.values()),
+                             rtol=1e-6)
+  [wandb_file] = runs["wandb"].glob("offline-run-*/run-*.wandb")
+  logged = {(name, row["_step"]): value for row in wandb_history(wandb_file)
+            if "_step" in row for name, value in row.items() if not name.startswith("_")}
+  assert logged.keys() >= expected.keys()
+  np.testing.assert_allclose([logged[k] for k in expected], list(expected.values()),
+                             rtol=1e-12)

@@ -9,11 +9,12 @@ The tokenizer is `--tokenizer` (a tokenizer.json, or `bytes`), else the
 folder's tokenizer.json, else UTF-8 bytes (`ByteTokenizer`) when the export
 says so (`swajax train`'s default); with none known it is an error, never a
 guess. The prompt gets the special tokens the tokenizer itself adds
-(transformers' rule: tokenizer_config.json's add_bos_token / add_eos_token,
-else tokenizer.json's post-processor; bytes: bos), none with
+(tokenizer.json's post-processor, as transformers' tokenizer(prompt); bytes:
+bos), none with
 --no-special-tokens (for a prompt that already starts with them, e.g. a
 pasted `<bos>`); generation stops at its eos.
-Tokens go to stdout as they are generated; timing goes to stderr.
+Tokens go to stdout as they are generated; the prompt's token count and
+timing go to stderr.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
     print(f"swajax generate: error: {e}", file=sys.stderr)
     return 2
   count = len(times) - 1
-  summary = f"[{count} tokens"
+  summary = f"[prompt {prompt.shape[1]} tokens; {count} tokens"
   if count:
     summary += (f"; first after {times[1] - times[0]:.2f}s (prefill and "
                 "compile; load excluded)")

@@ -35,6 +35,7 @@ from swajax.dtypes import DTYPES
 from models import lora as lora_lib
 from swajax.infer.generation import generate
 from swajax.io.hf import save_hf
+from swajax.io.model_source import load_model
 from swajax.io.peft import save_adapter
 from swajax.sharding import maybe_initialize_distributed
 from swajax.text import chat as chat_lib
@@ -88,8 +89,11 @@ FIELD_HELP = {
     "lora_targets": "LoRA: PEFT module names, comma-separated (q_proj, k_proj, v_proj, "
                     "o_proj, gate_proj, up_proj, down_proj), or all: those the model has",
     "use_rslora": "LoRA: scale by alpha / sqrt(rank) (rsLoRA)",
-    "quantize_base": "QLoRA: hold the frozen base kernels in this format",
-    "merge_lora": "LoRA: also export the merged model as a full HF checkpoint in hf/",
+    "quantize_base": "QLoRA: hold every frozen projection kernel of the base (experts "
+                     "included) in this format",
+    "merge_lora": "LoRA: also export the merged model as a full HF checkpoint in hf/ "
+                  "(QLoRA: merged into the original full-precision base, as PEFT's "
+                  "merge_and_unload on the unquantized base)",
     "corpus_max_bytes": "bytes of the embedded corpus to read",
     "stage": "sft: next-token training; dpo: preference tuning on a .jsonl of "
              "{prompt, chosen, rejected} pairs (TRL standard or conversational, or "
@@ -377,7 +381,9 @@ def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | No
   """A LoRA run's export (`swajax train`): the PEFT adapter in hf_dir/adapter/
   (with `tokenizer`'s files and chat template) and, with merge, the merged model
   (`lora.merged_model`) as a full HF checkpoint in hf_dir (replacing its
-  files; with `tokenizer`, its files and ids, as `save_hf`). A run on a fresh
+  files; with `tokenizer`, its files and ids, as `save_hf`); a QLoRA run
+  merges into its base's original full-precision weights, read again from
+  `base_model_name_or_path` (not the dequantized ones it trained on). A run on a fresh
   preset (no `base_model_name_or_path`) also writes its frozen base
   (`lora.base_model`) to hf_dir/base/, the base the adapter records, so the
   adapter loads anywhere (PEFT, `swajax generate RUN`). Every process calls it
@@ -386,7 +392,12 @@ def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | No
   hf_dir = Path(hf_dir)
   lines = []
   if merge:
-    save_hf(lora_lib.merged_model(model), hf_dir, overwrite=True, tokenizer=tokenizer)
+    original = None
+    if base_model_name_or_path is not None and any(
+        m.spec.quantize for _, m in lora_lib.lora_modules(model)):
+      original = load_model(Path(base_model_name_or_path), dtype=model.param_dtype)
+    save_hf(lora_lib.merged_model(model, original), hf_dir, overwrite=True,
+            tokenizer=tokenizer)
     lines.append(f"Hugging Face export (LoRA merged) {hf_dir}")
   if base_model_name_or_path is None:
     base_model_name_or_path = hf_dir / "base"

@@ -69,10 +69,10 @@ class HFTokenizer:
   chat_template: the sibling chat template (`chat.read_template`) or None.
   file: the tokenizer.json, or None for one built in memory
   (`from_tokenizer`: a GGUF file's).
-  `encode(text, add_special_tokens=True)` adds the specials transformers adds
-  (its `TokenizersBackend` rule): bos / eos as tokenizer_config.json's
-  add_bos_token / add_eos_token say when it sets either (or tokenizer.json
-  has no post-processor; unset = False), else tokenizer.json's post-processor.
+  `encode(text, add_special_tokens=True)` adds the specials tokenizer.json's
+  post-processor adds, as transformers' tokenizer(text) does (transformers 5
+  drops tokenizer_config.json's add_bos_token / add_eos_token when a
+  tokenizer.json is there: the post-processor is the tokenizer's setting).
   """
 
   def __init__(self, path: str | Path):
@@ -86,8 +86,7 @@ class HFTokenizer:
       self._tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises its own Exception types
       raise DataError(f"tokenizer={str(path)!r}: cannot read {file} ({e})") from e
-    settings = _tokenizer_config(file.parent / "tokenizer_config.json")
-    named = _configured_specials(settings)
+    named = _configured_specials(file.parent / "tokenizer_config.json")
     self.bos_id = self._find(named.get("bos_token"), _BOS_NAMES)
     self.eos_id = self._find(named.get("eos_token"), _EOS_NAMES)
     if self.eos_id is None:
@@ -96,7 +95,7 @@ class HFTokenizer:
     pad = self._find(named.get("pad_token"), _PAD_NAMES)
     self.pad_id = self.eos_id if pad is None else pad
     self.chat_template = chat_lib.read_template(file)
-    self._name_specials(settings)
+    self._name_specials()
 
   @classmethod
   def from_tokenizer(cls, tokenizer, *, bos_id: int | None, eos_id: int,
@@ -109,19 +108,12 @@ class HFTokenizer:
     self.bos_id, self.eos_id = bos_id, eos_id
     self.pad_id = eos_id if pad_id is None else pad_id
     self.chat_template = chat_template
-    self._name_specials({})
+    self._name_specials()
     return self
 
-  def _name_specials(self, settings: dict):
-    """Special token names, and which specials `encode` adds (`settings`:
-    tokenizer_config.json's mapping)."""
+  def _name_specials(self):
     self.bos_token = None if self.bos_id is None else self._tok.id_to_token(self.bos_id)
     self.eos_token = self._tok.id_to_token(self.eos_id)
-    self._own_specials = None  # None: the post-processor adds them; else (head, tail)
-    if ("add_bos_token" in settings or "add_eos_token" in settings
-        or self._tok.post_processor is None):
-      head = [self.bos_id] if settings.get("add_bos_token") and self.bos_id is not None else []
-      self._own_specials = (head, [self.eos_id] if settings.get("add_eos_token") else [])
 
   def config_files(self) -> dict[str, str]:
     """{file name: text}: tokenizer.json and a tokenizer_config.json naming
@@ -145,13 +137,10 @@ class HFTokenizer:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    """The ids of `text`; add_special_tokens: with the specials transformers
+    """The ids of `text`; add_special_tokens: with the specials the tokenizer
     adds (see the class docstring). Special tokens written in the text are
     their ids either way."""
-    if not add_special_tokens or self._own_specials is None:
-      return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-    head, tail = self._own_specials
-    return head + self._tok.encode(text, add_special_tokens=False).ids + tail
+    return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
     """(ids [L], offsets int [L, 2]: each token's character [start, end))."""
@@ -162,13 +151,11 @@ class HFTokenizer:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def _tokenizer_config(config_file: Path) -> dict:
-  """tokenizer_config.json's mapping, {} if absent."""
-  return json.loads(config_file.read_text()) if config_file.is_file() else {}
-
-
-def _configured_specials(config: dict) -> dict:
-  """{"bos_token": str, ...} named by a tokenizer_config.json mapping."""
+def _configured_specials(config_file: Path) -> dict:
+  """{"bos_token": str, ...} from tokenizer_config.json, {} if absent."""
+  if not config_file.is_file():
+    return {}
+  config = json.loads(config_file.read_text())
   out = {}
   for key in ("bos_token", "eos_token", "pad_token"):
     value = config.get(key)

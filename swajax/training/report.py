@@ -18,14 +18,19 @@ from pathlib import Path
 
 from swajax.training.config import TrainConfig
 
-# metrics.jsonl key -> the name Trainer logs it under (its `rewrite_logs`:
-# train/<key>, eval/<key>); ours without a Trainer twin keep a train/ or
-# eval/ name of the same form.
-NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm",
-         "lr": "train/learning_rate", "router_aux_loss": "train/aux_loss",
-         "tokens_per_s": "train/tokens_per_second", "val_loss": "eval/loss",
-         "val_ppl": "eval/perplexity"}
+# metrics.jsonl keys whose Trainer twin is spelled otherwise (`trainer_name`).
+RENAMES = {"lr": "learning_rate", "ppl": "perplexity", "tokens_per_s": "tokens_per_second",
+           "router_aux_loss": "aux_loss"}
 TENSORBOARD_DIR = "tensorboard"
+
+
+def trainer_name(key: str) -> str:
+  """The name Trainer logs a metrics.jsonl key under (its `rewrite_logs`):
+  val_<k> -> eval/<k>, else train/<k>, `RENAMES` applied to <k> (loss ->
+  train/loss, lr -> train/learning_rate, val_loss -> eval/loss, a DPO run's
+  rewards/margins -> train/rewards/margins)."""
+  split, name = ("eval", key[4:]) if key.startswith("val_") else ("train", key)
+  return f"{split}/{RENAMES.get(name, name)}"
 
 
 def check_available(config: TrainConfig) -> None:
@@ -56,9 +61,10 @@ class Reporters:
                             name=run_dir.name, config=config.to_dict())
 
   def write(self, record: dict) -> None:
-    """One step's record (metrics.jsonl's keys), its finite values renamed."""
-    values = {NAMES[k]: v for k, v in record.items()
-              if k in NAMES and v is not None and math.isfinite(v)}
+    """One step's record (metrics.jsonl's keys), its finite values under
+    `trainer_name`s."""
+    values = {trainer_name(k): v for k, v in record.items()
+              if k != "step" and v is not None and math.isfinite(v)}
     if self.writer is not None:
       for name, value in values.items():
         self.writer.add_scalar(name, value, record["step"])
