@@ -237,8 +237,8 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   bos/eos/pad ids go into config.json and a generation_config.json (so
   transformers' `generate` stops at eos too); an `HFTokenizer`'s
   tokenizer.json (and its tokenizer_config.json / special_tokens_map.json)
-  is written; its chat template goes to chat_template.jinja, as
-  `save_pretrained` writes it (`hf_folder.own_tokenizer_files`); a
+  is written with its chat template (`hf_folder.own_tokenizer_files`: a
+  chosen one as chat_template.jinja, as `save_pretrained` writes it); a
   `ByteTokenizer` is recorded as "swajax_tokenizer": "bytes" in config.json
   (what `swajax generate` reads).
 

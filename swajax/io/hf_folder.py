@@ -116,27 +116,25 @@ def tokenizer_files(tokenizer, hf_config: dict) -> tuple[dict[str, str], dict[st
 
 def own_tokenizer_files(tokenizer) -> tuple[dict[str, str], dict[str, Path]]:
   """({file name: text}, {file name: source file}): the files that carry
-  `tokenizer` as `save_pretrained` writes them. An `HFTokenizer`'s
-  tokenizer.json and special_tokens_map.json are copied; its chat template
-  (the one it renders chats with: its own or a chosen one) is
-  chat_template.jinja, which transformers reads before tokenizer_config.json
-  (written without its "chat_template" key then, as transformers does)."""
+  `tokenizer` and its chat template (the one it renders chats with), as
+  `save_pretrained` writes them. An `HFTokenizer`'s files are copied
+  (`TOKENIZER_FILES` and a chat_template.jinja beside them); a template other
+  than the one they hold (chosen, or ChatML given to a tokenizer without one)
+  is written to chat_template.jinja, which transformers reads before
+  tokenizer_config.json's "chat_template". A tokenizer built in memory: its
+  `config_files`; bytes: the template alone."""
   template = getattr(tokenizer, "chat_template", None)
-  texts = {} if template is None else {chat_lib.TEMPLATE_FILE: template}
   if not hasattr(tokenizer, "file"):  # a ByteTokenizer
-    return texts, {}
-  source = tokenizer.file  # an HFTokenizer's tokenizer.json
-  if source is None:  # built in memory (a GGUF file's): its template inside
+    return ({} if template is None else {chat_lib.TEMPLATE_FILE: template}), {}
+  if tokenizer.file is None:  # built in memory (a GGUF file's): its template inside
     return tokenizer.config_files(), {}
-  folder = Path(source).parent
-  copies = {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
-  config = copies.pop("tokenizer_config.json", None)
-  if config is not None:
-    values = json.loads(config.read_text())
-    if template is not None:
-      values.pop("chat_template", None)
-    texts["tokenizer_config.json"] = json.dumps(values, indent=2, ensure_ascii=False) + "\n"
-  return texts, copies
+  folder = Path(tokenizer.file).parent
+  copies = {name: folder / name for name in (*TOKENIZER_FILES, chat_lib.TEMPLATE_FILE)
+            if (folder / name).is_file()}
+  if template is None or template == chat_lib.read_template(tokenizer.file):
+    return {}, copies
+  copies.pop(chat_lib.TEMPLATE_FILE, None)
+  return {chat_lib.TEMPLATE_FILE: template}, copies
 
 
 def write_tokenizer(tokenizer, folder: Path) -> None:
