@@ -1,13 +1,15 @@
 """The fine-tuning workflow of issue 23 through the real `swajax` command:
-refusals instead of silently ignored flags, chat templates that survive the
-export, the tokenizer's own special tokens, LoRA on a mixture of experts,
-QLoRA's quantized base and its full-precision merge (against PEFT on the
-original base), and `--report-to` (TensorBoard / W&B files read back).
+refusals instead of silently ignored flags (bugs 3-7), chat templates that
+survive the export (1), the tokenizer's own special tokens (10), LoRA on a
+mixture of experts (3), QLoRA's quantized base (9) and its full-precision
+merge against PEFT on the original base (8), the help and the documented
+example (11), and `--report-to` (TensorBoard / W&B files read back).
 
-The refusals run as one subprocess (`swajax_batch`: the real command's
-`main` called once per argv, each exit status and output kept), so their
-cost is one interpreter start; the training runs are subprocesses of tiny
-models for 1-2 steps.
+Each group of commands runs in one subprocess (`swajax_batch`: the real
+command's `main` called once per argv, each exit status and output kept), so
+its cost is one interpreter start; the training runs are tiny models for
+1-2 steps. Bug 2 and the chat / eval / merge commands are covered by
+test_merge_cli.py, test_chat_cli.py and test_eval_cli.py.
 """
 
 import dataclasses
@@ -26,9 +28,9 @@ from flax import nnx
 import models
 import swajax
 from models import lora as lora_lib
-from swajax.io.hf import load_hf, save_hf
+from swajax.io.hf import load_hf
 from swajax.text import chat
-from swajax.text.tokenizers import ByteTokenizer, HFTokenizer
+from swajax.text.tokenizers import HFTokenizer
 from tests import hf_models
 
 torch = pytest.importorskip("torch")
@@ -72,12 +74,6 @@ def swajax_env(**extra) -> dict:
   env = {**os.environ, "PYTHONPATH": str(REPO), **extra}
   env.pop("SWAJAX_TRACEBACK", None)
   return env
-
-
-def run_swajax(*argv, **env) -> subprocess.CompletedProcess:
-  """`python -m swajax ARGV` in a subprocess."""
-  return subprocess.run([sys.executable, "-m", "swajax", *map(str, argv)],
-                        env=swajax_env(**env), text=True, capture_output=True, timeout=600)
 
 
 def swajax_batch(*argvs, pythonpath=(), **env) -> list[tuple[int, str, str]]:
@@ -207,9 +203,10 @@ def test_refusals_and_warnings(folders, tmp_path):
 
 
 def test_readme_lora_example_runs():
-  """Bug 11: README's `swajax.add_lora(...)` example, evaluated as written."""
-  readme = (REPO / "README.md").read_text()
-  example = re.search(r"`(swajax\.add_lora\(model, [^`]*\))`", readme)[1]
+  """Bug 11: the documentation's `swajax.add_lora(...)` example (README.md or a
+  docs/ page), evaluated as written (before: TypeError, no rngs)."""
+  text = "".join(p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")])
+  example = re.search(r"`(swajax\.add_lora\(model, [^`]*\))`", text)[1]
   model = models.CausalLM(models.mistral_tiny(num_layers=1, layer_windows=(16,)),
                           rngs=nnx.Rngs(0))
   eval(example, {"swajax": swajax, "nnx": nnx, "model": model})
