@@ -253,7 +253,7 @@ def test_qlora_quantizes_every_frozen_kernel_experts_included():
   model = models.CausalLM(models.gpt_oss_tiny(), rngs=nnx.Rngs(0), attn_impl="xla")
   full = lora_lib.base_bytes(model)
   lora_lib.add_lora(model, lora_lib.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj"),
-                                             quantize="nf4"))
+                                             quantize="nf4"), rngs=nnx.Rngs(1))
   frozen = ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(
       model.layers, nnx.All(nnx.Param, nnx.Not(lora_lib.TRAINABLE))))]
   assert [p for p in frozen if p.split("/")[-1] in ("kernel", *lora_lib.EXPERTS)

@@ -301,9 +301,7 @@ def _jsonl_documents(path: Path, tokenizer, train_prompt: bool, log
     try:
       messages = chat_lib.messages_of(record) if isinstance(record, dict) else None
       if messages is not None:
-        if encoder is None:
-          _default_chat_template(tokenizer, log)
-          encoder = chat_lib.ChatEncoder(tokenizer)
+        encoder = encoder or chat_encoder(tokenizer, log)
         yield n, Document(*encoder.encode(messages))
         continue
     except chat_lib.ChatDataError as e:
@@ -321,16 +319,18 @@ def _jsonl_documents(path: Path, tokenizer, train_prompt: bool, log
                       "('instruction', 'output') record")
 
 
-def _default_chat_template(tokenizer, log) -> None:
-  """Gives a tokenizer without a chat template ChatML, the template chats are
-  then rendered with (and that its export carries); warns for an HF
-  tokenizer, whose model may expect another."""
-  if tokenizer.chat_template is not None:
-    return
-  tokenizer.chat_template = chat_lib.DEFAULT_TEMPLATE
-  if isinstance(tokenizer, HFTokenizer):
-    log(f"warning: {tokenizer.file} has no chat template: chat records are rendered "
-        "with chatml (choose one with --chat-template FILE|NAME)")
+def chat_encoder(tokenizer, log: Callable[[str], None] = print_warning
+                 ) -> chat_lib.ChatEncoder:
+  """The `ChatEncoder` a run renders its chat records with. A tokenizer
+  without a chat template gets ChatML as its chat_template (the one its
+  exports then carry); for an HF tokenizer, whose model may expect another,
+  `log` gets a one-line warning naming it."""
+  if tokenizer.chat_template is None:
+    tokenizer.chat_template = chat_lib.DEFAULT_TEMPLATE
+    if isinstance(tokenizer, HFTokenizer):
+      log(f"warning: {tokenizer.file or 'the tokenizer'} has no chat template: chat "
+          "records are rendered with chatml (choose one with --chat-template FILE|NAME)")
+  return chat_lib.ChatEncoder(tokenizer)
 
 
 def split_train_val(keyed: Sequence[tuple[str, Document]], val_percent: float

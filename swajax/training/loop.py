@@ -117,7 +117,7 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
     tokenizer = data_lib.resolve_tokenizer(config)
     notes: list[str] = []  # long documents, LoRA sizes: reported at the end
     if config.stage == "dpo":
-      train_rows, val_rows = pref_data.load_pairs(config, tokenizer, notes)
+      train_rows, val_rows = pref_data.load_pairs(config, tokenizer, notes, log=warn)
     else:
       train_rows, val_rows = data_lib.load_data(config, tokenizer, notes, log=warn)
     mesh = sharding_lib.make_mesh(config.fsdp, context=config.context_parallel)
