@@ -28,6 +28,7 @@ from flax import nnx
 import models
 import swajax
 from models import lora as lora_lib
+from swajax.cli import bench
 from swajax.io.hf import load_hf
 from swajax.text import chat
 from swajax.text.tokenizers import HFTokenizer
@@ -195,7 +196,8 @@ def test_refusals_and_warnings(folders, tmp_path):
   one_line_error(results[11], "--report-to wandb needs the wandb package (pip install wandb)")
   assert not (tmp_path / "run").exists()
   code, usage, _ = results[12]
-  assert code == 0 and "attention | context | dpo | generate | moe | train | tiles" in usage
+  assert code == 0 and "benchmarks: " + " | ".join(bench.BENCHMARKS) in usage
+  assert len(bench.BENCHMARKS) >= 6  # the help listed three
   code, usage, _ = results[13]
   assert code == 0 and all(word in " ".join(usage.split()) for word in (
       "chat {messages}", "ShareGPT {conversations}", "Alpaca {instruction, input, output}",

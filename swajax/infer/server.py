@@ -179,13 +179,13 @@ def create_app(engine, tokenizer, model_name: str,
                          prompt_logprobs=prompt_logprobs, stop_ids=stop_ids)
 
   def token_ids(text: str) -> list[int]:
-    """Python ints (a byte tokenizer encodes to numpy int32); no specials added."""
+    """Python ints (a byte tokenizer encodes to numpy int32)."""
     return [int(i) for i in tokenizer.encode(text)]
 
   def encode(prompt) -> list[int]:
     if not isinstance(prompt, str):
       return list(prompt)
-    return [int(i) for i in tokenizer.encode(prompt, add_special_tokens=True)]  # numpy ints too
+    return [int(i) for i in tokenizer.encode(prompt, add_special_tokens=True)]
 
   @app.get("/health")
   async def health():
