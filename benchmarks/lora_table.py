@@ -25,6 +25,7 @@ from models import lora as lora_lib
 from swajax import sharding as sharding_lib
 from swajax.training import loop as loop_lib, state as state_lib
 from swajax.io.hf import save_hf
+from swajax.text.tokenizers import ByteTokenizer
 from swajax.training.config import TrainConfig
 
 MODES = {
@@ -65,7 +66,8 @@ def main() -> None:
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     work = Path(tmp)
-    save_hf(models.CausalLM(models.mistral_tiny(), rngs=nnx.Rngs(0)), work / "base")
+    save_hf(models.CausalLM(models.mistral_tiny(), rngs=nnx.Rngs(0)), work / "base",
+            tokenizer=ByteTokenizer())
     for name, fields in MODES.items():
       rows.append(measure(work / "base", work, name, fields, args.steps))
       print(json.dumps(rows[-1]))

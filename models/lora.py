@@ -14,10 +14,17 @@ the model's outputs unchanged. Training splits the model with
 `TRAINABLE` (= nnx.LoRAParam): the gradients and the optimizer state cover the
 adapters alone; the base stays in the frozen rest of the split.
 
-QLoRA (`spec.quantize` = "int8", "int4" or "nf4"): the frozen base kernel is
-stored quantized with `qwix.quantize` (absmax, one scale per output channel
-and per block of `QUANT_BLOCK` rows of the first contracted dimension, as
-QLoRA's block size) and dequantized to the compute dtype inside each call.
+QLoRA (`spec.quantize` = "int8", "int4" or "nf4"): every frozen projection
+kernel of the decoder layers is stored quantized (`QuantizedWeight`, with
+`qwix.quantize`: absmax, one scale per output channel and per block of
+`QUANT_BLOCK` rows of the first contracted dimension, as QLoRA's block size)
+and dequantized to the compute dtype inside each call, as bitsandbytes
+QLoRA quantizes every linear layer: the targeted ones under their adapters,
+the others (`QuantizedEinsum`) and a mixture of experts' expert weights
+(`EXPERTS`) too. Embeddings, the LM head, norms, biases and a MoE router stay
+in full precision. `merged_model(model, base=)` merges into the original
+full-precision weights instead of the dequantized ones (what a PEFT user
+gets from `merge_and_unload` on the unquantized base).
 
 Dropout on the adapter input (`spec.dropout` > 0) draws its mask from a key
 set per step with `set_dropout_key`; without a key (evaluation, generation)
@@ -50,6 +57,10 @@ TARGETS = {
     "gate_proj": ("mlp", "gate_proj"), "up_proj": ("mlp", "up_proj"),
     "down_proj": ("mlp", "down_proj"),
 }
+ALL = "all"  # LoraSpec.targets: every projection of TARGETS the model has
+# A mixture of experts' expert weights (attributes of a layer's mlp, `models.moe.MoE`)
+# -> their contracted axes: quantized under QLoRA like the projections.
+EXPERTS = {"gate_up": (1,), "down": (1,)}
 QUANTIZE = ("int8", "int4", "nf4")
 QUANT_BLOCK = 64
 TRAINABLE = nnx.LoRAParam  # the filter that selects a LoRA run's trained variables
@@ -61,12 +72,13 @@ _RANK = "r"  # the einsum letter of the adapter rank (the models use upper case)
 class LoraSpec:
   """rank r >= 1; alpha (scale = alpha / r, or alpha / sqrt(r) with rslora);
   dropout in [0, 1) on the adapter input; targets: PEFT module names (keys of
-  `TARGETS`); quantize: None or one of `QUANTIZE` for the frozen base."""
+  `TARGETS`), or `ALL`: those of them the model has (`add_lora` resolves it);
+  quantize: None or one of `QUANTIZE` for the frozen base."""
 
   rank: int
   alpha: float
   dropout: float = 0.0
-  targets: tuple[str, ...] = tuple(TARGETS)
+  targets: tuple[str, ...] | str = ALL
   quantize: str | None = None
   rslora: bool = False
 
@@ -77,9 +89,12 @@ class LoraSpec:
       raise ValueError(f"lora_alpha={self.alpha!r}: expected a float > 0")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"lora_dropout={self.dropout!r}: expected a float in [0, 1)")
-    unknown = [t for t in self.targets if t not in TARGETS]
-    if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-      raise ValueError(f"lora_targets={','.join(self.targets)!r}: expected distinct "
+    if self.targets != ALL and (
+        isinstance(self.targets, str) or not self.targets
+        or any(t not in TARGETS for t in self.targets)
+        or len(set(self.targets)) != len(self.targets)):
+      shown = self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+      raise ValueError(f"lora_targets={shown!r}: expected {ALL!r} or distinct "
                        f"names among {','.join(TARGETS)}")
     if self.quantize is not None and self.quantize not in QUANTIZE:
       raise ValueError(f"quantize_base={self.quantize!r}: expected one of {QUANTIZE}")
@@ -89,10 +104,10 @@ class LoraSpec:
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-def parse_targets(text: str) -> tuple[str, ...]:
-  """"q_proj,v_proj" -> ("q_proj", "v_proj"); "all" -> every name of `TARGETS`."""
-  if text.strip() == "all":
-    return tuple(TARGETS)
+def parse_targets(text: str) -> tuple[str, ...] | str:
+  """"q_proj,v_proj" -> ("q_proj", "v_proj"); "all" -> `ALL`."""
+  if text.strip() == ALL:
+    return ALL
   return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
@@ -100,21 +115,63 @@ class QuantizedBase(nnx.Variable):
   """A frozen, quantized base tensor (not an nnx.Param: never trained)."""
 
 
+class QuantizedWeight(nnx.Module):
+  """A frozen base weight w [...] held quantized (`quantize_kernel` over its
+  `contracted` axes): `dequantize(dtype)` gives w back (default: its own
+  dtype); `w[...]`, `shape` and `dtype` read as the array's (what
+  `models.moe.MoE` reads of its expert weights)."""
+
+  def __init__(self, w: jax.Array, contracted: tuple[int, ...], qtype: str):
+    q = quantize_kernel(w, contracted, qtype)
+    self.qvalue, self.qscale = QuantizedBase(q.qvalue), QuantizedBase(q.scale)
+    self.qtype = qtype
+    self.shape = tuple(w.shape)
+    self.dtype = jnp.dtype(w.dtype)
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    import qwix  # lazy: only QLoRA needs it
+    w = qwix.dequantize(qwix.QArray(self.qvalue.get_value(), self.qscale.get_value(),
+                                    qtype=_QTYPES[self.qtype]))
+    return w.astype(self.dtype if dtype is None else dtype)
+
+  def __getitem__(self, index):
+    return self.dequantize()[index]
+
+  def stored_bytes(self) -> tuple[int, int]:
+    """(bytes as stored: values + scales, bytes of w in its own dtype)."""
+    return (param_bytes([self.qvalue.get_value(), self.qscale.get_value()]),
+            math.prod(self.shape) * self.dtype.itemsize)
+
+
+class QuantizedEinsum(nnx.Module):
+  """A frozen projection `nnx.Einsum` that takes no adapter, its kernel held
+  as a `QuantizedWeight` (QLoRA): the same call, x [B, T, *in] -> [B, T, *out]."""
+
+  def __init__(self, base: nnx.Einsum, qtype: str):
+    self.einsum_str = base.einsum_str
+    self.dtype = base.dtype
+    self.bias = base.bias
+    self.weight = QuantizedWeight(base.kernel.get_value(), _contracted(base.einsum_str),
+                                  qtype)
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    y = jnp.einsum(self.einsum_str, x.astype(dtype), self.weight.dequantize(dtype))
+    return y if self.bias is None else y + self.bias.get_value().astype(dtype)
+
+
 class LoraEinsum(nnx.Module):
   """A projection `nnx.Einsum` plus a LoRA adapter; see the module docstring.
 
   kernel: the projection's kernel variable (nnx.Param, frozen by the split),
-  or with quantization `qvalue` / `qscale` (`QuantizedBase`) instead.
+  or with quantization `weight` (a `QuantizedWeight`) instead.
   lora_a [*in, r], lora_b [r, *out]: nnx.LoRAParam. Same call as the
   projection: x [B, T, *in] -> [B, T, *out] in the projection's dtype.
   """
 
   def __init__(self, base: nnx.Einsum, spec: LoraSpec, *, rngs: nnx.Rngs):
     lhs, kernel_letters, out = _parse(base.einsum_str)
-    n_in = sum(c in lhs for c in kernel_letters)
-    if not n_in or kernel_letters[:n_in] != lhs[-n_in:]:
-      raise ValueError(f"einsum_str={base.einsum_str!r}: expected the contracted "
-                       "dimensions last in the input and first in the kernel")
+    n_in = len(_contracted(base.einsum_str))
     shape = base.kernel.get_value().shape
     in_shape, out_shape = shape[:n_in], shape[n_in:]
     self.einsum_str = base.einsum_str
@@ -126,8 +183,8 @@ class LoraEinsum(nnx.Module):
     if spec.quantize is None:
       self.kernel = base.kernel  # the same variable and array: no copy
     else:
-      q = quantize_kernel(base.kernel.get_value(), n_in, spec.quantize)
-      self.qvalue, self.qscale = QuantizedBase(q.qvalue), QuantizedBase(q.scale)
+      self.weight = QuantizedWeight(base.kernel.get_value(), tuple(range(n_in)),
+                                    spec.quantize)
     param_dtype = base.kernel.get_value().dtype
     bound = 1.0 / math.sqrt(math.prod(in_shape))
     self.lora_a = nnx.LoRAParam(jax.random.uniform(
@@ -139,11 +196,8 @@ class LoraEinsum(nnx.Module):
     """The frozen kernel (dequantized under QLoRA) in `dtype` (default: stored)."""
     if self.spec.quantize is None:
       w = self.kernel.get_value()
-    else:
-      import qwix  # lazy: only QLoRA needs it
-      w = qwix.dequantize(qwix.QArray(self.qvalue.get_value(), self.qscale.get_value(),
-                                      qtype=_QTYPES[self.spec.quantize]))
-    return w if dtype is None else w.astype(dtype)
+      return w if dtype is None else w.astype(dtype)
+    return self.weight.dequantize(dtype)
 
   def delta(self) -> jax.Array:
     """scale * A @ B in the kernel's layout and dtype: what merging adds."""
@@ -173,15 +227,27 @@ def _parse(einsum_str: str) -> tuple[str, str, str]:
   return lhs, kernel, out
 
 
-def quantize_kernel(w: jax.Array, n_in: int, qtype: str):
-  """A `qwix.QArray` of kernel w [*in, *out]: absmax scales per output channel
-  and per QUANT_BLOCK rows of the first input dimension (the whole dimension
-  when it is not a multiple of QUANT_BLOCK)."""
-  import qwix  # lazy: see `LoraEinsum.base_kernel`
+def _contracted(einsum_str: str) -> tuple[int, ...]:
+  """The kernel axes an `nnx.Einsum` of the models contracts (its leading ones)."""
+  lhs, kernel_letters, _ = _parse(einsum_str)
+  n_in = sum(c in lhs for c in kernel_letters)
+  if not n_in or kernel_letters[:n_in] != lhs[-n_in:]:
+    raise ValueError(f"einsum_str={einsum_str!r}: expected the contracted "
+                     "dimensions last in the input and first in the kernel")
+  return tuple(range(n_in))
 
-  tile = QUANT_BLOCK if w.shape[0] % QUANT_BLOCK == 0 else w.shape[0]
-  return qwix.quantize(w, _QTYPES[qtype], channelwise_axes=tuple(range(n_in, w.ndim)),
-                       tiled_axes={0: tile})
+
+def quantize_kernel(w: jax.Array, contracted: tuple[int, ...], qtype: str):
+  """A `qwix.QArray` of w: absmax scales per channel of every axis but the
+  `contracted` ones, and per QUANT_BLOCK rows of the first contracted axis
+  (the whole axis when it is not a multiple of QUANT_BLOCK)."""
+  import qwix  # lazy: only QLoRA needs it
+
+  first = contracted[0]
+  tile = QUANT_BLOCK if w.shape[first] % QUANT_BLOCK == 0 else w.shape[first]
+  return qwix.quantize(w, _QTYPES[qtype],
+                       channelwise_axes=tuple(a for a in range(w.ndim) if a not in contracted),
+                       tiled_axes={first: tile})
 
 
 def lora_modules(model) -> list[tuple[tuple, LoraEinsum]]:
@@ -189,14 +255,22 @@ def lora_modules(model) -> list[tuple[tuple, LoraEinsum]]:
   return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, LoraEinsum)]
 
 
-def add_lora(model: CausalLM, spec: LoraSpec, *, rngs: nnx.Rngs) -> CausalLM:
+def add_lora(model: CausalLM, spec: LoraSpec, *, rngs: nnx.Rngs | None = None
+             ) -> CausalLM:
   """`model` with spec.targets of every layer wrapped by `LoraEinsum` (in
-  place; returned for chaining). Raises ValueError if it already has LoRA."""
+  place; returned for chaining; targets `ALL`: every projection of `TARGETS`
+  the model has, e.g. only the attention's in a mixture of experts, and the
+  adapters' spec names them); lora_a drawn from `rngs` (default
+  nnx.Rngs(0)). Raises ValueError if it already has LoRA, or for a target
+  the model lacks (naming those it has)."""
+  rngs = nnx.Rngs(0) if rngs is None else rngs
   if lora_modules(model):
     raise ValueError("add_lora: the model already has LoRA adapters")
   layer = model.layers[0]
   present = [name for name, (block, proj) in TARGETS.items()
              if isinstance(getattr(getattr(layer, block), proj, None), nnx.Einsum)]
+  if spec.targets == ALL:
+    spec = dataclasses.replace(spec, targets=tuple(present))
   missing = [name for name in spec.targets if name not in present]
   if missing:
     raise ValueError(
@@ -208,7 +282,22 @@ def add_lora(model: CausalLM, spec: LoraSpec, *, rngs: nnx.Rngs) -> CausalLM:
       block, proj = TARGETS[name]
       parent = getattr(layer, block)
       setattr(parent, proj, LoraEinsum(getattr(parent, proj), spec, rngs=rngs))
+    if spec.quantize is not None:
+      _quantize_frozen(layer, spec.quantize)
   return model
+
+
+def _quantize_frozen(layer, qtype: str) -> None:
+  """QLoRA: the layer's projections without an adapter (`QuantizedEinsum`)
+  and its expert weights (`EXPERTS`) held quantized, in place."""
+  for block, proj in TARGETS.values():
+    parent = getattr(layer, block)
+    if isinstance(getattr(parent, proj, None), nnx.Einsum):
+      setattr(parent, proj, QuantizedEinsum(getattr(parent, proj), qtype))
+  for name, contracted in EXPERTS.items():
+    weight = getattr(layer.mlp, name, None)
+    if isinstance(weight, nnx.Param):
+      setattr(layer.mlp, name, QuantizedWeight(weight.get_value(), contracted, qtype))
 
 
 def set_dropout_key(model, key: jax.Array | None) -> None:
@@ -218,11 +307,14 @@ def set_dropout_key(model, key: jax.Array | None) -> None:
     module.dropout_key = None if key is None else jax.random.fold_in(key, i)
 
 
-def merged_model(model: CausalLM) -> CausalLM:
-  """A plain `CausalLM` (no adapters) whose kernels are W + scale * A @ B
-  (W dequantized under QLoRA), in the adapters' (the parameter) dtype; the
-  other parameters are `model`'s arrays (not copied)."""
-  return _plain_model(model, merge=True)
+def merged_model(model: CausalLM, base: CausalLM | None = None) -> CausalLM:
+  """A plain `CausalLM` (no adapters) whose kernels are W + scale * A @ B, in
+  the adapters' (the parameter) dtype; the other parameters are `model`'s
+  arrays (not copied), dequantized under QLoRA. base: a plain `CausalLM` of
+  the same config whose arrays are W and the rest instead (under QLoRA the
+  original full-precision weights, as PEFT's `merge_and_unload` on the
+  unquantized base merges)."""
+  return _plain_model(model, merge=True, base=base)
 
 
 def base_model(model: CausalLM) -> CausalLM:
@@ -232,22 +324,38 @@ def base_model(model: CausalLM) -> CausalLM:
   return _plain_model(model, merge=False)
 
 
-def _plain_model(model: CausalLM, *, merge: bool) -> CausalLM:
+def _plain_model(model: CausalLM, *, merge: bool, base: CausalLM | None = None
+                 ) -> CausalLM:
+  if base is not None and base.config != model.config:
+    raise ValueError("merged_model: base has another config than the model")
   plain = nnx.eval_shape(lambda: CausalLM(
       model.config, dtype=model.dtype, param_dtype=model.param_dtype,
       attn_impl=model.attn_impl, remat=model.remat, rngs=nnx.Rngs(0)))
   modules = dict(lora_modules(model))
   for path, _ in nnx.to_flat_state(nnx.state(plain, nnx.Param)):
     owner, leaf = tuple(path[:-1]), path[-1]
-    if owner in modules and leaf == "kernel":
-      lora = modules[owner]
-      value = lora.base_kernel(lora.lora_a.get_value().dtype)
-      if merge:
-        value = value + lora.delta()
+    lora = modules.get(owner) if leaf == "kernel" else None
+    dtype = model.param_dtype if lora is None else lora.lora_a.get_value().dtype
+    if base is not None:
+      value = _get(base, path).get_value().astype(dtype)
+    elif lora is not None:
+      value = lora.base_kernel(dtype)
     else:
-      value = _get(model, path).get_value()
+      value = _frozen_value(model, path)
+    if lora is not None and merge:
+      value = value + lora.delta()
     _get(plain, path).set_value(value)
   return plain
+
+
+def _frozen_value(model, path) -> jax.Array:
+  """The array of a plain model's parameter `path` in `model` (dequantized
+  when QLoRA holds it as a `QuantizedWeight`)."""
+  owner = _get(model, path[:-1])
+  if isinstance(owner, QuantizedEinsum) and path[-1] == "kernel":
+    return owner.weight.dequantize()
+  node = getattr(owner, path[-1]) if not isinstance(path[-1], int) else owner[path[-1]]
+  return node.dequantize() if isinstance(node, QuantizedWeight) else node.get_value()
 
 
 def _get(node, path):
@@ -278,17 +386,15 @@ def summary(model) -> str:
   """One line: trainable adapter parameters and the frozen base's bytes
   (under QLoRA: before and after quantization)."""
   trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))
-  quantized = [m for _, m in lora_modules(model) if m.spec.quantize is not None]
+  quantized = [m for _, m in nnx.iter_modules(model) if isinstance(m, QuantizedWeight)]
   base = sum(x.size for x in jax.tree.leaves(
       nnx.state(model, nnx.All(nnx.Param, nnx.Not(TRAINABLE)))))
-  base += sum(m.qvalue.get_value().size for m in quantized)
+  base += sum(math.prod(m.shape) for m in quantized)
   after = base_bytes(model)
   line = (f"LoRA: {trained:,} trainable parameters ({100 * trained / base:.2f}% of the "
           f"base's {base:,}); frozen base {after / 2**20:.2f} MiB")
   if quantized:
-    stored = sum(param_bytes([m.qvalue.get_value(), m.qscale.get_value()]) for m in quantized)
-    full = sum(m.qvalue.get_value().size * m.lora_a.get_value().dtype.itemsize
-               for m in quantized)
-    line += (f" ({quantized[0].spec.quantize}; {(after - stored + full) / 2**20:.2f} MiB "
+    stored, full = (sum(b) for b in zip(*(m.stored_bytes() for m in quantized)))
+    line += (f" ({quantized[0].qtype}; {(after - stored + full) / 2**20:.2f} MiB "
              "before quantization)")
   return line

@@ -195,7 +195,8 @@ def test_train_init_from_hf_end_to_end(checkpoint, tmp_path, capsys):
           "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
           "--warmup-steps", "1", "--eval-every", "6", "--eval-batches", "1",
           "--checkpoint-every", "6", "--corpus-max-bytes", "20000",
-          "--dtype", "float32", "--attn-impl", "xla", "--sample-tokens", "0"]
+          "--dtype", "float32", "--attn-impl", "xla", "--sample-tokens", "0",
+          "--tokenizer", "bytes"]
   assert train_cli.main(argv) == 0
   capsys.readouterr()
   losses = [json.loads(line)["loss"]

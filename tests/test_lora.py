@@ -64,13 +64,15 @@ def test_experts_take_no_adapter_and_attention_does():
                           rngs=nnx.Rngs(0), attn_impl="xla")
   with pytest.raises(ValueError, match="no gate_proj,up_proj,down_proj projection.*"
                      "its LoRA targets: q_proj,k_proj,v_proj,o_proj"):
-    lora_lib.add_lora(model, lora_lib.LoraSpec(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+    lora_lib.add_lora(model, lora_lib.LoraSpec(rank=4, alpha=8.0,
+                                               targets=tuple(lora_lib.TARGETS)),
+                      rngs=nnx.Rngs(1))
   assert not lora_lib.lora_modules(model)  # refused before any change
   before = model(ids())
-  lora_lib.add_lora(model, lora_lib.LoraSpec(
-      rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
-      rngs=nnx.Rngs(1))
-  assert len(lora_lib.lora_modules(model)) == 4
+  lora_lib.add_lora(model, lora_lib.LoraSpec(rank=4, alpha=8.0),  # "all" it has
+                    rngs=nnx.Rngs(1))
+  assert [m.spec.targets for _, m in lora_lib.lora_modules(model)] == [
+      ("q_proj", "k_proj", "v_proj", "o_proj")] * 4
   chex.assert_trees_all_equal(model(ids()), before)
 
 
@@ -92,7 +94,7 @@ def test_adapter_reaches_cached_calls_and_merging_is_exact():
 @pytest.mark.parametrize("field, value, match", [
     ("lora_rank", 0, "expected an int >= 1"),
     ("lora_dropout", 1.0, r"expected a float in \[0, 1\)"),
-    ("lora_targets", "q_proj,qkv", "expected distinct names"),
+    ("lora_targets", "q_proj,qkv", "expected 'all' or distinct names among q_proj,"),
     ("quantize_base", "fp8", "expected one of"),
 ])
 def test_lora_settings_checked(tmp_path, field, value, match):
@@ -241,8 +243,8 @@ def hf_base(tmp_path_factory):
 
 def test_swajax_adapter_loads_in_peft_and_merged_export_in_transformers(tmp_path, hf_base):
   run = loop_lib.train(tiny_train_config(
-      tmp_path / "run", init_from_hf=str(hf_base), steps=3, eval_every=3,
-      lora_targets="all", **LORA))
+      tmp_path / "run", init_from_hf=str(hf_base), tokenizer="bytes", steps=3,
+      eval_every=3, lora_targets="all", **LORA))
   hf_dir = tmp_path / "run" / "hf"
   train_cli.export_lora(run.model, hf_dir, merge=True, base_model_name_or_path=str(hf_base))
   x = ids(seq=30)
@@ -302,7 +304,8 @@ def test_cli_lora_on_the_example_chat_data(tmp_path, capsys):
   save_hf(tiny_model(), tmp_path / "base")
   run = tmp_path / "run"
   data_file = Path(__file__).parent.parent / "examples" / "chat_small.jsonl"
-  argv = ["--init-from-hf", str(tmp_path / "base"), "--data", str(data_file),
+  argv = ["--init-from-hf", str(tmp_path / "base"), "--tokenizer", "bytes",
+          "--data", str(data_file),
           "--lora-rank", "4", "--lora-targets", "q_proj,v_proj", "--lora-dropout", "0.1",
           "--merge-lora", "--too-long", "drop", "--seq-len", "96", "--batch-size", "4",
           "--steps", "2", "--eval-every", "2", "--dtype", "float32",

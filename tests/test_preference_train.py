@@ -95,6 +95,7 @@ def test_lora_dpo_learns_the_preference_and_its_peft_adapter_agrees(tmp_path, hf
   train_file = write_pairs(tmp_path / "train.jsonl", 48, seed=1)
   held_out = write_pairs(tmp_path / "held_out.jsonl", 16, seed=2)
   config = pref_config(tmp_path / "run", train_file, init_from_hf=str(hf_base),
+                       model_overrides=(), tokenizer="bytes",
                        val_data=held_out, eval_batches=2, lora_rank=8, lr=2e-2,
                        steps=16, eval_every=16, pref_beta=0.5, lora_targets="all",
                        remat="full")  # the adapters-off reference inside the remat step

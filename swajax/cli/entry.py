@@ -6,7 +6,7 @@
   swajax eval       -> swajax.cli.eval.main
   swajax merge      -> swajax.cli.merge.main
   swajax serve      -> swajax.cli.serve.main
-  swajax bench ...  -> swajax.cli.bench.main   (attention | generate | train | tiles)
+  swajax bench ...  -> swajax.cli.bench.main   (its BENCHMARKS)
   swajax --version  -> the installed swajax version
 
 The subcommand modules are imported up front: `import swajax` already loads
@@ -35,7 +35,7 @@ SUBCOMMANDS: Table = {
               "or a PEFT adapter folder)"),
     "serve": (serve_cli.main, "an OpenAI-compatible server with continuous "
               "batching (chat, completions, streaming, logprobs)"),
-    "bench": (bench.main, "benchmarks: attention | generate | train"),
+    "bench": (bench.main, "benchmarks: " + " | ".join(bench.BENCHMARKS)),
 }
 
 

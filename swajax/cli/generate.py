@@ -8,9 +8,13 @@ puts a PEFT adapter on the model (`io.model_source`).
 The tokenizer is `--tokenizer` (a tokenizer.json, or `bytes`), else the
 folder's tokenizer.json, else UTF-8 bytes (`ByteTokenizer`) when the export
 says so (`swajax train`'s default); with none known it is an error, never a
-guess. The bos token is prepended when the tokenizer has one; generation
-stops at its eos.
-Tokens go to stdout as they are generated; timing goes to stderr.
+guess. The prompt gets the special tokens the tokenizer itself adds
+(tokenizer.json's post-processor, as transformers' tokenizer(prompt); bytes:
+bos), none with
+--no-special-tokens (for a prompt that already starts with them, e.g. a
+pasted `<bos>`); generation stops at its eos.
+Tokens go to stdout as they are generated; the prompt's token count and
+timing go to stderr.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokenizer.json (or its folder), or 'bytes' for UTF-8 "
                       "bytes (default: the folder's tokenizer.json, or bytes when "
                       "its config.json says swajax_tokenizer: bytes)")
+  parser.add_argument("--no-special-tokens", action="store_true",
+                      help="encode the prompt as written: add no bos/eos (default: "
+                      "those the tokenizer's settings add)")
   parser.add_argument("--max-new-tokens", type=int, default=200)
   parser.add_argument("--temperature", type=float, default=0.0,
                       help="0 = greedy (default)")
@@ -62,8 +69,8 @@ def main(argv: list[str]) -> int:
     source = resolve_model(args.checkpoint_dir, args.adapter)
     model, tokenizer = source.load_with_tokenizer(args.tokenizer,
                                                   attn_impl=args.attn_impl)
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    prompt = np.asarray([bos + list(tokenizer.encode(args.prompt))], np.int32)
+    prompt = np.asarray([list(tokenizer.encode(
+        args.prompt, add_special_tokens=not args.no_special_tokens))], np.int32)
     stream = TextStream(tokenizer, context=prompt[0])
     sys.stdout.write(args.prompt)
     times = [time.perf_counter()]  # start, then after each token
@@ -81,7 +88,7 @@ def main(argv: list[str]) -> int:
     print(f"swajax generate: error: {e}", file=sys.stderr)
     return 2
   count = len(times) - 1
-  summary = f"[{count} tokens"
+  summary = f"[prompt {prompt.shape[1]} tokens; {count} tokens"
   if count:
     summary += (f"; first after {times[1] - times[0]:.2f}s (prefill and "
                 "compile; load excluded)")

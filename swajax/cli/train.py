@@ -35,8 +35,10 @@ from swajax.dtypes import DTYPES
 from models import lora as lora_lib
 from swajax.infer.generation import generate
 from swajax.io.hf import save_hf
+from swajax.io.model_source import load_model
 from swajax.io.peft import save_adapter
 from swajax.sharding import maybe_initialize_distributed
+from swajax.text import chat as chat_lib
 from swajax.training.config import REMAT, STAGES, TOO_LONG, TrainConfig
 from swajax.training.preference import PREF_LOSSES
 from swajax.training.loop import train
@@ -55,21 +57,28 @@ class _Parser(argparse.ArgumentParser):
 # One line per TrainConfig field for --help (tests/test_cli_help.py checks
 # every field has one); the default is appended.
 FIELD_HELP = {
-    "model": "model preset (a ModelConfig table in --config)",
+    "model": "model preset (a ModelConfig table in --config); none: mistral_tiny, "
+             "or with --init-from-hf that folder's model",
     "model_overrides": "ModelConfig fields of the preset, e.g. num_layers=2 "
                        "'layer_windows=(64,64)'",
     "init_from_hf": "fine-tune this Hugging Face folder (config.json + safetensors) "
-                    "or .gguf file (dequantized) instead of a fresh preset",
+                    "or .gguf file (dequantized) instead of a fresh preset (no --model / "
+                    "--model-overrides: its config is the model)",
     "attn_impl": "attention implementation (auto: pallas on GPU, else xla)",
     "dtype": "compute dtype",
     "param_dtype": "parameter and optimizer-state dtype",
     "remat": "recompute each decoder layer's activations in the backward pass",
-    "data": "training data: a folder, a .txt file or a .jsonl file ({text} or "
-            "{prompt, completion}); none: the embedded Python-stdlib corpus",
+    "data": "training data: a folder, a .txt file or a .jsonl file ({text}, "
+            "{prompt, completion}, or chat {messages}, ShareGPT {conversations}, "
+            "Alpaca {instruction, input, output} records: assistant turns trained); "
+            "none: the embedded Python-stdlib corpus",
     "val_data": "validation data (same forms); none: hold out --val-percent of --data",
     "val_percent": "percent of the documents held out for validation",
-    "tokenizer": "a tokenizer.json (or its folder); none: UTF-8 bytes (or the "
-                 "--init-from-hf folder's)",
+    "tokenizer": "a tokenizer.json (or its folder), or 'bytes' (UTF-8 byte ids); "
+                 "none: the --init-from-hf folder's (an error when it has none), "
+                 "else bytes",
+    "chat_template": "chat records' template: a Jinja file or a built-in name (chatml); "
+                     "none: the tokenizer's own (chatml, with a warning, when it has none)",
     "train_prompt": "also train on the prompts of {prompt, completion} records",
     "too_long": "documents longer than --seq-len: split across rows, truncate or drop "
                 "(counted and reported at the end)",
@@ -77,10 +86,14 @@ FIELD_HELP = {
                  "fine-tuning)",
     "lora_alpha": "LoRA scale numerator: adapters scaled by alpha / rank (none: 2 x rank)",
     "lora_dropout": "LoRA: dropout on the adapters' input",
-    "lora_targets": "LoRA: PEFT module names, comma-separated, or all",
+    "lora_targets": "LoRA: PEFT module names, comma-separated (q_proj, k_proj, v_proj, "
+                    "o_proj, gate_proj, up_proj, down_proj), or all: those the model has",
     "use_rslora": "LoRA: scale by alpha / sqrt(rank) (rsLoRA)",
-    "quantize_base": "QLoRA: hold the frozen base kernels in this format",
-    "merge_lora": "LoRA: also export the merged model as a full HF checkpoint in hf/",
+    "quantize_base": "QLoRA: hold every frozen projection kernel of the base (experts "
+                     "included) in this format",
+    "merge_lora": "LoRA: also export the merged model as a full HF checkpoint in hf/ "
+                  "(QLoRA: merged into the original full-precision base, as PEFT's "
+                  "merge_and_unload on the unquantized base)",
     "corpus_max_bytes": "bytes of the embedded corpus to read",
     "stage": "sft: next-token training; dpo: preference tuning on a .jsonl of "
              "{prompt, chosen, rejected} pairs (TRL standard or conversational, or "
@@ -119,6 +132,9 @@ FIELD_HELP = {
     "checkpoint_every": "checkpoint every N steps (and after the last, and on "
                         "SIGINT/SIGTERM)",
     "keep_checkpoints": "checkpoints kept (the newest)",
+    "report_to": "also log the metrics (transformers Trainer's names: train/loss, "
+                 "eval/loss, ...) to tensorboard (RUN/tensorboard), wandb, or both "
+                 "comma-separated",
     "sample_tokens": "length of sample.txt, generated at the end (0: none)",
 }
 
@@ -333,7 +349,8 @@ def report(result, config: TrainConfig, seconds: float) -> None:
                          base_model_name_or_path=config.init_from_hf,
                          tokenizer=result.tokenizer)
   if config.sample_tokens > 0:
-    _sample(result, run_dir / "sample.txt", config.sample_tokens, lines, write=lead)
+    _sample(result, sample_prompt(config, result.tokenizer), run_dir / "sample.txt",
+            config.sample_tokens, lines, write=lead)
   lines += next_commands(run_dir, config)
   if lead:
     print("\n".join(lines))
@@ -362,9 +379,11 @@ def eval_argv(run: str, config: TrainConfig) -> list[str]:
 def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | None,
                 tokenizer=None) -> list[str]:
   """A LoRA run's export (`swajax train`): the PEFT adapter in hf_dir/adapter/
-  (with `tokenizer`'s files) and, with merge, the merged model
+  (with `tokenizer`'s files and chat template) and, with merge, the merged model
   (`lora.merged_model`) as a full HF checkpoint in hf_dir (replacing its
-  files; with `tokenizer`, its files and ids, as `save_hf`). A run on a fresh
+  files; with `tokenizer`, its files and ids, as `save_hf`); a QLoRA run
+  merges into its base's original full-precision weights, read again from
+  `base_model_name_or_path` (not the dequantized ones it trained on). A run on a fresh
   preset (no `base_model_name_or_path`) also writes its frozen base
   (`lora.base_model`) to hf_dir/base/, the base the adapter records, so the
   adapter loads anywhere (PEFT, `swajax generate RUN`). Every process calls it
@@ -373,7 +392,12 @@ def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | No
   hf_dir = Path(hf_dir)
   lines = []
   if merge:
-    save_hf(lora_lib.merged_model(model), hf_dir, overwrite=True, tokenizer=tokenizer)
+    original = None
+    if base_model_name_or_path is not None and any(
+        m.spec.quantize for _, m in lora_lib.lora_modules(model)):
+      original = load_model(Path(base_model_name_or_path), dtype=model.param_dtype)
+    save_hf(lora_lib.merged_model(model, original), hf_dir, overwrite=True,
+            tokenizer=tokenizer)
     lines.append(f"Hugging Face export (LoRA merged) {hf_dir}")
   if base_model_name_or_path is None:
     base_model_name_or_path = hf_dir / "base"
@@ -388,19 +412,36 @@ def export_lora(model, hf_dir, *, merge: bool, base_model_name_or_path: str | No
   return lines
 
 
-def _sample(result, path: Path, max_tokens: int, lines: list[str], *, write: bool) -> None:
-  """A short continuation of SAMPLE_PROMPT, sampled at temperature 0.8; written
-  to `path` when `write`."""
+def sample_prompt(config: TrainConfig, tokenizer) -> tuple[str, bool]:
+  """(the end-of-run sample's prompt, whether it is a rendered chat). A chat
+  run (the first record of a .jsonl --data is a chat, ShareGPT or Alpaca
+  record): that conversation up to its last assistant turn, rendered with
+  the run's chat template and its generation prompt; else SAMPLE_PROMPT."""
+  if config.data is not None and config.data.endswith(".jsonl"):
+    with open(config.data, encoding="utf-8") as f:
+      first = next((line for line in f if line.strip()), "null")
+    record = json.loads(first)
+    messages = chat_lib.messages_of(record) if isinstance(record, dict) else None
+    if messages is not None:
+      return chat_lib.ChatEncoder(tokenizer).prompt(messages[:-1]), True
+  return SAMPLE_PROMPT, False
+
+
+def _sample(result, prompt: tuple[str, bool], path: Path, max_tokens: int,
+            lines: list[str], *, write: bool) -> None:
+  """A short continuation of `prompt` (`sample_prompt`), sampled at
+  temperature 0.8; written to `path` when `write`. A rendered chat holds its
+  own special tokens; a plain prompt gets the tokenizer's."""
   tokenizer = result.tokenizer
-  prompt = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + list(
-      tokenizer.encode(SAMPLE_PROMPT))
+  text, chat = prompt
+  prompt = list(tokenizer.encode(text, add_special_tokens=not chat))
   out = generate(result.model, np.asarray([prompt], np.int32), max_new_tokens=max_tokens,
                  temperature=0.8, top_k=40, eos_token_id=tokenizer.eos_id,
                  rng=jax.random.key(0))
   new = [int(t) for t in out[0, len(prompt):]]
   if tokenizer.eos_id in new:
     new = new[:new.index(tokenizer.eos_id)]
-  text = SAMPLE_PROMPT + tokenizer.decode(new)
+  text += tokenizer.decode(new)
   if write:
     path.write_text(text)
   lines.append(f"sample ({path}):\n" + "\n".join("  | " + l for l in text.splitlines()))

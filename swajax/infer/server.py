@@ -15,8 +15,9 @@ one engine request; the engine batches them.
 Text: generated ids are decoded together; a stop string ends the request at
 its first occurrence (the text before it is returned, finish_reason "stop"),
 and a stream holds back the text that could still become a stop string, or
-a character not yet complete. A string prompt gets the tokenizer's bos
-first, when it has one; a chat's bos comes from its template.
+a character not yet complete. A string prompt gets the special tokens the
+tokenizer's own settings add (`HFTokenizer.encode`); a chat's come from its
+template.
 """
 
 from __future__ import annotations
@@ -184,8 +185,7 @@ def create_app(engine, tokenizer, model_name: str,
   def encode(prompt) -> list[int]:
     if not isinstance(prompt, str):
       return list(prompt)
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return bos + token_ids(prompt)
+    return [int(i) for i in tokenizer.encode(prompt, add_special_tokens=True)]
 
   @app.get("/health")
   async def health():

@@ -237,8 +237,10 @@ def save_hf(model: CausalLM, path, *, overwrite: bool = False,
   bos/eos/pad ids go into config.json and a generation_config.json (so
   transformers' `generate` stops at eos too); an `HFTokenizer`'s
   tokenizer.json (and its tokenizer_config.json / special_tokens_map.json)
-  is copied; a `ByteTokenizer` is recorded as "swajax_tokenizer": "bytes" in
-  config.json (what `swajax generate` reads).
+  is written with its chat template (`hf_folder.own_tokenizer_files`: a
+  chosen one as chat_template.jinja, as `save_pretrained` writes it); a
+  `ByteTokenizer` is recorded as "swajax_tokenizer": "bytes" in config.json
+  (what `swajax generate` reads).
 
   Written like `save_pretrained`: into the folder `path` (created with the
   normal umask), replacing only the files it writes, each written to a

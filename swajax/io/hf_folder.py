@@ -1,6 +1,6 @@
 """The files of a Hugging Face checkpoint folder, as transformers writes them:
 which safetensors file holds which tensor, shard splitting and the index, the
-tokenizer files an export carries, progress on stderr, and the folder written
+tokenizer files an export carries (its chat template included), progress on stderr, and the folder written
 like `save_pretrained` (temp files renamed, stale shards removed).
 """
 
@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from swajax.io.hf_tensors import TensorSpec
+from swajax.text import chat as chat_lib
 
 SINGLE_FILE = "model.safetensors"
 
@@ -99,22 +100,52 @@ WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?"
 
 
 def tokenizer_files(tokenizer, hf_config: dict) -> tuple[dict[str, str], dict[str, Path]]:
-  """({file name: text} of generation_config.json, {file name: source} of the
-  tokenizer files); records the special ids in `hf_config`."""
+  """({file name: text}, {file name: source file}) of a checkpoint's
+  tokenizer: generation_config.json and `own_tokenizer_files`; records the
+  special ids in `hf_config` (and "swajax_tokenizer": "bytes" for bytes)."""
   if tokenizer is None:
     return {}, {}
   ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
          "pad_token_id": tokenizer.pad_id}
   hf_config.update(ids)
-  texts = {"generation_config.json": json.dumps(ids, indent=2) + "\n"}
   if not hasattr(tokenizer, "file"):  # a ByteTokenizer
     hf_config["swajax_tokenizer"] = "bytes"
-    return texts, {}
-  source = tokenizer.file  # an HFTokenizer's tokenizer.json
-  if source is None:  # built in memory (a GGUF file's)
-    return {**texts, **tokenizer.config_files()}, {}
-  return texts, {name: Path(source).parent / name for name in TOKENIZER_FILES
-                 if (Path(source).parent / name).is_file()}
+  texts, copies = own_tokenizer_files(tokenizer)
+  return {"generation_config.json": json.dumps(ids, indent=2) + "\n", **texts}, copies
+
+
+def own_tokenizer_files(tokenizer) -> tuple[dict[str, str], dict[str, Path]]:
+  """({file name: text}, {file name: source file}): the files that carry
+  `tokenizer` and its chat template (the one it renders chats with), as
+  `save_pretrained` writes them. An `HFTokenizer`'s files are copied
+  (`TOKENIZER_FILES` and a chat_template.jinja beside them); a template other
+  than the one they hold (chosen, or ChatML given to a tokenizer without one)
+  is written to chat_template.jinja, which transformers reads before
+  tokenizer_config.json's "chat_template". A tokenizer built in memory: its
+  `config_files`; bytes: the template alone."""
+  template = getattr(tokenizer, "chat_template", None)
+  if not hasattr(tokenizer, "file"):  # a ByteTokenizer
+    return ({} if template is None else {chat_lib.TEMPLATE_FILE: template}), {}
+  if tokenizer.file is None:  # built in memory (a GGUF file's): its template inside
+    return tokenizer.config_files(), {}
+  folder = Path(tokenizer.file).parent
+  copies = {name: folder / name for name in (*TOKENIZER_FILES, chat_lib.TEMPLATE_FILE)
+            if (folder / name).is_file()}
+  if template is None or template == chat_lib.read_template(tokenizer.file):
+    return {}, copies
+  copies.pop(chat_lib.TEMPLATE_FILE, None)
+  return {chat_lib.TEMPLATE_FILE: template}, copies
+
+
+def write_tokenizer(tokenizer, folder: Path) -> None:
+  """Writes `own_tokenizer_files(tokenizer)` into the existing `folder` (an
+  adapter folder: transformers' AutoTokenizer and `swajax` read them there)."""
+  texts, copies = own_tokenizer_files(tokenizer)
+  for name, text in texts.items():
+    (folder / name).write_text(text, encoding="utf-8")
+  for name, source in copies.items():
+    if not (folder / name).exists() or not (folder / name).samefile(source):
+      shutil.copyfile(source, folder / name)
 
 
 def write_folder(path: Path, overwrite: bool, hf_config: dict,
@@ -148,7 +179,7 @@ def write_folder(path: Path, overwrite: bool, hf_config: dict,
                               for spec in specs}}
       texts = {INDEX_FILE: json.dumps(index, indent=2) + "\n", **texts}
     for name, text in texts.items():
-      tmp(name).write_text(text)
+      tmp(name).write_text(text, encoding="utf-8")
       written.append(name)
     for name, source in copies.items():
       if not (path / name).exists() or not (path / name).samefile(source):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ from safetensors.numpy import save_file
 
 import models
 from models import lora as lora_lib
-from swajax.io.hf_folder import tokenizer_files
+from swajax.io.hf_folder import write_tokenizer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -54,8 +53,8 @@ def save_adapter(model, path, *, base_model_name_or_path: str | None = None,
                  tokenizer=None) -> Path:
   """Writes `model`'s adapters as a PEFT LoRA adapter folder `path` (created
   or overwritten): adapter_config.json and adapter_model.safetensors (in the
-  adapters' dtype). With an HF `tokenizer`, its files too (those `save_hf`
-  copies: tokenizer.json, its config with the chat template, ...), as
+  adapters' dtype). With a `tokenizer`, its files too (those `save_hf`
+  writes: tokenizer.json, its config, the chat template, ...), as
   LLaMA-Factory's adapter folders carry them: the tokenizer the adapter was
   trained with travels with it (PEFT ignores them)."""
   modules = lora_lib.lora_modules(model)
@@ -74,8 +73,8 @@ def save_adapter(model, path, *, base_model_name_or_path: str | None = None,
   path.mkdir(parents=True, exist_ok=True)
   (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
   save_file(adapter_tensors(model), path / WEIGHTS_FILE, metadata={"format": "pt"})
-  for name, source in tokenizer_files(tokenizer, {})[1].items():
-    shutil.copyfile(source, path / name)
+  if tokenizer is not None:
+    write_tokenizer(tokenizer, path)
   return path
 
 
@@ -99,16 +98,17 @@ def read_adapter_config(path) -> lora_lib.LoraSpec:
     if config.get(key):
       raise ValueError(f"{file}: {key}={config[key]!r}: expected none (not supported)")
   targets = config.get("target_modules")
-  if isinstance(targets, str):  # PEFT's "all-linear": every projection, not lm_head
-    targets = tuple(lora_lib.TARGETS) if targets in ("all", "all-linear") else None
-  if not isinstance(targets, list | tuple):
+  if targets in ("all", "all-linear"):  # PEFT's: every projection, not lm_head
+    targets = lora_lib.ALL
+  elif isinstance(targets, list | tuple):
+    order = [t for t in lora_lib.TARGETS if t in targets]  # the models' own order
+    targets = tuple(order) + tuple(t for t in targets if t not in order)
+  else:
     raise ValueError(f"{file}: target_modules={config.get('target_modules')!r}: "
                      f"expected a list of names among {','.join(lora_lib.TARGETS)}")
-  order = [t for t in lora_lib.TARGETS if t in targets]  # the models' own order
   return lora_lib.LoraSpec(
       rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-      dropout=float(config.get("lora_dropout") or 0.0),
-      targets=tuple(order) + tuple(t for t in targets if t not in order),
+      dropout=float(config.get("lora_dropout") or 0.0), targets=targets,
       rslora=bool(config.get("use_rslora", False)))
 
 

@@ -53,6 +53,8 @@ DEFAULT_TEMPLATE = (
     "{% else %}{{ message['content'] + '<|im_end|>\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# The built-in templates a user may name instead of a file (`load_template`).
+TEMPLATES = {"chatml": DEFAULT_TEMPLATE}
 # Private-use characters bracketing generation blocks while rendering.
 _OPEN, _CLOSE = "\U000f0000", "\U000f0001"
 _PROBE = "\U000f0002"  # the assistant content `end_of_turn` looks after
@@ -165,6 +167,21 @@ def read_template(tokenizer_file: Path) -> str | None:
   if isinstance(template, list):
     template = {t.get("name"): t.get("template") for t in template}.get("default")
   return template if isinstance(template, str) else None
+
+
+def load_template(choice: str) -> str:
+  """The chat template a user names: a built-in name (`TEMPLATES`) or a Jinja
+  file (its text). ChatDataError for anything else."""
+  if choice in TEMPLATES:
+    return TEMPLATES[choice]
+  path = Path(choice)
+  if not path.is_file():
+    raise ChatDataError(f"chat_template={choice!r}: expected a Jinja file or one of "
+                        f"{', '.join(TEMPLATES)}")
+  try:
+    return path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise ChatDataError(f"chat_template={choice!r}: cannot read ({e})") from e
 
 
 class ChatEncoder:

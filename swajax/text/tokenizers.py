@@ -22,21 +22,25 @@ class DataError(ValueError):
   """Unreadable or malformed input: a tokenizer or training data (the CLI prints it as one line)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ByteTokenizer:
-  """UTF-8 bytes are ids 0..255; the specials follow: pad 256, bos 257, eos 258."""
+  """UTF-8 bytes are ids 0..255; the specials follow: pad 256, bos 257, eos 258.
+  chat_template: a chosen template (None: `chat.DEFAULT_TEMPLATE` renders chats)."""
 
   pad_id: int = 256
   bos_id: int = 257
   eos_id: int = 258
+  chat_template: str | None = None
 
   @property
   def vocab_size(self) -> int:
     return max(self.pad_id, self.bos_id, self.eos_id) + 1
 
-  def encode(self, text: str) -> np.ndarray:
-    """int32 [L] byte values of the UTF-8 encoding."""
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+  def encode(self, text: str, add_special_tokens: bool = False) -> np.ndarray:
+    """int32 [L] byte values of the UTF-8 encoding; add_special_tokens: bos
+    first (as `swajax train` starts every document)."""
+    ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    return np.concatenate([[self.bos_id], ids]).astype(np.int32) if add_special_tokens else ids
 
   def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids [L], offsets int [L, 2]: each byte's character [start, end))."""
@@ -65,6 +69,10 @@ class HFTokenizer:
   chat_template: the sibling chat template (`chat.read_template`) or None.
   file: the tokenizer.json, or None for one built in memory
   (`from_tokenizer`: a GGUF file's).
+  `encode(text, add_special_tokens=True)` adds the specials tokenizer.json's
+  post-processor adds, as transformers' tokenizer(text) does (transformers 5
+  drops tokenizer_config.json's add_bos_token / add_eos_token when a
+  tokenizer.json is there: the post-processor is the tokenizer's setting).
   """
 
   def __init__(self, path: str | Path):
@@ -128,8 +136,11 @@ class HFTokenizer:
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    """The ids of `text`; add_special_tokens: with the specials the tokenizer
+    adds (see the class docstring). Special tokens written in the text are
+    their ids either way."""
+    return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
     """(ids [L], offsets int [L, 2]: each token's character [start, end))."""
@@ -162,3 +173,14 @@ def load_tokenizer(path: str | Path | None):
   if not Path(path).exists():
     raise DataError(f"tokenizer={str(path)!r}: no such file or directory")
   return HFTokenizer(path)
+
+
+def with_chat_template(tokenizer, choice: str):
+  """`tokenizer` (changed in place, returned) with the chat template `choice`
+  names (a built-in name or a Jinja file: `chat.load_template`) in place of
+  its own; DataError for a bad choice."""
+  try:
+    tokenizer.chat_template = chat_lib.load_template(choice)
+  except chat_lib.ChatDataError as e:
+    raise DataError(str(e)) from e
+  return tokenizer

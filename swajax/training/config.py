@@ -24,6 +24,10 @@ from swajax.training import preference as pref_lib
 REMAT = ("none", *REMAT_POLICIES)  # "none": no remat
 STAGES = ("sft", "dpo")  # next-token training; preference tuning
 TOO_LONG = ("split", "truncate", "drop")  # what becomes of a document > seq_len
+# The fields only a LoRA run (lora_rank set) uses: set without it, an error.
+REPORT_TO = ("tensorboard", "wandb")  # report_to's integrations (training.report)
+LORA_ONLY = ("lora_alpha", "lora_dropout", "lora_targets", "use_rslora",
+             "quantize_base", "merge_lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +35,12 @@ class TrainConfig:
   """Everything a training run depends on; every field is a `swajax train` flag."""
 
   # Model: the name of a preset function of `models` plus ModelConfig field
-  # overrides; or a ModelConfig itself (Python, or a table of its fields in a
-  # config file), which takes no overrides (use dataclasses.replace); or a
-  # Hugging Face checkpoint folder to fine-tune (then `model` is ignored).
-  model: str | models.ModelConfig = "mistral_tiny"
+  # overrides (None: "mistral_tiny"); or a ModelConfig itself (Python, or a
+  # table of its fields in a config file), which takes no overrides (use
+  # dataclasses.replace); or a Hugging Face checkpoint folder to fine-tune
+  # (init_from_hf: its config.json is the model; model and model_overrides
+  # must then be unset).
+  model: str | models.ModelConfig | None = None
   model_overrides: tuple[tuple[str, Any], ...] = ()
   init_from_hf: str | None = None
   attn_impl: str = "auto"
@@ -50,7 +56,7 @@ class TrainConfig:
   lora_rank: int | None = None
   lora_alpha: float | None = None
   lora_dropout: float = 0.0
-  lora_targets: str = ",".join(lora_lib.TARGETS)
+  lora_targets: str = lora_lib.ALL
   use_rslora: bool = False
   quantize_base: str | None = None
   merge_lora: bool = False
@@ -62,7 +68,13 @@ class TrainConfig:
   data: str | None = None
   val_data: str | None = None      # None: hold out val_percent of `data`
   val_percent: float = 5.0
-  tokenizer: str | None = None     # tokenizer.json; None: bytes (or the HF folder's)
+  # tokenizer.json or "bytes"; None: the init_from_hf folder's (an error when
+  # it has none), else bytes.
+  tokenizer: str | None = None
+  # Chat records' template: a built-in name (swajax.text.chat.TEMPLATES, e.g.
+  # "chatml") or a Jinja file; None: the tokenizer's own (ChatML, with a
+  # warning, for an HF tokenizer that has none).
+  chat_template: str | None = None
   train_prompt: bool = False       # also train on JSONL prompts
   corpus_max_bytes: int = 4_000_000
   too_long: str = "split"
@@ -111,6 +123,9 @@ class TrainConfig:
   # Output: run folder (None: runs/<timestamp>) and checkpoints.
   out: str | None = None
   checkpoint_every: int = 100      # also after the last step
+  # Metrics beyond metrics.jsonl: "none", or REPORT_TO names comma-separated
+  # (swajax.training.report: TensorBoard event files, a W&B run).
+  report_to: str = "none"
   keep_checkpoints: int = 2
   sample_tokens: int = 200         # `swajax train`'s sample.txt length (0: none)
 
@@ -159,12 +174,19 @@ class TrainConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {sorted(choices)}")
 
     self._check_preference()
+    self.reporters  # raises ValueError for a bad report_to
+    if self.init_from_hf is not None and (self.model is not None or self.model_overrides):
+      name = "model" if self.model is not None else "model_overrides"
+      shown = self.model if self.model is not None else dict(self.model_overrides)
+      raise ValueError(f"{name}={shown!r} with init_from_hf={self.init_from_hf!r}: "
+                       "expected none (the HF folder's config.json is the model)")
     if self.lora_rank is not None:
       self.lora_spec  # raises ValueError for bad LoRA settings
-    elif self.quantize_base is not None or self.merge_lora:
-      name = "quantize_base" if self.quantize_base is not None else "merge_lora"
-      raise ValueError(f"{name}={getattr(self, name)!r} without lora_rank: expected "
-                       "a LoRA run (set lora_rank)")
+    else:
+      for name in LORA_ONLY:
+        if getattr(self, name) != _DEFAULTS[name]:
+          raise ValueError(f"{name}={getattr(self, name)!r} without lora_rank: "
+                           "expected a LoRA run (set lora_rank)")
 
   def _check_preference(self) -> None:
     """The stage and preference fields: each set only where it applies."""
@@ -223,6 +245,17 @@ class TrainConfig:
         rank=self.lora_rank, alpha=alpha, dropout=self.lora_dropout,
         targets=lora_lib.parse_targets(self.lora_targets),
         quantize=self.quantize_base, rslora=self.use_rslora)
+
+  @property
+  def reporters(self) -> tuple[str, ...]:
+    """report_to's integrations (() for "none")."""
+    names = tuple(n.strip() for n in self.report_to.split(","))
+    if names == ("none",):
+      return ()
+    if not all(n in REPORT_TO for n in names) or len(set(names)) != len(names):
+      raise ValueError(f"report_to={self.report_to!r}: expected none or a comma-separated "
+                       f"list of {', '.join(REPORT_TO)}")
+    return names
 
   @classmethod
   def from_dict(cls, values: dict) -> "TrainConfig":
@@ -303,3 +336,6 @@ def _type_name(hint) -> str:
 
 def _hashable(value):
   return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

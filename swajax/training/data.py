@@ -16,17 +16,18 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from swajax.io.gguf import gguf_tokenizer
-from swajax.io.model_source import is_gguf
+from swajax.io.model_source import is_gguf, load_tokenizer_for
 from swajax.text import chat as chat_lib
-from swajax.text.tokenizers import DataError, load_tokenizer
+from swajax.text.tokenizers import (DataError, HFTokenizer, load_tokenizer,
+                                    with_chat_template)
 from swajax.training.config import TOO_LONG, TrainConfig
 
 # Row fields produced by `pack_sequences`, all [R, T].
@@ -41,6 +42,11 @@ _NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
 # ----------------------------------------------------------------------------
 # Documents
 # ----------------------------------------------------------------------------
+
+def print_warning(line: str) -> None:
+  """A data warning's default destination: one line on stderr."""
+  print(line, file=sys.stderr)
+
 
 class Document(NamedTuple):
   """tokens: int32 [L]; trained: bool [L], True where the token is a target."""
@@ -248,7 +254,8 @@ def stdlib_corpus(split: str, *, max_bytes: int, val_percent: float) -> Iterator
     yield f"# {rel}\n{text}"
 
 
-def read_documents(path: str | Path, tokenizer, *, train_prompt: bool = False
+def read_documents(path: str | Path, tokenizer, *, train_prompt: bool = False,
+                   log: Callable[[str], None] = print_warning
                    ) -> list[tuple[str, Document]]:
   """(key, Document) pairs from a user path; keys feed `is_validation`.
 
@@ -256,8 +263,10 @@ def read_documents(path: str | Path, tokenizer, *, train_prompt: bool = False
   file: one record per line, {"text": ...} or {"prompt": ..., "completion":
   ...} (the prompt is trained only with train_prompt=True), or a chat,
   ShareGPT or Alpaca record (`swajax.text.chat`: rendered with the tokenizer's
-  chat template, the assistant turns trained). Any other file: one text
-  document. A malformed line raises DataError naming its file and line.
+  chat template, the assistant turns trained; an HF tokenizer without one
+  renders them with ChatML, becomes its chat_template and `log` gets a
+  one-line warning). Any other file: one text document. A malformed line
+  raises DataError naming its file and line.
   """
   path = Path(path)
   if not path.exists():
@@ -268,7 +277,7 @@ def read_documents(path: str | Path, tokenizer, *, train_prompt: bool = False
             for p in files]
   if path.suffix == ".jsonl":
     return [(f"{path.name}:{n}", doc)
-            for n, doc in _jsonl_documents(path, tokenizer, train_prompt)]
+            for n, doc in _jsonl_documents(path, tokenizer, train_prompt, log)]
   return [(path.name, encode_text(tokenizer, read_text(path)))]
 
 
@@ -279,7 +288,7 @@ def read_text(path: Path) -> str:
     raise DataError(f"data={str(path)!r}: cannot read as UTF-8 text ({e})") from e
 
 
-def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
+def _jsonl_documents(path: Path, tokenizer, train_prompt: bool, log
                      ) -> Iterator[tuple[int, Document]]:
   encoder = None  # the chat template, compiled at the first chat record
   for n, line in enumerate(read_text(path).splitlines(), start=1):
@@ -292,7 +301,7 @@ def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
     try:
       messages = chat_lib.messages_of(record) if isinstance(record, dict) else None
       if messages is not None:
-        encoder = encoder or chat_lib.ChatEncoder(tokenizer)
+        encoder = encoder or chat_encoder(tokenizer, log)
         yield n, Document(*encoder.encode(messages))
         continue
     except chat_lib.ChatDataError as e:
@@ -308,6 +317,20 @@ def _jsonl_documents(path: Path, tokenizer, train_prompt: bool
                       "'text', or 'prompt' and 'completion' strings, or a chat "
                       "('messages'), ShareGPT ('conversations') or Alpaca "
                       "('instruction', 'output') record")
+
+
+def chat_encoder(tokenizer, log: Callable[[str], None] = print_warning
+                 ) -> chat_lib.ChatEncoder:
+  """The `ChatEncoder` a run renders its chat records with. A tokenizer
+  without a chat template gets ChatML as its chat_template (the one its
+  exports then carry); for an HF tokenizer, whose model may expect another,
+  `log` gets a one-line warning naming it."""
+  if tokenizer.chat_template is None:
+    tokenizer.chat_template = chat_lib.DEFAULT_TEMPLATE
+    if isinstance(tokenizer, HFTokenizer):
+      log(f"warning: {tokenizer.file or 'the tokenizer'} has no chat template: chat "
+          "records are rendered with chatml (choose one with --chat-template FILE|NAME)")
+  return chat_lib.ChatEncoder(tokenizer)
 
 
 def split_train_val(keyed: Sequence[tuple[str, Document]], val_percent: float
@@ -333,13 +356,14 @@ def split_train_val(keyed: Sequence[tuple[str, Document]], val_percent: float
 # A training run's data
 # ----------------------------------------------------------------------------
 
-def load_data(config: TrainConfig, tokenizer, notes: list[str] | None = None
-              ) -> tuple[PackedRows, dict]:
+def load_data(config: TrainConfig, tokenizer, notes: list[str] | None = None,
+              log: Callable[[str], None] = print_warning) -> tuple[PackedRows, dict]:
   """(training rows, validation rows [R, T] dict) for `config`.
 
   Documents longer than seq_len are handled per `config.too_long` (see
   `fit_documents`); when some are, a line saying how many and what was done
-  is appended to `notes` (the run reports it at the end).
+  is appended to `notes` (the run reports it at the end). `log` gets
+  `read_documents`' warnings at once.
   """
   if config.data is None:
     train_docs = [encode_text(tokenizer, text) for text in stdlib_corpus(
@@ -348,13 +372,14 @@ def load_data(config: TrainConfig, tokenizer, notes: list[str] | None = None
         "validation", max_bytes=max(config.corpus_max_bytes // 10, 1),
         val_percent=config.val_percent)]
   else:
-    keyed = read_documents(config.data, tokenizer, train_prompt=config.train_prompt)
+    keyed = read_documents(config.data, tokenizer, train_prompt=config.train_prompt,
+                           log=log)
     if config.val_data is None:
       train_docs, val_docs = split_train_val(keyed, config.val_percent)
     else:
       train_docs = [doc for _, doc in keyed]
       val_docs = [doc for _, doc in read_documents(
-          config.val_data, tokenizer, train_prompt=config.train_prompt)]
+          config.val_data, tokenizer, train_prompt=config.train_prompt, log=log)]
   pack = functools.partial(pack_for_loss, seq_len=config.seq_len,
                            too_long=config.too_long, pad_id=tokenizer.pad_id)
   train_rows, train_note = pack(train_docs, whole=keeps_records_whole(config.data))
@@ -420,11 +445,20 @@ def fit_documents(docs: list[Document], seq_len: int, too_long: str
 
 
 def resolve_tokenizer(config: TrainConfig):
-  """config.tokenizer, else a GGUF file's own (`init_from_hf` a .gguf),
-  else the HF folder's tokenizer.json, else bytes."""
-  if config.tokenizer is None and config.init_from_hf is not None:
-    if is_gguf(config.init_from_hf):
-      return gguf_tokenizer(config.init_from_hf)
-    candidate = Path(config.init_from_hf) / "tokenizer.json"
-    return load_tokenizer(candidate if candidate.is_file() else None)
-  return load_tokenizer(config.tokenizer)
+  """config.tokenizer (a tokenizer.json or "bytes"); else, fine-tuning an HF
+  folder or GGUF file, its tokenizer as `swajax generate` finds it
+  (`model_source.load_tokenizer_for`: the GGUF file's, its tokenizer.json,
+  or bytes its config.json records; else FileNotFoundError, never a guess);
+  else bytes.
+  With config.chat_template, that template replaces the tokenizer's own."""
+  if config.init_from_hf is not None:
+    folder = Path(config.init_from_hf)
+    if not is_gguf(folder) and not (folder / "config.json").is_file():
+      raise FileNotFoundError(f"init_from_hf={config.init_from_hf!r}: no config.json "
+                              "(expected a Hugging Face folder)")
+    tokenizer = load_tokenizer_for(folder, folder, config.tokenizer)
+  else:
+    tokenizer = load_tokenizer(None if config.tokenizer == "bytes" else config.tokenizer)
+  if config.chat_template is None:
+    return tokenizer
+  return with_chat_template(tokenizer, config.chat_template)

@@ -24,8 +24,7 @@ from flax import nnx
 from models import lora as lora_lib
 from swajax import sharding as sharding_lib
 from swajax.text.tokenizers import HFTokenizer
-from swajax.training import data as data_lib
-from swajax.training import pref_data
+from swajax.training import data as data_lib, pref_data, report
 from swajax.training.config import TrainConfig
 from swajax.training.metrics import MetricsLog, plot_losses
 from swajax.training.optimizer import StepOptions
@@ -73,7 +72,8 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   on_step: called on process 0 after every step with that step's metrics
     (and val_loss/val_ppl on eval steps).
   log: called on process 0 with one-line notes (the run folder, a kept
-    schedule).
+    schedule) and warnings (a chat template chosen for the data: without
+    `log`, these go to stderr).
 
   Raises TrainingInterrupted after SIGINT/SIGTERM (the current step finishes,
   then a checkpoint, metrics.jsonl and loss.png are written), NonFiniteLoss
@@ -81,12 +81,16 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   last checkpoint holds the last good state), ValueError/OSError (one line)
   for bad settings, data, or a checkpoint that cannot be written.
   """
-  log = log or (lambda line: None)
   lead = jax.process_index() == 0
+  # Data warnings reach stderr without a `log` too (process 0 only).
+  warn = (log or data_lib.print_warning) if lead else (lambda line: None)
+  log = log or (lambda line: None)
   # Lazy: orbax takes ~0.5 s to import (-X importtime, on top of the ~2.6 s of
   # `import swajax`), which only a training run needs.
   from swajax.training.checkpoint import Checkpointer
 
+  if lead:
+    report.check_available(config)
   checkpointer, note = None, None
   if resume:
     if config.out is None:
@@ -112,8 +116,10 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
   try:
     tokenizer = data_lib.resolve_tokenizer(config)
     notes: list[str] = []  # long documents, LoRA sizes: reported at the end
-    load = pref_data.load_pairs if config.stage == "dpo" else data_lib.load_data
-    train_rows, val_rows = load(config, tokenizer, notes)
+    if config.stage == "dpo":
+      train_rows, val_rows = pref_data.load_pairs(config, tokenizer, notes, log=warn)
+    else:
+      train_rows, val_rows = data_lib.load_data(config, tokenizer, notes, log=warn)
     mesh = sharding_lib.make_mesh(config.fsdp, context=config.context_parallel)
     batch_ways = mesh.size // config.context_parallel  # "data" x "fsdp"
     if config.batch_size % batch_ways:
@@ -194,6 +200,8 @@ def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
   options = StepOptions.from_config(config)
   metrics_log = (MetricsLog(run_dir / "metrics.jsonl", resumed_from=resumed_from)
                  if lead else None)
+  reporters = (report.Reporters(config, run_dir, resumed_from=resumed_from)
+               if lead and config.reporters else None)
   history, evals, step_times = [], [], []
   last = config.steps if until_step is None else min(until_step, config.steps)
   saved = step = int(state.step)
@@ -229,6 +237,8 @@ def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
         history.append(record)
         if lead:
           metrics_log.write(record)
+          if reporters is not None:
+            reporters.write(record)
           if on_step is not None:
             on_step(record)
         if not finite:  # this step's state is not saved
@@ -249,6 +259,8 @@ def _loop(config, state, graphdef, rest, train_rows, val_rows, position, mesh,
     checkpointer.close()
     if metrics_log is not None:
       metrics_log.close()
+    if reporters is not None:
+      reporters.close()
   if lead and history:
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
   if isinstance(stop, NonFiniteLoss):

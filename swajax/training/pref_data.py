@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -43,9 +43,11 @@ class Pair(NamedTuple):
   rejected: data_lib.Document
 
 
-def read_pairs(path: str | Path, tokenizer) -> list[tuple[str, Pair]]:
+def read_pairs(path: str | Path, tokenizer, log: Callable[[str], None] = data_lib.print_warning
+               ) -> list[tuple[str, Pair]]:
   """(key "file:line", Pair) of each record of a .jsonl file; a malformed
-  record raises DataError naming the file and line."""
+  record raises DataError naming the file and line. Conversations are rendered
+  by `data.chat_encoder` (`log`: its warning)."""
   path = Path(path)
   if not path.is_file() or path.suffix != ".jsonl":
     raise DataError(f"data={str(path)!r}: expected a .jsonl file of preference pairs "
@@ -64,7 +66,7 @@ def read_pairs(path: str | Path, tokenizer) -> list[tuple[str, Pair]]:
       if isinstance(record["chosen"], str):
         pair = _standard_pair(record, tokenizer)
       else:
-        encoder = encoder or chat_lib.ChatEncoder(tokenizer)
+        encoder = encoder or data_lib.chat_encoder(tokenizer, log)
         pair = _conversation_pair(record, encoder)
     except json.JSONDecodeError as e:
       raise DataError(f"data={str(path)!r}: line {n} is not JSON ({e.msg})") from e
@@ -161,19 +163,20 @@ def pair_rows(pairs: list[Pair], seq_len: int, *, pad_id: int) -> dict[str, np.n
   return {name: np.concatenate([r[name] for r in rows]) for name in data_lib.ROW_FIELDS}
 
 
-def load_pairs(config: TrainConfig, tokenizer, notes: list[str] | None = None
+def load_pairs(config: TrainConfig, tokenizer, notes: list[str] | None = None,
+               log: Callable[[str], None] = data_lib.print_warning
                ) -> tuple[data_lib.PackedRows, dict]:
   """(training rows, validation rows [R, T] dict) of a dpo run: `data.load_data`
-  for pairs (the same split, validation and too-long rules)."""
+  for pairs (the same split, validation and too-long rules; `log`: warnings)."""
   if config.data is None:
     raise DataError("data=None with stage='dpo': expected a .jsonl file of preference "
                     "pairs (--data)")
-  keyed = read_pairs(config.data, tokenizer)
+  keyed = read_pairs(config.data, tokenizer, log)
   if config.val_data is None:
     train, val = data_lib.split_train_val(keyed, config.val_percent)
   else:
     train = [pair for _, pair in keyed]
-    val = [pair for _, pair in read_pairs(config.val_data, tokenizer)]
+    val = [pair for _, pair in read_pairs(config.val_data, tokenizer, log)]
   train, train_note = fit_pairs(train, config.seq_len, config.too_long)
   val, val_note = fit_pairs(val, config.seq_len, config.too_long)
   if notes is not None:

@@ -145,4 +145,4 @@ def check_resume(config: TrainConfig, saved: dict,
 # The fields that fix the training row stream (which rows, in which order):
 # a checkpoint's data position means nothing under other values.
 DATA_FIELDS = ("seed", "seq_len", "data", "val_data", "val_percent", "tokenizer",
-                "train_prompt", "corpus_max_bytes", "too_long", "stage")
+                "chat_template", "train_prompt", "corpus_max_bytes", "too_long", "stage")

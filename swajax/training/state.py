@@ -24,6 +24,8 @@ from swajax.io.model_source import load_model
 from swajax.training.config import TrainConfig
 from swajax.training.optimizer import StepOptions, make_optimizer
 
+DEFAULT_PRESET = "mistral_tiny"  # the model of a run that names none
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +64,14 @@ class ModelSpec:
 
 def model_config_for(config: TrainConfig) -> models.ModelConfig:
   """The `models.ModelConfig` of a fresh run: `config.model` when it is one,
-  else preset(**model_overrides)."""
+  else preset(**model_overrides) (preset `DEFAULT_PRESET` when model is None)."""
   if isinstance(config.model, models.ModelConfig):
     return config.model
-  preset = getattr(models, config.model, None)
-  if not config.model.endswith("_tiny") or not callable(preset):
+  name = DEFAULT_PRESET if config.model is None else config.model
+  preset = getattr(models, name, None)
+  if not name.endswith("_tiny") or not callable(preset):
     presets = sorted(n for n in dir(models) if n.endswith("_tiny"))
-    raise ValueError(f"model={config.model!r}: expected a preset, one of {presets}")
+    raise ValueError(f"model={name!r}: expected a preset, one of {presets}")
   return preset(**dict(config.model_overrides))
 
 
