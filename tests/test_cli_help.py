@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+from pallas_kernels import IMPLS
+
 from swajax.cli import train as train_cli
 from swajax.io import hf as hf_io, hf_folder
 from swajax.training.config import TrainConfig
@@ -28,7 +30,7 @@ def test_train_help_describes_every_flag_and_its_choices():
              "smollm3_tiny,starcoder2_tiny}")
   for flag, choices in [("--model", presets),
                         ("--dtype", "{float32,bfloat16,float16}"),
-                        ("--attn-impl", "{auto,reference,xla,pallas,cudnn}"),
+                        ("--attn-impl", "{" + ",".join(("auto", *IMPLS)) + "}"),
                         ("--remat", "{none,full,dots_saveable}")]:
     assert f"{flag} {choices}" in text, flag
   assert "none: a new runs/<YYYYmmdd-HHMMSS> (-2, -3, ... when taken)" in text

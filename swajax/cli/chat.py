@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from pallas_kernels import IMPLS
 from swajax.infer.chat_session import ChatSession
 from swajax.io.model_source import resolve_model
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sample from the nucleus of mass p (needs --temperature > 0)")
   parser.add_argument("--seed", type=int, default=0, help="sampling seed")
   parser.add_argument("--attn-impl", default="auto",
-                      choices=["auto", "pallas", "xla", "reference"])
+                      choices=("auto", *IMPLS))
   return parser
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from pallas_kernels import IMPLS
 from swajax import sharding as sharding_lib
 from swajax.dtypes import DTYPES
 from swajax.io.model_source import resolve_model
 from swajax.training.config import TOO_LONG, TrainConfig
 from swajax.training.data import file_rows, pad_rows
-from swajax.training.config import TrainConfig
 from swajax.training.optimizer import StepOptions
 from swajax.training.step import evaluate_totals
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                       help="parameter and compute dtype (default: the checkpoint's)")
   parser.add_argument("--attn-impl", default="auto",
-                      choices=["auto", "pallas", "xla", "reference"])
+                      choices=("auto", *IMPLS))
   return parser
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from pallas_kernels import IMPLS
 from swajax.infer.generation import generate_stream
 from swajax.infer.sampling import check_sampling_args
 from swajax.io.model_source import resolve_model
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--top-p", type=float, default=None)
   parser.add_argument("--seed", type=int, default=0, help="sampling seed")
   parser.add_argument("--attn-impl", default="auto",
-                      choices=["auto", "pallas", "xla", "reference"])
+                      choices=("auto", *IMPLS))
   return parser
 
 

@@ -29,6 +29,7 @@ import socket
 import sys
 from pathlib import Path
 
+from pallas_kernels import IMPLS
 from swajax.infer.engine import Engine
 from swajax.io.model_source import resolve_model
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--served-model-name", default=None,
                       help="the model id clients name (default: MODEL's folder name)")
   parser.add_argument("--attn-impl", default="auto",
-                      choices=["auto", "pallas", "xla", "reference"])
+                      choices=("auto", *IMPLS))
   parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                       help="seconds in-flight requests may take after SIGTERM")
   return parser

@@ -24,8 +24,8 @@ from swajax.training import preference as pref_lib
 REMAT = ("none", *REMAT_POLICIES)  # "none": no remat
 STAGES = ("sft", "dpo")  # next-token training; preference tuning
 TOO_LONG = ("split", "truncate", "drop")  # what becomes of a document > seq_len
-# The fields only a LoRA run (lora_rank set) uses: set without it, an error.
 REPORT_TO = ("tensorboard", "wandb")  # report_to's integrations (training.report)
+# The fields only a LoRA run (lora_rank set) uses: set without it, an error.
 LORA_ONLY = ("lora_alpha", "lora_dropout", "lora_targets", "use_rslora",
              "quantize_base", "merge_lora")
 
