@@ -3,6 +3,8 @@
 import ast
 import collections
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -226,3 +228,37 @@ def test_wings_import_only_wings_below():
 ])
 def test_upward_imports_are_found(graph, expected):
   assert upward_imports(graph) == expected
+
+
+# Packages a job of swajax needs only when it runs (a GGUF file, the server,
+# a tracker), absent from the GPU image the kernels and benchmarks run on
+# (the device tool's KINDS.md): `import swajax` and the command's help must
+# not need them.
+JOB_ONLY_PACKAGES = ("gguf", "fastapi", "starlette", "uvicorn", "tensorboardX", "wandb")
+_WITHOUT = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split(".")[0] in {blocked!r}:
+      raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def _run_without(packages, code):
+  return subprocess.run([sys.executable, "-c", _WITHOUT.format(blocked=set(packages)) + code],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_import_and_help_need_no_job_only_package():
+  result = _run_without(JOB_ONLY_PACKAGES, (
+      "import swajax, swajax.cli.bench\n"
+      "from swajax.cli import entry\n"
+      "sys.exit(entry.main(['--help']))\n"))
+  assert result.returncode == 0, result.stderr
+  assert "serve" in result.stdout
+  # Reading a GGUF file is what needs gguf: said by name.
+  result = _run_without(["gguf"], (
+      "from swajax.io import gguf\n"
+      "gguf.gguf_package()\n"))
+  assert result.returncode == 1 and "needs ggml's gguf package" in result.stderr, result.stderr

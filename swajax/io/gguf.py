@@ -23,7 +23,6 @@ import math
 import os
 from pathlib import Path
 
-import gguf
 import numpy as np
 from flax import nnx
 
@@ -35,10 +34,23 @@ from swajax.io.hf_tensors import tensor_table, variable_at
 from swajax.text import gguf_vocab
 from swajax.text.tokenizers import HFTokenizer
 
-Q = gguf.GGMLQuantizationType
-# The tensor types loaded (each dequantized by gguf.quants to float32).
-QUANT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0,
-                         Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+# The tensor types loaded, by their `gguf.GGMLQuantizationType` names (each
+# dequantized by gguf.quants to float32).
+QUANT_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
+                         "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
+
+
+def gguf_package():
+  """ggml's `gguf` package, imported on first use, so that `import swajax`
+  works where it is missing (the GPU image runs the kernels without it);
+  reading a GGUF file needs it (a core dependency: `pip install swajax`
+  brings it)."""
+  try:
+    import gguf  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"reading a GGUF file needs ggml's gguf package "
+                      f"(pip install gguf): {e}") from e
+  return gguf
 
 # `{arch}.` keys every family reads -> the HF config key.
 COMMON_KEYS = {
@@ -94,7 +106,7 @@ class GgufFile:
   `gguf_tokenizer` take one (or a path) so a caller reads the file once."""
 
   path: Path
-  reader: gguf.GGUFReader
+  reader: object  # a gguf.GGUFReader (gguf_package())
 
   def value(self, key: str, default=None):
     field = self.reader.fields.get(key)
@@ -128,7 +140,7 @@ def read_gguf(path) -> GgufFile:
 @functools.lru_cache(maxsize=2)
 def _read(path: Path, size: int, mtime_ns: int) -> GgufFile:
   try:
-    reader = gguf.GGUFReader(os.fspath(path))
+    reader = gguf_package().GGUFReader(os.fspath(path))
   except Exception as e:  # the reader raises ValueError, struct / numpy errors
     raise ValueError(f"{path}: not a readable GGUF file "
                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -201,6 +213,7 @@ def _rope_scaling(file: GgufFile, arch: str) -> dict | None:
 def gguf_tensor_names(config: ModelConfig, arch: str) -> dict[str, str]:
   """HF tensor name (`hf_tensors.tensor_table`) -> its GGUF name, by gguf's
   `TensorNameMap` for `arch`."""
+  gguf = gguf_package()
   arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
   name_map = gguf.get_tensor_name_map(arch_id, config.num_layers)
   names = {}
@@ -277,15 +290,15 @@ def _dequantized(file: GgufFile, tensor, shape) -> np.ndarray:
   """A GGUF tensor as float32 in the HF layout `shape` (GGUF lists the
   dimensions innermost first: the reverse)."""
   kind = tensor.tensor_type
-  if kind not in QUANT_TYPES:
+  if kind.name not in QUANT_TYPES:
     raise ValueError(f"{file.path}: tensor {tensor.name!r} has type {kind.name}: "
-                     f"expected one of {sorted(t.name for t in QUANT_TYPES)}")
+                     f"expected one of {sorted(QUANT_TYPES)}")
   stored = tuple(int(d) for d in reversed(tensor.shape))
   if stored != tuple(shape):
     raise ValueError(f"{file.path}: tensor {tensor.name!r} has shape {stored}: "
                      f"expected {tuple(shape)}")
   try:
-    array = gguf.quants.dequantize(tensor.data, kind)
+    array = gguf_package().quants.dequantize(tensor.data, kind)
   except Exception as e:  # a truncated tensor: numpy reshape / index errors
     raise ValueError(f"{file.path}: cannot read tensor {tensor.name!r} ({e})") from e
   return np.asarray(array, np.float32).reshape(shape)
