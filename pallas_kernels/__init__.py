@@ -14,6 +14,7 @@ from pallas_kernels.decode import DECODE_IMPLS, DecodeBlockSizes, decode_attenti
 from pallas_kernels.flash_tiles import FlashBlockSizes
 from pallas_kernels.mosaic_tiles import MosaicBlockSizes
 from pallas_kernels.mask import Band, kv_block_range, q_block_range, visible
+from pallas_kernels.splash import SplashBlockSizes
 from pallas_kernels.xla_blockwise import XlaBlockSizes
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "FlashBlockSizes",
     "IMPLS",
     "MosaicBlockSizes",
+    "SplashBlockSizes",
     "XlaBlockSizes",
     "context_parallel_attention",
     "decode_attention",

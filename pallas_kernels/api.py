@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import (cudnn, flash_attention, mosaic_attention, reference,
-                            xla_blockwise)
+                            splash, xla_blockwise)
 from pallas_kernels.features import (ALL_FEATURES, check_features,
                                      resolve_impl)
 from pallas_kernels.mask import cdiv, dense_mask, kv_block_range
@@ -39,9 +39,12 @@ IMPLS = {
     "mosaic": Impl(mosaic_attention.attention, mosaic_attention.FEATURES),
     # cuDNN also runs unmasked (full bidirectional); see pallas_kernels/cudnn.py.
     "cudnn": Impl(cudnn.attention, cudnn.FEATURES),
+    # JAX's TPU splash attention kernel; see pallas_kernels/splash.py.
+    "splash": Impl(splash.attention, ALL_FEATURES),
 }
-# The impls whose kernels run in an interpret mode without a GPU.
-INTERPRETED = ("pallas", "mosaic")
+# The impls that take `interpret=`: their Pallas kernels run in an interpret
+# mode off their own backend (GPU for pallas and mosaic, TPU for splash).
+INTERPRETED = ("pallas", "mosaic", "splash")
 
 
 def sliding_window_attention(q, k, v, *, window=None, causal=True,
@@ -101,16 +104,17 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   before every key) returns out = 0, lse = -inf and zero gradients, never NaN;
   with sinks, out = 0 and lse = sinks[n].
 
-  impl: "auto" (pallas on GPU, xla elsewhere), "pallas" (Triton kernels),
-    "mosaic" (Hopper kernels on Mosaic GPU: bf16/fp16, head dims <= 256,
-    jax >= 0.11.2), "xla", "reference" (dense masked, O(T·S)), or "cudnn"
-    (GPU only; causal windows, no segments/softcap/lse/sinks). A feature an
-    impl lacks raises NotImplementedError.
+  impl: "auto" (pallas on GPU, splash on TPU, xla elsewhere), "pallas"
+    (Triton kernels), "mosaic" (Hopper kernels on Mosaic GPU: bf16/fp16,
+    head dims <= 256, jax >= 0.11.2), "splash" (JAX's TPU splash attention
+    kernel), "xla", "reference" (dense masked, O(T·S)), or "cudnn" (GPU only;
+    causal windows, no segments/softcap/lse/sinks). A feature an impl lacks
+    raises NotImplementedError.
   block_sizes: the impl's own block-size dataclass (`FlashBlockSizes` for
-    "pallas", `MosaicBlockSizes` for "mosaic", `XlaBlockSizes` for "xla"),
-    or None for its default.
-  interpret: pallas and mosaic only; None runs the kernels in interpret mode
-    when no GPU is present.
+    "pallas", `MosaicBlockSizes` for "mosaic", `SplashBlockSizes` for
+    "splash", `XlaBlockSizes` for "xla"), or None for its default.
+  interpret: pallas, mosaic and splash only; None runs the kernels in
+    interpret mode when their backend (GPU, resp. TPU) is not present.
   """
   problem = check_attention_args(
       q, k, v, window=window, causal=causal, segment_ids=segment_ids,
@@ -118,8 +122,8 @@ def sliding_window_attention(q, k, v, *, window=None, causal=True,
   impl = resolve_impl(impl, sorted(IMPLS))
   check_features(impl, IMPLS[impl].features, problem, return_lse)
   if interpret is not None and impl not in INTERPRETED:
-    raise ValueError(f"interpret={interpret!r}: only impl='pallas' and "
-                     "'mosaic' take it")
+    raise ValueError(f"interpret={interpret!r}: only impl='pallas', "
+                     "'mosaic' and 'splash' take it")
   kwargs = {} if interpret is None else {"interpret": interpret}
   if problem.batch == 0:  # every impl: the empty result (no kernel has work)
     out = jnp.zeros(q.shape, q.dtype)

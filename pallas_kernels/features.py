@@ -61,8 +61,9 @@ def required_features(problem: AttentionProblem, return_lse: bool) -> frozenset:
 
 
 def default_impl() -> str:
-  """`impl="auto"`: Pallas kernels on GPU, the XLA paths elsewhere."""
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
+  """`impl="auto"`: the Pallas (Triton) kernels on GPU, JAX's splash
+  attention kernel on TPU, the XLA path elsewhere (CPU)."""
+  return {"gpu": "pallas", "tpu": "splash"}.get(jax.default_backend(), "xla")
 
 
 def resolve_impl(impl: str, names) -> str:
