@@ -125,7 +125,7 @@ def band_mask_function(q_ids, kv_ids, *, band: Band, q_offset: int,
   numpy index blocks on the host (to find empty and full blocks) and on
   int32 tiles inside the kernel. Tested equal to `mask.visible`.
   """
-  ok = kv_ids < kv_len
+  ok = (kv_ids < kv_len) & (q_ids >= 0)  # q_ids >= 0 always: the tile's shape
   q_pos = q_ids + q_offset
   if band.left is not None:
     ok = ok & (kv_ids >= q_pos - band.left)

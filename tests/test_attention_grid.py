@@ -2,8 +2,8 @@
 
 Each case compares forward, LSE and dq/dk/dv (and dsinks, with attention
 sinks) against the fp32 dense reference (tests/attention_cases.py holds the
-tolerances). Pallas and Mosaic run in interpret mode
-on CPU; on a GPU machine the same grid runs the compiled kernels.
+tolerances). Pallas, Mosaic and splash run in interpret mode
+on CPU; on a GPU (TPU) machine the same grid runs the compiled kernels.
 impl="mosaic" takes 16-bit inputs only: every fp32 case runs it in bf16
 (with bf16's tolerances), and on a jax without its interpret mode (< 0.12.1)
 its cases skip, naming the version they need.
@@ -21,11 +21,13 @@ from pallas_kernels import (FlashBlockSizes, MosaicBlockSizes,
 from tests.attention_cases import (MOSAIC, assert_matches_reference,
                                    make_inputs, make_sinks)
 
-IMPLS = ["reference", "xla", "pallas", MOSAIC]
+IMPLS = ["reference", "xla", "pallas", MOSAIC, "splash"]
 # Small tiles for the short sequences here, so every case spans several
 # blocks: band edges, interior tiles and ragged last blocks. Others: defaults.
 # Mosaic's smallest tiles are 64 rows: the grid's short rows are mostly one
-# or two tiles (tests/test_mosaic_kernels.py holds its multi-tile checks).
+# or two tiles (tests/test_mosaic_kernels.py holds its multi-tile checks);
+# splash's are at least 128 rows: every grid case is one padded tile
+# (tests/test_splash.py holds its multi-tile cases).
 BLOCK_SIZES = {"pallas": FlashBlockSizes(16, 16, 16, 16, 16, 16),
                "mosaic": MosaicBlockSizes(64, 64, 64, 64, 64, 64)}
 # The widest dtype each impl takes: the "fp32" grid runs it in that.
@@ -80,24 +82,29 @@ def test_fp32_matches_reference(impl, q_len, kv_len, num_q_heads, num_kv_heads,
   assert ("dsinks" in errors) == with_sinks
 
 
-def _with_impls(values, mosaic_values):
-  """(impl, *value) params: every impl on `values`, impl="mosaic" (slow in
-  interpret mode) on `mosaic_values` only."""
+# Impls whose interpreted kernels cost seconds of compile per case on CPU:
+# the dtype sweeps below run them on a subset (every grid case above runs).
+SLOW_ON_CPU = ("mosaic", "splash")
+
+
+def _with_impls(values, slow_values):
+  """(impl, *value) params: every impl on `values`, those of `SLOW_ON_CPU`
+  on `slow_values` only."""
   return [pytest.param(impl, *value,
                        marks=MOSAIC.marks if impl == "mosaic" else ())
-          for impl in ("reference", "xla", "pallas", "mosaic")
-          for value in (values if impl != "mosaic" else mosaic_values)]
+          for impl in ("reference", "xla", "pallas", "mosaic", "splash")
+          for value in (slow_values if impl in SLOW_ON_CPU else values)]
 
 
 HEAD_DIM_CASES = [(dtype, head_dim) for dtype in (jnp.bfloat16, jnp.float16)
                   for head_dim in (64, 80, 96, 128, 256)]
-# Mosaic: each padded head dim (64, 128, 256) once, a padded one in fp16.
-MOSAIC_HEAD_DIM_CASES = [(jnp.bfloat16, 64), (jnp.bfloat16, 128),
+# The slow impls: each padded head dim (64, 128, 256) once, a padded one in fp16.
+SLOW_HEAD_DIM_CASES = [(jnp.bfloat16, 64), (jnp.bfloat16, 128),
                          (jnp.bfloat16, 256), (jnp.float16, 80)]
 
 
 @pytest.mark.parametrize("impl, dtype, head_dim",
-                         _with_impls(HEAD_DIM_CASES, MOSAIC_HEAD_DIM_CASES))
+                         _with_impls(HEAD_DIM_CASES, SLOW_HEAD_DIM_CASES))
 def test_low_precision_head_dims(impl, dtype, head_dim):
   q, k, v, seg = make_inputs(1, q_len=48, num_q_heads=4, num_kv_heads=2,
                              head_dim=head_dim, dtype=dtype, num_segments=2)
@@ -139,8 +146,8 @@ def test_low_precision_large_gradients(impl, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hypothesis_shapes_and_windows(impl):
   # Every impl draws the profile's examples (conftest: 8, derandomized);
-  # mosaic (slow in interpret mode) 3 examples.
-  @settings(max_examples=3 if impl == "mosaic" else
+  # the slow interpreted ones (mosaic, splash) 3 examples.
+  @settings(max_examples=3 if impl in SLOW_ON_CPU else
             settings.default.max_examples)
   @given(data=st.data())
   def check(data):

@@ -8,7 +8,7 @@ import pytest
 
 from pallas_kernels import sliding_window_attention
 
-CPU_IMPLS = ("reference", "xla", "pallas")  # pallas in interpret mode on CPU
+CPU_IMPLS = ("reference", "xla", "pallas", "splash")  # pallas, splash interpreted
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
