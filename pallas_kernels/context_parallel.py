@@ -74,7 +74,9 @@ def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
   sharded like q); differentiable in q, k, v and sinks.
 
   mesh: a `jax.sharding.Mesh`, or the `AbstractMesh` of `jax.set_mesh` inside
-    jit (`jax.sharding.get_abstract_mesh()`), with Auto axes.
+    jit (`jax.sharding.get_abstract_mesh()`), with Auto or Explicit axes
+    (`jax.make_mesh`'s default); on Explicit axes the inputs are resharded to
+    the layout above first, and out comes back sharded so.
   batch_axes: the mesh axes that split B (None: every other axis of `mesh`;
     B must be a multiple of their product). Heads are not split.
   kv_exchange: "halo" (ppermute of the `left` keys before / `right` keys
@@ -139,8 +141,33 @@ def context_parallel_attention(q, k, v, *, mesh, axis=CONTEXT_AXIS, window=None,
   # check_vma=False: the impls' loop carries are not annotated as varying.
   # sinks: replicated (P(): on every device whole); the transpose psums their
   # cotangent over the mesh. None is an empty pytree and needs no spec.
-  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seq, P()),
-                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids, sinks)
+  specs = (qkv, qkv, qkv, seq, P())
+  args = _placed((q, k, v, segment_ids, sinks), specs, mesh)
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv,
+                       check_vma=False)(*args)
+
+
+def has_explicit_axes(mesh) -> bool:
+  """True if any axis of `mesh` is of type Explicit (`jax.make_mesh`'s default
+  since jax 0.7): arrays on it carry their sharding in their type."""
+  return any(t == jax.sharding.AxisType.Explicit
+             for t in getattr(mesh, "axis_types", ()))
+
+
+def _placed(args, specs, mesh):
+  """`args` as shard_map's `specs` demand them on `mesh`.
+
+  On a mesh with Explicit axes shard_map requires each input's sharding (part
+  of its type) to equal its in_spec, so each input is resharded to it first
+  (a no-op when it already is; the segment ids made here start replicated).
+  On Auto axes shard_map places its inputs itself: unchanged.
+  """
+  if not has_explicit_axes(mesh):
+    return args
+  return tuple(
+      None if x is None else jax.sharding.reshard(
+          x, jax.sharding.NamedSharding(mesh, spec))
+      for x, spec in zip(args, specs))
 
 
 def _shift(x, hops, axis, devices):

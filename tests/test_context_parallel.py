@@ -52,7 +52,16 @@ CASES = {
     "sinks_pallas_impl": (9, True, True, "pallas", (1, 8), None, True),
     "sinks_full_ring": (None, True, True, "xla", (2, 4), None, True),  # dsinks over data x context
     "sinks_bidirectional_ring_softcap": (None, False, False, "xla", (1, 8), 5.0, True),
+    # the local op of each device is JAX's splash kernel (interpreted here)
+    "splash_impl": (9, True, True, "splash", (1, 8), None, False),
+    "sinks_splash_impl": (20, True, False, "splash", (2, 4), 5.0, True),
 }
+# Cases that run a second time on `jax.make_mesh`'s default mesh (Explicit
+# axes since jax 0.7; the others use Auto axes): halo and ring, with and
+# without segment ids, batch over data, sinks, splash.
+EXPLICIT = ("halo_shorter_than_block", "multi_hop", "segments_across_devices",
+            "bidirectional_halos", "full_causal_ring", "full_ring_softcap",
+            "sinks_sliding", "sinks_full_ring", "splash_impl")
 
 WORKER = textwrap.dedent("""
     import json, re, sys
@@ -61,9 +70,11 @@ WORKER = textwrap.dedent("""
     from pallas_kernels import context_parallel, context_parallel_attention
     from pallas_kernels import sliding_window_attention
     from tests.attention_cases import make_inputs, make_sinks
-    from tests.test_context_parallel import CASES, T
+    from tests.test_context_parallel import CASES, EXPLICIT, T
 
-    def mesh_of(shape):
+    def mesh_of(shape, explicit=False):
+      if explicit:  # jax.make_mesh's default axis types
+        return jax.make_mesh(shape, ("data", "context"))
       return jax.make_mesh(shape, ("data", "context"), axis_types=(AxisType.Auto,) * 2)
 
     def collectives(fn, *args):
@@ -77,12 +88,14 @@ WORKER = textwrap.dedent("""
     cot = jax.random.normal(jax.random.key(1), q.shape)
     report = {}
     ring_tile = context_parallel.RING_TILE
-    for name, (window, causal, segments, impl, shape, softcap, with_sinks) in CASES.items():
+    runs = [(name, False) for name in CASES] + [(name, True) for name in EXPLICIT]
+    for name, explicit in runs:
+      window, causal, segments, impl, shape, softcap, with_sinks = CASES[name]
       context_parallel.RING_TILE = 4 if name == "full_ring_query_tiles" else ring_tile
       window = tuple(window) if isinstance(window, list) else window
       options = dict(window=window, causal=causal, softcap=softcap,
                      segment_ids=seg if segments else None)
-      mesh = mesh_of(tuple(shape))
+      mesh = mesh_of(tuple(shape), explicit)
       args = (q, k, v, sinks) if with_sinks else (q, k, v)  # sinks: an argument, differentiated
       parallel = jax.jit(lambda q, k, v, sinks=None: context_parallel_attention(
           q, k, v, mesh=mesh, axis="context", impl=impl, sinks=sinks, **options))
@@ -92,11 +105,25 @@ WORKER = textwrap.dedent("""
       want, want_vjp = jax.vjp(single, *args)
       errors = [float(jnp.max(jnp.abs(a - b)))
                 for a, b in zip((got, *got_vjp(cot)), (want, *want_vjp(cot)))]
-      report[name] = {"errors": errors}
+      key = f"{name}@explicit" if explicit else name
+      report[key] = {"errors": errors, "out_spec": list(got.sharding.spec),
+                     "axis_types": [t.name for t in mesh.axis_types]}
       if name in ("multi_hop", "full_causal_ring", "sinks_multi_hop", "sinks_full_ring"):
         loss = lambda *args: jnp.sum(parallel(*args) * cot)
-        report[name]["collectives"] = collectives(
+        report[key]["collectives"] = collectives(
             jax.grad(loss, argnums=tuple(range(len(args)))), *args)
+    # The issue's call, as a new user writes it: a 1-D default mesh, no
+    # segment ids, eager, and inside jit under jax.set_mesh.
+    mesh = jax.make_mesh((4,), ("context",))
+    want = sliding_window_attention(q, k, v, window=64, impl="reference")
+    eager = context_parallel_attention(q, k, v, mesh=mesh, axis="context", window=64)
+    with jax.set_mesh(mesh):
+      traced = jax.jit(lambda q, k, v: context_parallel_attention(
+          q, k, v, mesh=jax.sharding.get_abstract_mesh(), window=64))(q, k, v)
+    report["default_mesh_1d"] = {
+        "errors": [float(jnp.max(jnp.abs(x - want))) for x in (eager, traced)],
+        "axis_types": [t.name for t in mesh.axis_types],
+        "out_spec": list(eager.sharding.spec)}
     try:
       context_parallel_attention(q[:, :60], k[:, :60], v[:, :60], mesh=mesh_of((1, 8)),
                                  window=9)
@@ -113,19 +140,33 @@ def report():
       WORKER))
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CASES) + [f"{n}@explicit" for n in EXPLICIT])
 def test_forward_and_grads_equal_one_device(report, name):
   errors = report[name]["errors"]  # out, dq, dk, dv (, dsinks)
-  assert len(errors) == 5 if CASES[name][-1] else 4, report[name]
+  assert len(errors) == 5 if CASES[name.split("@")[0]][-1] else 4, report[name]
   assert max(errors) <= FP32_ATOL, report[name]
+  explicit = name.endswith("@explicit")
+  assert report[name]["axis_types"] == ["Explicit" if explicit else "Auto"] * 2
+  if explicit:  # out is sharded as q: the sequence over "context"
+    assert report[name]["out_spec"][1] == "context", report[name]
+
+
+def test_the_default_one_dimensional_mesh_works(report):
+  """`jax.make_mesh((4,), ("context",))` (Explicit axes), no segment ids: eager
+  and inside jit under `jax.set_mesh` (the mesh as `get_abstract_mesh()`)."""
+  got = report["default_mesh_1d"]
+  assert got["axis_types"] == ["Explicit"]
+  assert max(got["errors"]) <= FP32_ATOL, got
+  assert got["out_spec"] == [None, "context", None, None], got
 
 
 def test_layers_exchange_by_collective_permute_only(report):
   """Forward and backward of a multi-hop sliding layer and of a full (ring)
   layer: ppermutes, no all-gather / all-to-all of K/V, no reductions.
   (`tests/test_bench.py` checks that the halo's bytes do not grow with T.)"""
-  assert report["multi_hop"]["collectives"] == ["collective-permute"]
-  assert report["full_causal_ring"]["collectives"] == ["collective-permute"]
+  for name in ("multi_hop", "full_causal_ring"):
+    for key in (name, f"{name}@explicit"):  # on both kinds of mesh
+      assert report[key]["collectives"] == ["collective-permute"], key
 
 
 def test_sinks_add_one_reduction_of_their_gradient(report):
