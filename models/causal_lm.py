@@ -128,9 +128,9 @@ class CausalLM(nnx.Module):
   `config.logit_scale`, then softcapped by `config.final_logit_softcap`).
   With `config.scale_embeddings` the embedding is multiplied by sqrt(D)
   rounded to the compute dtype (Gemma).
-  attn_impl: passed to `sliding_window_attention` ("auto", "pallas", "xla",
-  "reference", "cudnn"), and to `decode_attention` for cached single tokens
-  ("cudnn" becomes "auto" there). remat: "none", "full" or "dots_saveable",
+  attn_impl: passed to `sliding_window_attention` ("auto", "pallas", "splash",
+  "xla", "reference", "cudnn"), and to `decode_attention` for cached single
+  tokens ("cudnn" and "splash" become "auto" there: xla on TPU). remat: "none", "full" or "dots_saveable",
   per decoder layer (not applied to cached calls). rngs: initial parameters.
 
   Generation: `model.forward_with_cache(input_ids, positions=positions,

@@ -83,8 +83,8 @@ class LayerCache:
     real query).
     window: None (full causal) or W; softcap, scale, sinks ([N] or None):
     the layer's (as `decode_attention`'s); impl: the model's attn_impl, passed to
-    `decode_attention` for a single token (T = 1; "cudnn", a prefill-only
-    impl, becomes "auto"). Chunks (T > 1, prefill) run the dense "xla" path
+    `decode_attention` for a single token (T = 1; "cudnn" and "splash",
+    prefill-only impls, become "auto"). Chunks (T > 1, prefill) run the dense "xla" path
     ("reference" if asked): the Pallas decode kernel holds all T * N / K
     query rows of a kv head in one tile, a size meant for decoding.
     Returns (out [B, T, N, H] in q.dtype, the updated cache). The attention

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.features import resolve_impl
+from pallas_kernels.features import default_decode_impl, resolve_impl
 from pallas_kernels.flash_tiles import MIN_BLOCK, padded_head_dim
 from pallas_kernels.mask import Band, cdiv, visible
 from pallas_kernels.numerics import matmul_precision, soft_cap
@@ -368,7 +368,7 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
   never NaN.
   softcap: c > 0 maps each scaled score s to c * tanh(s / c).
   scale: multiplies q·k before the softcap; default 1 / sqrt(H).
-  impl: "auto" (pallas on GPU, xla elsewhere), "pallas" (flash-decoding
+  impl: "auto" (pallas on GPU, xla elsewhere, TPU too), "pallas" (flash-decoding
     Triton kernel), "xla" (dense jnp), "reference" (dense fp32, HIGHEST).
   block_sizes: `DecodeBlockSizes` for impl="pallas", else None.
   interpret: pallas only; None interprets the kernel when no GPU is present.
@@ -378,7 +378,7 @@ def decode_attention(q, k_cache, v_cache, *, q_positions, kv_positions,
   problem = check_decode_args(q, k_cache, v_cache, q_positions, kv_positions,
                               window=window, softcap=softcap, scale=scale,
                               sinks=sinks)
-  impl = resolve_impl(impl, list(DECODE_IMPLS))
+  impl = resolve_impl(impl, list(DECODE_IMPLS), auto=default_decode_impl)
   pallas_args = dict(block_sizes=block_sizes, interpret=interpret)
   if impl != "pallas":
     for name, value in pallas_args.items():

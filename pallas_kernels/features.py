@@ -66,13 +66,21 @@ def default_impl() -> str:
   return {"gpu": "pallas", "tpu": "splash"}.get(jax.default_backend(), "xla")
 
 
-def resolve_impl(impl: str, names) -> str:
-  """`impl` with "auto" resolved; a ValueError unless it is one of `names`.
+def default_decode_impl() -> str:
+  """The decode op's `impl="auto"`: its Pallas kernel on GPU, its XLA path
+  elsewhere, TPU included (splash has no decode kernel: a few query rows
+  against a cache of slots whose positions mask them)."""
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def resolve_impl(impl: str, names, auto=default_impl) -> str:
+  """`impl` with "auto" resolved by `auto()`; a ValueError unless it is one
+  of `names`.
 
   `names`: the implementations of the op, in the order the error lists them.
   """
   if impl == "auto":
-    impl = default_impl()
+    impl = auto()
   if impl not in names:
     raise ValueError(f"impl={impl!r}: expected one of {['auto', *names]}")
   return impl

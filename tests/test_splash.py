@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import SplashBlockSizes, sliding_window_attention
-from pallas_kernels.features import default_impl
+from pallas_kernels import (SplashBlockSizes, decode_attention,
+                            sliding_window_attention)
+from pallas_kernels.features import default_decode_impl, default_impl
 from pallas_kernels.mask import Band, dense_mask
 from pallas_kernels.splash import band_mask_function
 from pallas_kernels.validation import check_attention_args
@@ -130,9 +131,17 @@ def test_wrong_block_sizes_and_interpret_are_refused():
     sliding_window_attention(q, q, q, window=4, impl="xla", interpret=True)
 
 
-def test_auto_is_splash_on_tpu(monkeypatch):
+def test_auto_is_splash_on_tpu_and_decode_stays_xla(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert default_impl() == "splash"
+  assert default_decode_impl() == "xla"  # splash has no decode kernel
+  q = jax.random.normal(jax.random.key(0), (1, 1, 2, 16))
+  cache = jax.random.normal(jax.random.key(1), (1, 8, 1, 16))
+  kwargs = dict(q_positions=jnp.array([[7]]), kv_positions=jnp.arange(8)[None],
+                window=4)
+  np.testing.assert_array_equal(decode_attention(q, cache, cache, **kwargs),
+                                decode_attention(q, cache, cache, impl="xla",
+                                                 **kwargs))
 
 
 def lowered_tpu_text(fn, *args):
