@@ -11,11 +11,11 @@ from models import (CausalLM, ModelConfig, cohere2_tiny, gemma2_tiny, gemma3_tin
 from models.kv_cache import KVCache, LayerCache, init_cache
 from models.lora import LoraSpec, add_lora, merged_model
 from pallas_kernels import (Band, DecodeBlockSizes, FlashBlockSizes,
-                            MosaicBlockSizes, XlaBlockSizes,
-                            context_parallel_attention, decode_attention,
-                            kv_block_range, reference_attention,
-                            sliding_window_attention, visited_blocks,
-                            window_mask)
+                            MosaicBlockSizes, SplashBlockSizes,
+                            XlaBlockSizes, context_parallel_attention,
+                            decode_attention, kv_block_range,
+                            reference_attention, sliding_window_attention,
+                            visited_blocks, window_mask)
 from swajax.infer.generation import generate, generate_stream
 from swajax.infer.sampling import sample_next_token
 from swajax.io.gguf import gguf_tokenizer, load_gguf
@@ -37,6 +37,7 @@ __all__ = [
     "LoraSpec",
     "ModelConfig",
     "MosaicBlockSizes",
+    "SplashBlockSizes",
     "TrainConfig",
     "XlaBlockSizes",
     "add_lora",
