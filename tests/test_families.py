@@ -116,6 +116,16 @@ def test_logits_match_transformers(checkpoint, impl):
   assert diff <= TOLERANCE, (family, impl, diff)
 
 
+@pytest.mark.parametrize("checkpoint", ["gemma2", "gpt_oss"], indirect=True)
+def test_splash_logits_match_transformers(checkpoint):
+  """impl="splash" (JAX's TPU kernel, interpreted here) for a whole model:
+  Gemma 2's attention softcap and gpt-oss's sinks, sliding and full layers."""
+  family, directory, _, ids, expected = checkpoint
+  diff = max_diff(forward(load_hf(directory, attn_impl="splash"), ids), expected)
+  print(f"{family} splash: max |logits diff| = {diff:.2e}")
+  assert diff <= TOLERANCE, (family, diff)
+
+
 @pytest.mark.parametrize("checkpoint", FAMILIES, indirect=True)
 def test_without_windows_logits_disagree(checkpoint):
   """Negative control: transformers really slides, so our full twin differs
