@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
 
 from models.attention import Attention
 from models.config import BLOCKS, ModelConfig
@@ -204,6 +205,10 @@ class CausalLM(nnx.Module):
     float32 of the L layers, or None without experts); the input of
     `models.moe.load_balancing_loss`."""
     batch, seq = _check_tokens(input_ids, positions, segment_ids)
+    mesh = _explicit_mesh(input_ids, self.embed.embedding[...])
+    if mesh is not None:
+      with jax.sharding.use_abstract_mesh(mesh):
+        return self._forward_on_auto_axes(input_ids, positions, segment_ids)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     call = _call_layer
@@ -217,6 +222,26 @@ class CausalLM(nnx.Module):
     if self.config.num_experts:
       return self._logits(x), jnp.stack(router_logits)  # (L, B, T, E)
     return self._logits(x), None
+
+  def _forward_on_auto_axes(self, input_ids, positions, segment_ids):
+    """`forward_with_router_logits` under a mesh with Explicit axes
+    (`jax.make_mesh`'s default): the same forward with those axes made Auto
+    (`jax.sharding.auto_axes`), so the layers' shardings propagate as on an
+    Auto mesh (the modules carry no explicit-sharding annotations on their
+    activations). The parameters enter as an argument (a closed-over array
+    would keep its Explicit type); the logits (and router logits) come back
+    sharded like input_ids over batch and sequence."""
+    graphdef, state = nnx.split(self)
+
+    def forward(state, input_ids, positions, segment_ids):
+      return nnx.merge(graphdef, state).forward_with_router_logits(
+          input_ids, positions=positions, segment_ids=segment_ids)
+
+    batch, seq = (tuple(jax.typeof(input_ids).sharding.spec) + (None, None))[:2]
+    router = P(None, batch, seq, None) if self.config.num_experts else None
+    return jax.sharding.auto_axes(
+        forward, out_sharding=(P(batch, seq, None), router))(
+            state, input_ids, positions, segment_ids)
 
   def forward_with_cache(self, input_ids, *, positions, cache: KVCache):
     """input_ids [B, T] int, positions int32 [B, T] (-1: padding), `cache`
@@ -252,6 +277,25 @@ class CausalLM(nnx.Module):
     if cap is not None:
       logits = cap * jnp.tanh(logits / cap)
     return logits
+
+
+def _explicit_mesh(*arrays):
+  """The abstract mesh with an Explicit axis that this call runs under: the
+  ambient one (`jax.set_mesh`), or else that of an array whose sharding (its
+  type) is on one (e.g. parameters `load_hf(mesh=)` placed on a
+  `jax.make_mesh` mesh, used without `jax.set_mesh`); None if neither."""
+  def explicit(mesh):
+    return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+  ambient = jax.sharding.get_abstract_mesh()
+  if explicit(ambient):
+    return ambient
+  for x in arrays:
+    mesh = getattr(getattr(getattr(x, "aval", None), "sharding", None), "mesh",
+                   None)
+    if explicit(mesh):
+      return getattr(mesh, "abstract_mesh", mesh)
+  return None
 
 
 def _check_cache(cache, positions, num_layers):

@@ -251,8 +251,37 @@ HF_WORKER = textwrap.dedent("""
         "kernel_shards": shards(kernel),
         "split_params": sum(shards(a) != [tuple(a.shape)] for a in params(sharded)),
         "params": len(params(sharded)),
+        "explicit": explicit_mesh_report(single, directory),
     }))
 """)
+
+# The same checkpoint onto meshes from `jax.make_mesh` with its defaults
+# (Explicit axes): eager, jitted, under `jax.set_mesh`, the gradient, and a
+# ("data", "fsdp", "context") mesh whose attention runs context-parallel.
+HF_WORKER = HF_WORKER.replace("import json, sys\n", "import json, sys\n" + textwrap.dedent("""
+    def explicit_mesh_report(single, directory):
+      import jax.numpy as jnp
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      want = np.asarray(forward(single, ids(24)))
+      diff = lambda got: float(np.max(np.abs(np.asarray(got) - want)))
+      mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+      model = load_hf(directory, mesh=mesh)
+      x = jax.device_put(ids(24), NamedSharding(mesh, P("data")))  # B = 2
+      report = {"axis_types": [t.name for t in mesh.axis_types],
+                "eager": diff(model(ids(24))),
+                "jit": diff(nnx.jit(lambda m, x: m(x))(model, x))}
+      with jax.set_mesh(mesh):
+        report["set_mesh"] = diff(nnx.jit(lambda m, x: m(x))(model, x))
+        grads = nnx.grad(lambda m, x: jnp.mean(m(x) ** 2))(model, x)
+        report["grads_finite"] = all(bool(jnp.isfinite(g).all()) for g in
+                                     jax.tree.leaves(nnx.state(grads, nnx.Param)))
+      mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "context"))
+      model = load_hf(directory, mesh=mesh)
+      with jax.set_mesh(mesh):
+        x = jax.device_put(ids(24), NamedSharding(mesh, P("data", "context")))
+        report["context"] = diff(nnx.jit(lambda m, x: m(x))(model, x))
+      return report
+"""), 1)
 
 
 def test_hf_checkpoint_loads_onto_a_data_by_fsdp_mesh(tmp_path):
@@ -272,6 +301,10 @@ def test_hf_checkpoint_loads_onto_a_data_by_fsdp_mesh(tmp_path):
   assert got["kernel_shards"] == [[d // 4, f]]
   # Every weight matrix is split (only norms and biases are replicated).
   assert got["split_params"] == 2 * 7 + 1  # 7 per layer, the tied embedding
+  explicit = got["explicit"]  # jax.make_mesh's default meshes
+  assert explicit.pop("axis_types") == ["Explicit", "Explicit"]
+  assert explicit.pop("grads_finite"), got
+  assert max(explicit.values()) <= 1e-5, explicit
 
 
 # ----- Experts on the "fsdp" axis ------------------------------------------------
