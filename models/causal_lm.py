@@ -206,9 +206,13 @@ class CausalLM(nnx.Module):
     `models.moe.load_balancing_loss`."""
     batch, seq = _check_tokens(input_ids, positions, segment_ids)
     mesh = _explicit_mesh(input_ids, self.embed.embedding[...])
-    if mesh is not None:
+    if mesh is not None:  # logits (and router logits) sharded like input_ids
+      b, t = _spec_of(input_ids, 2)
+      router = P(None, b, t, None) if self.config.num_experts else None
       with jax.sharding.use_abstract_mesh(mesh):
-        return self._forward_on_auto_axes(input_ids, positions, segment_ids)
+        return self._on_auto_axes(
+            "forward_with_router_logits", (P(b, t, None), router), input_ids,
+            positions=positions, segment_ids=segment_ids)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     call = _call_layer
@@ -223,31 +227,34 @@ class CausalLM(nnx.Module):
       return self._logits(x), jnp.stack(router_logits)  # (L, B, T, E)
     return self._logits(x), None
 
-  def _forward_on_auto_axes(self, input_ids, positions, segment_ids):
-    """`forward_with_router_logits` under a mesh with Explicit axes
-    (`jax.make_mesh`'s default): the same forward with those axes made Auto
+  def _on_auto_axes(self, method: str, out_sharding, *args, **kwargs):
+    """`getattr(self, method)(*args, **kwargs)` under a mesh with Explicit
+    axes (`jax.make_mesh`'s default), run with those axes made Auto
     (`jax.sharding.auto_axes`), so the layers' shardings propagate as on an
     Auto mesh (the modules carry no explicit-sharding annotations on their
     activations). The parameters enter as an argument (a closed-over array
-    would keep its Explicit type); the logits (and router logits) come back
-    sharded like input_ids over batch and sequence."""
+    would keep its Explicit type); the results come back as `out_sharding`
+    (PartitionSpecs) says."""
     graphdef, state = nnx.split(self)
 
-    def forward(state, input_ids, positions, segment_ids):
-      return nnx.merge(graphdef, state).forward_with_router_logits(
-          input_ids, positions=positions, segment_ids=segment_ids)
+    def run(state, args, kwargs):
+      return getattr(nnx.merge(graphdef, state), method)(*args, **kwargs)
 
-    batch, seq = (tuple(jax.typeof(input_ids).sharding.spec) + (None, None))[:2]
-    router = P(None, batch, seq, None) if self.config.num_experts else None
-    return jax.sharding.auto_axes(
-        forward, out_sharding=(P(batch, seq, None), router))(
-            state, input_ids, positions, segment_ids)
+    return jax.sharding.auto_axes(run, out_sharding=out_sharding)(
+        state, args, kwargs)
 
   def forward_with_cache(self, input_ids, *, positions, cache: KVCache):
     """input_ids [B, T] int, positions int32 [B, T] (-1: padding), `cache`
     -> (logits [B, T, V] float32, the updated `KVCache`) (see the class)."""
     _check_tokens(input_ids, positions, None)
     _check_cache(cache, positions, len(self.layers))
+    mesh = _explicit_mesh(input_ids, self.embed.embedding[...])
+    if mesh is not None:  # logits like input_ids, the cache as it came
+      b, t = _spec_of(input_ids, 2)
+      specs = (P(b, t, None), jax.tree.map(lambda x: P(*_spec_of(x, x.ndim)), cache))
+      with jax.sharding.use_abstract_mesh(mesh):
+        return self._on_auto_axes("forward_with_cache", specs, input_ids,
+                                  positions=positions, cache=cache)
     x = self._embed(input_ids)  # (B, T, D)
     layer_caches = []
     for layer, layer_cache in zip(self.layers, cache.layers):
@@ -296,6 +303,12 @@ def _explicit_mesh(*arrays):
     if explicit(mesh):
       return getattr(mesh, "abstract_mesh", mesh)
   return None
+
+
+def _spec_of(x, ndim):
+  """The PartitionSpec entries of x's sharding (its type), padded to ndim."""
+  spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", ()) or ())
+  return (spec + (None,) * ndim)[:ndim]
 
 
 def _check_cache(cache, positions, num_layers):
