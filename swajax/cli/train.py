@@ -64,7 +64,7 @@ FIELD_HELP = {
     "init_from_hf": "fine-tune this Hugging Face folder (config.json + safetensors) "
                     "or .gguf file (dequantized) instead of a fresh preset (no --model / "
                     "--model-overrides: its config is the model)",
-    "attn_impl": "attention implementation (auto: pallas on GPU, else xla)",
+    "attn_impl": "attention implementation (auto: pallas on GPU, splash on TPU, else xla)",
     "dtype": "compute dtype",
     "param_dtype": "parameter and optimizer-state dtype",
     "remat": "recompute each decoder layer's activations in the backward pass",
