@@ -127,7 +127,7 @@ def test_wrong_block_sizes_and_interpret_are_refused():
   with pytest.raises(TypeError, match="expected pallas_kernels.SplashBlockSizes"):
     sliding_window_attention(q, q, q, window=4, impl="splash",
                              block_sizes=(128, 128))
-  with pytest.raises(ValueError, match="only impl='pallas' or 'splash'"):
+  with pytest.raises(ValueError, match="only impl='pallas', 'mosaic' and 'splash'"):
     sliding_window_attention(q, q, q, window=4, impl="xla", interpret=True)
 
 
