@@ -21,6 +21,7 @@ from swajax.infer.sampling import sample_next_token
 from swajax.io.gguf import gguf_tokenizer, load_gguf
 from swajax.io.hf import load_hf, save_hf
 from swajax.io.peft import load_adapter, save_adapter
+from swajax.text.chat import ChatEncoder
 from swajax.text.tokenizers import ByteTokenizer
 from swajax.training.config import TrainConfig
 from swajax.training.data import pack_sequences
@@ -30,6 +31,7 @@ __all__ = [
     "Band",
     "ByteTokenizer",
     "CausalLM",
+    "ChatEncoder",
     "DecodeBlockSizes",
     "FlashBlockSizes",
     "KVCache",

@@ -1,13 +1,13 @@
 """`swajax chat MODEL`: a multi-turn chat with the model's own chat template.
 
 MODEL is anything `swajax generate` takes (an HF folder, a run folder, a PEFT
-adapter folder, `--adapter DIR`). Each answer is streamed as it is generated
-(`infer.chat_session.ChatSession`) and stops at the template's end of turn,
-the tokenizer's eos or an eos id of the model's generation_config.json.
-Typed lines `/reset` (forget the conversation, keep --system) and `/exit`
-are commands. On a terminal it prompts for each turn; otherwise (a pipe, a
-file) it reads one user turn per line and prints each answer on its own
-line, so a conversation is scriptable.
+adapter folder, a .gguf file, `--adapter DIR`). Each answer is streamed as it
+is generated (`infer.chat_session.ChatSession`) and stops at the template's
+end of turn, the tokenizer's eos or an eos id of the model's
+generation_config.json. Typed lines `/reset` (forget the conversation, keep
+--system) and `/exit` are commands. On a terminal it prompts for each turn;
+otherwise (a pipe, a file) it reads one user turn per line and prints each
+answer on its own line, so a conversation is scriptable.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ COMMANDS = ("/reset", "/exit")
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="swajax chat", description=__doc__.split("\n\n")[0])
   parser.add_argument("model", type=Path, metavar="MODEL",
-                      help="HF folder, swajax train run folder or PEFT adapter folder")
+                      help="HF folder, swajax train run folder, PEFT adapter folder or .gguf file")
   parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
                       help="a PEFT LoRA adapter folder to put on the model")
   parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",

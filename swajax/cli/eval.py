@@ -1,14 +1,15 @@
 """`swajax eval MODEL --data FILE`: a model's loss and perplexity on data.
 
 MODEL is anything `swajax generate` takes (an HF folder, a run folder, a PEFT
-adapter folder, `--adapter DIR`). FILE is training data in any form `swajax
-train --data` reads (a .txt file, a folder, JSONL text / prompt-completion /
-chat records), tokenized, packed and masked exactly as training does
-(`training.data.file_rows`: chat records score the assistant tokens only,
-prompts only with --train-prompt; documents stay inside their segment), and
-scored by training's validation loss (`training.step.evaluate_totals`): the
-mean loss over the target tokens in nats, its exp (perplexity) and the
-number of target tokens, printed as JSON (and written to --out).
+adapter folder, a .gguf file, `--adapter DIR`). FILE is training data in any
+form `swajax train --data` reads (a .txt file, a folder, JSONL text /
+prompt-completion / chat records), tokenized, packed and masked exactly as
+training does (`training.data.file_rows`: chat records score the assistant
+tokens only, prompts only with --train-prompt; documents stay inside their
+segment), and scored by training's validation loss
+(`training.step.evaluate_totals`): the mean loss over the target tokens in
+nats, its exp (perplexity) and the number of target tokens, printed as JSON
+(and written to --out).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ DEFAULTS = TrainConfig()  # packing defaults: the same as training's
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="swajax eval", description=__doc__.split("\n\n")[0])
   parser.add_argument("model", type=Path, metavar="MODEL",
-                      help="HF folder, swajax train run folder or PEFT adapter folder")
+                      help="HF folder, swajax train run folder, PEFT adapter folder or .gguf file")
   parser.add_argument("--data", type=Path, required=True, metavar="FILE",
                       help="a .txt file, a folder or a .jsonl file (as swajax train --data)")
   parser.add_argument("--out", type=Path, default=None, metavar="FILE",

@@ -159,7 +159,11 @@ def train(config: TrainConfig, *, resume: bool = False, until_step: int | None =
       log(note)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     copy = run_dir / "tokenizer.json"  # `swajax generate` reads it
-    if isinstance(tokenizer, HFTokenizer) and not (
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.file is None:
+      # Built in memory (a GGUF file's): tokenizer.json and its config.
+      for name, text in tokenizer.config_files().items():
+        (run_dir / name).write_text(text, encoding="utf-8")
+    elif isinstance(tokenizer, HFTokenizer) and not (
         copy.exists() and copy.samefile(tokenizer.file)):
       shutil.copyfile(tokenizer.file, copy)
   if checkpointer is None:
