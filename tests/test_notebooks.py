@@ -22,6 +22,7 @@ NOTEBOOKS = [
     "02_kernel_scaling",
     "03_train_and_generate",
     "04_hf_parity",
+    "05_real_gemma3",
 ]
 # Project modules below the facade: a notebook that needs one shows a gap in
 # the public API (add it to swajax/__init__.py instead).

@@ -5,12 +5,14 @@ Gemma 3 270M (window 512, five sliding layers to one full): logits over
 real Python source longer than two windows, with the window-removed
 negative control; greedy generation past the window. SmolLM2-135M-Instruct
 (Llama: the q/k rows llama.cpp permutes): logits, its byte-level tokenizer
-and ChatML template, and a LoRA SFT run from the GGUF file whose adapter
-PEFT loads. Sizes are the smallest that prove each point (CPU time).
+and ChatML template, `swajax chat FILE.gguf`, and a LoRA SFT run from the
+GGUF file whose adapter PEFT loads (run folder and adapter carrying the
+file's tokenizer and template). Sizes are the smallest that prove each point (CPU time).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -24,7 +26,9 @@ import pytest
 
 from swajax import generate, gguf_tokenizer, load_adapter, load_gguf
 from swajax.text.chat import ChatEncoder
+from swajax.text.tokenizers import load_tokenizer
 from tests.real_models import MIXED_TEXT, gemma3_path, python_source, smollm2_path
+from tests.test_faults import swajax
 
 import peft
 import torch
@@ -43,6 +47,11 @@ def hf_model(path):
   return transformers.AutoModelForCausalLM.from_pretrained(
       path.parent, gguf_file=path.name, dtype=torch.float32,
       attn_implementation="eager").eval()
+
+
+# One load per file for the tests that only read the model (PEFT's would
+# change it in place: it loads its own).
+shared_hf_model = functools.lru_cache(maxsize=2)(hf_model)
 
 
 def hf_tokenizer(path):
@@ -79,7 +88,7 @@ def test_gemma3_logits_past_two_windows_and_the_window_matters(gemma):
   assert model.config.layer_windows == (GEMMA_WINDOW,) * 5 + (None,) + (
       GEMMA_WINDOW,) * 5 + (None,) + (GEMMA_WINDOW,) * 5 + (None,)
   ids = source_ids(tokenizer, GEMMA_T)
-  ref = hf_logits(hf_model(path), ids)
+  ref = hf_logits(shared_hf_model(path), ids)
   ours = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
   assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0
   np.testing.assert_allclose(ours, ref, atol=LOGIT_ATOL["gemma"], rtol=0)
@@ -100,7 +109,7 @@ def test_gemma3_greedy_generation_past_the_window(gemma):
   new = 24  # the rolling cache wraps: prompt + new > the window
   ours = np.asarray(generate(model, prompt, max_new_tokens=new))[0, prompt.shape[1]:]
   with torch.no_grad():
-    ref = hf_model(path).generate(torch.as_tensor(prompt), max_new_tokens=new,
+    ref = shared_hf_model(path).generate(torch.as_tensor(prompt), max_new_tokens=new,
                                   do_sample=False)[0, prompt.shape[1]:].numpy()
   np.testing.assert_array_equal(ours, ref)
 
@@ -108,7 +117,7 @@ def test_gemma3_greedy_generation_past_the_window(gemma):
 def test_smollm2_logits_and_the_unpermuted_qk(smol):
   path, model, tokenizer = smol
   ids = source_ids(tokenizer, SMOL_T)
-  ref = hf_logits(hf_model(path), ids)
+  ref = hf_logits(shared_hf_model(path), ids)
   ours = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
   assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0
   np.testing.assert_allclose(ours, ref, atol=LOGIT_ATOL["smol"], rtol=0)
@@ -141,8 +150,30 @@ def test_smollm2_chat_template_renders_as_transformers(smol):
   assert list(ids) == reference.apply_chat_template(messages, tokenize=True)["input_ids"]
 
 
+def test_smollm2_chat_command_answers_as_transformers(smol):
+  """`swajax chat FILE.gguf`: the file's template and tokenizer, greedy,
+  stopping at its end of turn, as transformers' generate on
+  apply_chat_template(add_generation_prompt=True)."""
+  path = smol[0]
+  messages = [{"role": "user", "content": "What is the capital of France?"}]
+  reference = hf_tokenizer(path)
+  inputs = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True, return_tensors="pt")
+  end = reference.convert_tokens_to_ids("<|im_end|>")
+  with torch.no_grad():
+    out = shared_hf_model(path).generate(**inputs, max_new_tokens=24, do_sample=False,
+                                         eos_token_id=end)
+  new = out[0, inputs["input_ids"].shape[1]:].tolist()
+  assert new[-1] == end  # the answer ended within the budget
+  expected = reference.decode(new[:-1], skip_special_tokens=True)
+  proc = swajax("chat", path, "--max-new-tokens", 24, stdin=subprocess.PIPE)
+  answer, err = proc.communicate(messages[0]["content"] + "\n", timeout=300)
+  assert proc.returncode == 0, err
+  assert answer == expected + "\n"
+
+
 def test_lora_sft_from_gguf_lowers_val_loss_and_peft_loads_the_adapter(tmp_path, smol):
-  path, model, _ = smol
+  path, model, tokenizer = smol
   run = tmp_path / "run"
   root = Path(__file__).parents[1]
   result = subprocess.run(
@@ -159,6 +190,18 @@ def test_lora_sft_from_gguf_lowers_val_loss_and_peft_loads_the_adapter(tmp_path,
            if r.get("val_loss") is not None]
   assert len(evals) >= 2 and evals[-1] < evals[0]
   adapter = run / "hf" / "adapter"
+  # The adapter carries the GGUF file's tokenizer and template (as
+  # transformers reads them), the run folder too (as swajax's commands do).
+  reference = hf_tokenizer(path)
+  messages = [{"role": "user", "content": "Hi"}]
+  exported = transformers.AutoTokenizer.from_pretrained(adapter)
+  assert exported.apply_chat_template(messages, tokenize=False) == (
+      reference.apply_chat_template(messages, tokenize=False))
+  assert exported(MIXED_TEXT).input_ids == reference(MIXED_TEXT).input_ids
+  in_run = load_tokenizer(run / "tokenizer.json")
+  assert in_run.chat_template == tokenizer.chat_template
+  assert (in_run.bos_id, in_run.eos_id) == (tokenizer.bos_id, tokenizer.eos_id)
+  assert in_run.encode(MIXED_TEXT) == tokenizer.encode(MIXED_TEXT)
   with_adapter = peft.PeftModel.from_pretrained(hf_model(path), adapter).eval()
   ours_model = load_gguf(path)
   load_adapter(ours_model, adapter)
