@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from pallas_kernels import IMPLS
+from swajax.cli.commands import add_model_arguments
 from swajax.infer.chat_session import ChatSession
 from swajax.io.model_source import resolve_model
 
@@ -26,13 +25,7 @@ COMMANDS = ("/reset", "/exit")
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="swajax chat", description=__doc__.split("\n\n")[0])
-  parser.add_argument("model", type=Path, metavar="MODEL",
-                      help="HF folder, swajax train run folder, PEFT adapter folder or .gguf file")
-  parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
-                      help="a PEFT LoRA adapter folder to put on the model")
-  parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
-                      help="tokenizer.json (or its folder), or 'bytes' (default: the "
-                      "model's, as swajax generate)")
+  add_model_arguments(parser)
   parser.add_argument("--system", default=None, metavar="TEXT",
                       help="a system message opening the conversation")
   parser.add_argument("--max-new-tokens", type=int, default=256,
@@ -44,8 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--top-p", type=float, default=None,
                       help="sample from the nucleus of mass p (needs --temperature > 0)")
   parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-  parser.add_argument("--attn-impl", default="auto",
-                      choices=("auto", *IMPLS))
   return parser
 
 

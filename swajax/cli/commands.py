@@ -1,9 +1,14 @@
-"""Subcommand dispatch shared by `swajax` (cli.py) and `swajax bench`."""
+"""What the commands share: subcommand dispatch (`swajax`, `swajax bench`)
+and the arguments that name the model a command runs."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 from typing import Callable
+
+from pallas_kernels import IMPLS
 
 # A subcommand table: name -> (its main(argv) -> exit status, one-line help).
 Table = dict[str, tuple[Callable[[list[str]], int], str]]
@@ -23,3 +28,20 @@ def dispatch(prog: str, table: Table, argv: list[str]) -> int:
     print(f"{prog}: unknown command {name!r}\n\n{usage}", file=sys.stderr)
     return 2
   return table[name][0](rest)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_dest: str = "model") -> None:
+  """MODEL (stored as `model_dest`), --adapter, --tokenizer and --attn-impl:
+  how `generate`, `chat`, `eval` and `serve` name the model they run (each
+  resolved by `io.model_source.resolve_model` / `ModelSource.load_with_tokenizer`)."""
+  parser.add_argument(model_dest, type=Path, metavar="MODEL",
+                      help="HF folder, swajax train run folder, PEFT adapter folder "
+                      "or .gguf file")
+  parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                      help="a PEFT LoRA adapter folder to put on MODEL")
+  parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
+                      help="tokenizer.json (or its folder), or 'bytes' for UTF-8 bytes "
+                      "(default: MODEL's own: its tokenizer.json, the GGUF file's, or "
+                      "bytes when its config.json says swajax_tokenizer: bytes)")
+  parser.add_argument("--attn-impl", default="auto", choices=("auto", *IMPLS),
+                      help="attention implementation (default: auto, the platform's)")

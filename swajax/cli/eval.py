@@ -24,8 +24,8 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from pallas_kernels import IMPLS
 from swajax import sharding as sharding_lib
+from swajax.cli.commands import add_model_arguments
 from swajax.dtypes import DTYPES
 from swajax.io.model_source import resolve_model
 from swajax.training.config import TOO_LONG, TrainConfig
@@ -38,17 +38,11 @@ DEFAULTS = TrainConfig()  # packing defaults: the same as training's
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="swajax eval", description=__doc__.split("\n\n")[0])
-  parser.add_argument("model", type=Path, metavar="MODEL",
-                      help="HF folder, swajax train run folder, PEFT adapter folder or .gguf file")
+  add_model_arguments(parser)
   parser.add_argument("--data", type=Path, required=True, metavar="FILE",
                       help="a .txt file, a folder or a .jsonl file (as swajax train --data)")
   parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                       help="also write the JSON result here")
-  parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
-                      help="a PEFT LoRA adapter folder to put on the model")
-  parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
-                      help="tokenizer.json (or its folder), or 'bytes' (default: the "
-                      "model's, as swajax generate)")
   parser.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len,
                       help=f"tokens per packed row (default: {DEFAULTS.seq_len})")
   parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
@@ -60,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also score the prompts of {prompt, completion} records")
   parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                       help="parameter and compute dtype (default: the checkpoint's)")
-  parser.add_argument("--attn-impl", default="auto",
-                      choices=("auto", *IMPLS))
   return parser
 
 

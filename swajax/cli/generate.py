@@ -1,6 +1,6 @@
-"""`swajax generate CHECKPOINT_DIR --prompt TEXT`: stream a continuation.
+"""`swajax generate MODEL --prompt TEXT`: stream a continuation.
 
-CHECKPOINT_DIR is a Hugging Face folder (config.json + safetensors, read by
+MODEL is a Hugging Face folder (config.json + safetensors, read by
 `swajax.load_hf`), a `swajax train` run folder, whose `hf/` export is used (a
 LoRA run's adapter on its base), a PEFT adapter folder (on its base), or a
 GGUF file (`swajax.load_gguf`, with the file's tokenizer); `--adapter DIR`
@@ -23,12 +23,11 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from pallas_kernels import IMPLS
+from swajax.cli.commands import add_model_arguments
 from swajax.infer.generation import generate_stream
 from swajax.infer.sampling import check_sampling_args
 from swajax.io.model_source import resolve_model
@@ -38,16 +37,8 @@ from swajax.text.stream import TextStream
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="swajax generate", description=__doc__.split("\n\n")[0])
-  parser.add_argument("checkpoint_dir", type=Path,
-                      help="HF checkpoint folder, swajax train run folder, PEFT "
-                      "adapter folder or .gguf file")
-  parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
-                      help="a PEFT LoRA adapter folder to put on the model")
+  add_model_arguments(parser)
   parser.add_argument("--prompt", required=True, help="text to continue")
-  parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
-                      help="tokenizer.json (or its folder), or 'bytes' for UTF-8 "
-                      "bytes (default: the folder's tokenizer.json, or bytes when "
-                      "its config.json says swajax_tokenizer: bytes)")
   parser.add_argument("--no-special-tokens", action="store_true",
                       help="encode the prompt as written: add no bos/eos (default: "
                       "those the tokenizer's settings add)")
@@ -57,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--top-k", type=int, default=None)
   parser.add_argument("--top-p", type=float, default=None)
   parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-  parser.add_argument("--attn-impl", default="auto",
-                      choices=("auto", *IMPLS))
   return parser
 
 
@@ -67,7 +56,7 @@ def main(argv: list[str]) -> int:
   try:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p)
-    source = resolve_model(args.checkpoint_dir, args.adapter)
+    source = resolve_model(args.model, args.adapter)
     model, tokenizer = source.load_with_tokenizer(args.tokenizer,
                                                   attn_impl=args.attn_impl)
     prompt = np.asarray([list(tokenizer.encode(

@@ -27,9 +27,8 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
-from pallas_kernels import IMPLS
+from swajax.cli.commands import add_model_arguments
 from swajax.infer.engine import Engine
 from swajax.io.model_source import resolve_model
 
@@ -37,9 +36,7 @@ from swajax.io.model_source import resolve_model
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="swajax serve", description=__doc__.split("\n\n")[0])
-  parser.add_argument("model", type=Path, metavar="MODEL",
-                      help="HF folder, swajax train run folder, PEFT adapter "
-                      "folder or .gguf file")
+  add_model_arguments(parser)
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default 127.0.0.1: this machine only)")
   parser.add_argument("--port", type=int, default=8000, help="0: any free port")
@@ -51,14 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="requests that may wait for a slot; more get 503")
   parser.add_argument("--prefill-chunk", type=int, default=128,
                       help="prompt tokens prefilled per engine step")
-  parser.add_argument("--adapter", type=Path, default=None, metavar="DIR",
-                      help="a PEFT LoRA adapter folder to add onto MODEL")
-  parser.add_argument("--tokenizer", default=None, metavar="FILE|bytes",
-                      help="tokenizer.json, or 'bytes' (default: MODEL's)")
   parser.add_argument("--served-model-name", default=None,
                       help="the model id clients name (default: MODEL's folder name)")
-  parser.add_argument("--attn-impl", default="auto",
-                      choices=("auto", *IMPLS))
   parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                       help="seconds in-flight requests may take after SIGTERM")
   return parser
