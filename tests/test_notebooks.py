@@ -58,7 +58,13 @@ def jupyter_path(tmp_path_factory):
   return root
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# The notebook on the real Gemma 3 shares tests/test_real_gguf.py's xdist
+# group (memory: see there).
+EXECUTED = [pytest.param(name, marks=pytest.mark.xdist_group("real_models"))
+            if name == "05_real_gemma3" else name for name in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("name", EXECUTED)
 def test_notebook_executes(name, jupyter_path, tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
   monkeypatch.setenv("SWAJAX_NOTEBOOK_SCALE", "small")

@@ -13,6 +13,7 @@ file's tokenizer and template). Sizes are the smallest that prove each point (CP
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import subprocess
@@ -50,8 +51,22 @@ def hf_model(path):
 
 
 # One load per file for the tests that only read the model (PEFT's would
-# change it in place: it loads its own).
+# change it in place: it loads its own); dropped with the module
+# (`_release_models`).
 shared_hf_model = functools.lru_cache(maxsize=2)(hf_model)
+
+# The real models take gigabytes (Gemma 3's 262k-token vocabulary makes each
+# [1, 1040, V] fp32 logits array 1.1 GB): this module and the notebook on the
+# real Gemma 3 share one xdist group, so a CI worker never holds both at once
+# beside the other worker (24 GB in all).
+pytestmark = pytest.mark.xdist_group("real_models")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+  yield
+  shared_hf_model.cache_clear()
+  gc.collect()
 
 
 def hf_tokenizer(path):
@@ -92,6 +107,7 @@ def test_gemma3_logits_past_two_windows_and_the_window_matters(gemma):
   ours = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
   assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0
   np.testing.assert_allclose(ours, ref, atol=LOGIT_ATOL["gemma"], rtol=0)
+  del ours
   # Negative control: the same weights without the window disagree with
   # transformers past the window (and only there).
   windowless = np.asarray(jax.jit(lambda m, x: m(x))(
