@@ -1,5 +1,6 @@
 """Shared pytest setup: CPU compile flags, hypothesis profile, GPU marker."""
 
+import gc
 import importlib.util
 import os
 
@@ -32,3 +33,14 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not HAS_GPU:
       item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Each module's compiled programs, traces and dropped arrays freed after
+  it: an xdist worker runs hundreds of modules, and without this its
+  memory only grows (workers reached 13-15 GB and were OOM-killed on the
+  24 GB CI machine)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
