@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mask import block_fully_visible, visible
 from pallas_kernels.numerics import matmul_precision, soft_cap
-from pallas_kernels.validation import AttentionProblem, is_power_of_two
+from pallas_kernels.validation import AttentionProblem, check_int_fields, is_power_of_two
 
 LOG2_E = math.log2(math.e)
 MIN_BLOCK = 16  # Triton's tensor-core dot needs every dim >= 16.
@@ -60,10 +60,7 @@ class FlashBlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field.name}={value!r}: expected an int")
+    check_int_fields(self)
     for name in Q_TILES + K_TILES:
       value = getattr(self, name)
       if value < MIN_BLOCK or not is_power_of_two(value):

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.mask import block_fully_visible, visible
-from pallas_kernels.validation import AttentionProblem
+from pallas_kernels.validation import AttentionProblem, check_int_fields
 
 try:  # jax >= 0.11.2: Mosaic GPU with GPU interpret mode
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -86,10 +86,7 @@ class MosaicBlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field.name}={value!r}: expected an int")
+    check_int_fields(self)
     for name in Q_TILES + K_TILES:
       value = getattr(self, name)
       if value % TILE_ROWS or not TILE_ROWS <= value <= 256:

@@ -51,6 +51,15 @@ def check_positive_int(name: str, value) -> None:
     raise ValueError(f"{name}={value!r}: expected an int >= 1")
 
 
+def check_int_fields(block_sizes) -> None:
+  """Raises TypeError naming the first field of the dataclass `block_sizes`
+  that is not an int (a bool is not): every block-size object's first check."""
+  for field in dataclasses.fields(block_sizes):
+    value = getattr(block_sizes, field.name)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise TypeError(f"{field.name}={value!r}: expected an int")
+
+
 def is_power_of_two(value: int) -> bool:
   """True for 1, 2, 4, ...; the tile rule of the Triton kernels."""
   return value > 0 and value & (value - 1) == 0
