@@ -10,6 +10,7 @@ tensor by tensor in fp32; bad input is one line and exit 2.
 import json
 import re
 import shlex
+import shutil
 import subprocess
 
 import numpy as np
@@ -52,12 +53,24 @@ def printed_commands(stdout: str) -> dict[str, list[str]]:
   return {name: shlex.split(line) for name, line in found}
 
 
+@pytest.fixture
+def merged_run(lora_run):
+  """The run folder after its printed merge command ran (each test may run
+  on its own xdist worker, so none relies on another having merged)."""
+  run_dir, stdout = lora_run
+  if not (run_dir / "merged" / "model.safetensors").is_file():
+    result = run(*printed_commands(stdout)["merge"])
+    assert result.returncode == 0, result.stderr
+  return run_dir
+
+
 def test_every_command_a_lora_run_prints_works(lora_run):
   """Each printed command exits 0 (chat reads one turn from stdin); eval
   scores the validation file to the run's last validation loss."""
   run_dir, stdout = lora_run
   commands = printed_commands(stdout)
   assert set(commands) == {"generate", "chat", "eval", "merge"}, stdout
+  shutil.rmtree(run_dir / "merged", ignore_errors=True)  # merge runs as printed
   outputs = {}
   for name, argv in commands.items():
     proc = swajax(*argv, stdin=subprocess.PIPE)
@@ -87,8 +100,8 @@ def assert_same_tensors(ours: dict, theirs: dict) -> float:
   return worst
 
 
-def test_merged_run_equals_peft_merge_and_unload(lora_run):
-  run_dir, _ = lora_run
+def test_merged_run_equals_peft_merge_and_unload(merged_run):
+  run_dir = merged_run
   ours = load_file(run_dir / "merged" / "model.safetensors")
   theirs = merged_by_peft(run_dir / "hf" / "base", run_dir / "hf" / "adapter")
   base = load_file(run_dir / "hf" / "base" / "model.safetensors")
@@ -134,9 +147,9 @@ def one_line_error(capsys, argv, message):
   assert message in err[0], err
 
 
-def test_merge_bad_input_is_one_line(peft_adapter, lora_run, tmp_path, capsys):
+def test_merge_bad_input_is_one_line(peft_adapter, merged_run, tmp_path, capsys):
   base, bare, adapter = peft_adapter
-  run_dir, _ = lora_run
+  run_dir = merged_run
   one_line_error(capsys, ["merge", tmp_path / "nowhere", "--out", tmp_path / "o"],
                  "not a PEFT adapter folder")
   one_line_error(capsys, ["merge", adapter, "--out", tmp_path / "o"],
