@@ -58,25 +58,29 @@ def jupyter_path(tmp_path_factory):
   return root
 
 
-# The notebook on the real Gemma 3 shares tests/test_real_gguf.py's xdist
-# group (memory: see there).
-EXECUTED = [pytest.param(name, marks=pytest.mark.xdist_group("real_models"))
-            if name == "05_real_gemma3" else name for name in NOTEBOOKS]
+# The notebook on the real Gemma 3 runs in tests/test_real_gguf.py, beside
+# the other tests that hold a real model (memory: see there).
+REAL_MODEL_NOTEBOOK = "05_real_gemma3"
 
 
-@pytest.mark.parametrize("name", EXECUTED)
-def test_notebook_executes(name, jupyter_path, tmp_path, monkeypatch):
+def execute_notebook(name, jupyter_path, tmp_path, monkeypatch):
+  """Runs notebook `name` in small mode in a fresh kernel (from `tmp_path`);
+  a failing cell raises CellExecutionError with its traceback."""
   monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
   monkeypatch.setenv("SWAJAX_NOTEBOOK_SCALE", "small")
   monkeypatch.setenv("PYTHONPATH", str(NOTEBOOK_DIR.parent))
   nb = read(name)
   committed_plots = len(images(nb))
-  # Raises CellExecutionError (with the cell and traceback) if any cell fails.
   nbclient.NotebookClient(
       nb, timeout=600, kernel_name=KERNEL,
       resources={"metadata": {"path": str(tmp_path)}}).execute()
   # Every plot still renders (e.g. no library call switched the backend to Agg).
   assert len(images(nb)) == committed_plots
+
+
+@pytest.mark.parametrize("name", [n for n in NOTEBOOKS if n != REAL_MODEL_NOTEBOOK])
+def test_notebook_executes(name, jupyter_path, tmp_path, monkeypatch):
+  execute_notebook(name, jupyter_path, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
