@@ -11,7 +11,7 @@ PYTHON ?= python3
 PYTHON_LATEST ?= PYENV_VERSION=3.12 python3.12
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-PYTEST_DEFAULT := -m pytest -m "not slow" -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+PYTEST_DEFAULT := -m pytest -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 .PHONY: install test test-latest test-all train
 

@@ -1,4 +1,5 @@
-"""Shared pytest setup: CPU compile flags, hypothesis profile, GPU marker."""
+"""Shared pytest setup: CPU compile flags, hypothesis profile, GPU marker,
+the order files run in."""
 
 import gc
 import importlib.util
@@ -28,11 +29,23 @@ settings.load_profile("swajax")
 HAS_GPU = jax.default_backend() == "gpu"
 
 
+# The files that take minutes on CI's 2 cores, longest first. `make test`
+# hands whole files to its 2 workers (`--dist loadfile`: a module's fixtures
+# are built once) in collection order (`--no-loadscope-reorder`), so these
+# start first and neither worker is left ending on one.
+LONG_FILES = ("test_real_gguf.py", "test_attention_grid.py", "test_families.py",
+              "test_context_parallel.py", "test_docs_commands.py", "test_sharding.py",
+              "test_mosaic_kernels.py", "test_notebooks.py", "test_faults.py")
+
+
 def pytest_collection_modifyitems(config, items):
   skip = pytest.mark.skip(reason="needs an NVIDIA GPU (jax.default_backend() != 'gpu')")
   for item in items:
     if "gpu" in item.keywords and not HAS_GPU:
       item.add_marker(skip)
+  # A stable sort: each file's tests keep their order and stay together.
+  items.sort(key=lambda item: LONG_FILES.index(item.path.name)
+             if item.path.name in LONG_FILES else len(LONG_FILES))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -52,10 +52,6 @@ import pytest
 
 from swajax.cli import entry
 
-# One worker runs the module (make test: --dist loadgroup): README's runs are
-# made once and the later pages find them.
-pytestmark = pytest.mark.xdist_group("docs_commands")
-
 REPO = Path(__file__).resolve().parent.parent
 PAGES = ["README.md"] + sorted(
     str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))

@@ -43,8 +43,6 @@ CHATS = [
 ]
 BYTES = ByteTokenizer()  # a `swajax train` run's tokenizer
 LM_EVAL_TASK = Path(__file__).parent / "data" / "lm_eval_tiny"
-# One worker runs the module, so one server serves it (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("serve")
 
 
 @pytest.fixture(scope="module")
