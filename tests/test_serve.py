@@ -24,6 +24,10 @@ import httpx
 import numpy as np
 import pytest
 
+from flax import nnx
+
+import models
+from swajax.infer.engine import Engine, EngineRequest, Overloaded
 from swajax.text.tokenizers import ByteTokenizer
 from tests.serve_fixtures import MODEL_NAME, WINDOW, health, serve, tiny_checkpoint
 from tests.test_faults import TINY, run
@@ -33,7 +37,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4  # fp32 logprobs; observed ~1e-6
-MAX_BATCH, MAX_WAITING, MAX_LEN = 4, 16, 128
+# MAX_LEN: a stream of MAX_LEN - 2 tokens (about a thousand decode steps)
+# outlasts the overload flood and the disconnect test, also when the server
+# has the machine to itself (at 128, a CI run saw every flood stream admitted:
+# the first ones had finished before the last arrived).
+MAX_BATCH, MAX_WAITING, MAX_LEN = 4, 16, 1024
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "Be brief."},
@@ -267,6 +275,21 @@ def test_overload_is_503_with_a_retry_hint_and_recovers(server):
   wait_idle(server.url)
   assert server.client.completions.create(model=MODEL_NAME, prompt="x",
                                           max_tokens=2).usage.completion_tokens == 2
+
+
+def test_the_waiting_bound_holds_before_the_engine_admits():
+  """Free slots take max_batch requests and max_waiting more may wait, even
+  while the engine's thread has admitted none yet (here it never started:
+  it may be busy compiling). The bound once counted only requests beyond a
+  full set of slots, so a burst ahead of the first admission was unbounded."""
+  model = models.CausalLM(models.mistral_tiny(num_layers=1), rngs=nnx.Rngs(0))
+  engine = Engine(model, max_batch=2, max_len=16, max_waiting=3)
+  request = EngineRequest(prompt=(1, 2), max_tokens=4)
+  for _ in range(2 + 3):
+    engine.submit(request, lambda event: None)
+  with pytest.raises(Overloaded, match="5 requests are already waiting"):
+    engine.submit(request, lambda event: None)
+  assert engine.load()["waiting"] == 5
 
 
 def test_lm_eval_loglikelihoods_equal_transformers(server, tmp_path):

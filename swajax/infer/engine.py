@@ -255,8 +255,9 @@ class Engine:
     with self._wake:
       if self._stopping:
         raise RuntimeError("the engine has stopped")
-      if (len(self._waiting) >= self.max_waiting
-          and None not in self._slots):
+      # Waiting requests take the free slots first (the engine's thread
+      # admits them between steps); beyond those, at most max_waiting wait.
+      if len(self._waiting) >= self._slots.count(None) + self.max_waiting:
         raise Overloaded(f"{len(self._waiting)} requests are already waiting "
                          f"for one of {self.max_batch} slots")
       self._waiting.append(job)
