@@ -103,8 +103,8 @@ def _with_impls(values, slow_values):
           for value in (slow_values if impl in SLOW_ON_CPU else values)]
 
 
-# bf16 on every head dim (80 and 96: not powers of two); fp16 on
-# a padded and the widest one.
+# bf16 on every head dim (80 and 96: not powers of two); fp16 on 80 and
+# on the widest, 256.
 HEAD_DIM_CASES = ([(jnp.bfloat16, head_dim) for head_dim in (64, 80, 96, 128, 256)]
                   + [(jnp.float16, 80), (jnp.float16, 256)])
 # The slow impls: each padded head dim (64, 128, 256) once, a padded one in fp16.

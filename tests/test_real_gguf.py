@@ -55,9 +55,14 @@ def hf_model(path):
 
 
 # One load per file for the tests that only read the model (PEFT's would
-# change it in place: it loads its own); dropped with the module
-# (`_release_models`).
+# change it in place: it loads its own); dropped before the notebook and
+# with the module (`release_shared_models`).
 shared_hf_model = functools.lru_cache(maxsize=2)(hf_model)
+
+
+def release_shared_models() -> None:
+  shared_hf_model.cache_clear()
+  gc.collect()
 
 # The real models take gigabytes (Gemma 3's 262k-token vocabulary makes a
 # [1, 1040, V] fp32 logits array 1.1 GB): the notebook on the real Gemma 3
@@ -69,8 +74,7 @@ shared_hf_model = functools.lru_cache(maxsize=2)(hf_model)
 @pytest.fixture(scope="module", autouse=True)
 def _release_models():
   yield
-  shared_hf_model.cache_clear()
-  gc.collect()
+  release_shared_models()
 
 
 def hf_tokenizer(path):
@@ -241,8 +245,8 @@ def test_lora_sft_from_gguf_lowers_val_loss_and_peft_loads_the_adapter(tmp_path,
 
 
 def test_real_gemma3_notebook_executes(jupyter_path, tmp_path, monkeypatch):
-  """notebooks/05_real_gemma3.ipynb top to bottom (small mode), after this
-  file's models are dropped: one real model in memory at a time."""
-  shared_hf_model.cache_clear()
-  gc.collect()
+  """notebooks/05_real_gemma3.ipynb top to bottom (small mode), after the
+  cached transformers models are dropped (swajax's own Gemma 3 and SmolLM2,
+  module fixtures, stay)."""
+  release_shared_models()
   execute_notebook(REAL_MODEL_NOTEBOOK, jupyter_path, tmp_path, monkeypatch)

@@ -39,8 +39,8 @@ transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4  # fp32 logprobs; observed ~1e-6
 # MAX_LEN: a stream of MAX_LEN - 2 tokens (about a thousand decode steps)
 # outlasts the overload flood and the disconnect test, also when the server
-# has the machine to itself (at 128, a CI run saw every flood stream admitted:
-# the first ones had finished before the last arrived).
+# has the machine to itself: no stream ends, and frees its slot, before the
+# last request of the flood arrives.
 MAX_BATCH, MAX_WAITING, MAX_LEN = 4, 16, 1024
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
