@@ -340,6 +340,10 @@ def _attention_bwd(tiling, residuals, cotangents):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+# Jitted (tiling static) so that a call outside any jit, e.g. an eager
+# `model(ids)`, reuses one compiled program per shape and tiling instead of
+# tracing and compiling the scan again on every call; inside a jit it inlines.
+_attention = jax.jit(_attention, static_argnames=("tiling",))
 
 
 def attention(q, k, v, segment_ids, problem: AttentionProblem, *,
