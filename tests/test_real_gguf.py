@@ -8,7 +8,8 @@ negative control; greedy generation past the window. SmolLM2-135M-Instruct
 and ChatML template, `swajax chat FILE.gguf`, and a LoRA SFT run from the
 GGUF file whose adapter PEFT loads (run folder and adapter carrying the
 file's tokenizer and template). Last, notebooks/05_real_gemma3.ipynb runs
-(tests/test_notebooks.py checks its committed copy). Sizes are the
+(in `make test` only, marked one_leg; tests/test_notebooks.py checks its
+committed copy in both legs). Sizes are the
 smallest that prove each point (CPU time).
 """
 
@@ -250,6 +251,11 @@ def test_lora_sft_from_gguf_lowers_val_loss_and_peft_loads_the_adapter(tmp_path,
                              atol=LOGIT_ATOL["smol"], rtol=0)
 
 
+# Minutes of CPU: it runs in make test only (one_leg), which balances the two
+# CI legs (make test-latest alone runs the Mosaic GPU tests). Every swajax
+# call it makes also runs in both legs through the tests above and
+# tests/test_notebooks.py.
+@pytest.mark.one_leg
 def test_real_gemma3_notebook_executes(jupyter_path, tmp_path, monkeypatch):
   """notebooks/05_real_gemma3.ipynb top to bottom (small mode), after the
   cached transformers models are dropped (swajax's own Gemma 3 and SmolLM2,
