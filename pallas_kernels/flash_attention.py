@@ -47,6 +47,8 @@ def _flash_bwd(config: KernelConfig, residuals, cotangents):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+# Jitted, config static: an eager call compiles once (as xla_blockwise's op).
+_flash = jax.jit(_flash, static_argnames=("config",))
 
 
 def attention(q, k, v, segment_ids, problem: AttentionProblem, *, sinks=None,

@@ -55,6 +55,8 @@ def _mosaic_bwd(config: MosaicConfig, residuals, cotangents):
 
 
 _mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)
+# Jitted, config static: an eager call compiles once (as xla_blockwise's op).
+_mosaic = jax.jit(_mosaic, static_argnames=("config",))
 
 
 def check_gpu(device=None) -> None:

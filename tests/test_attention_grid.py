@@ -238,3 +238,22 @@ def test_minus_infinity_sinks_are_no_sinks(impl):
     return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
   np.testing.assert_array_equal(jax.grad(loss)(sinks), 0.0)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_an_eager_call_compiles_once(impl, caplog):
+  """A call outside any jit (an eager `model(ids)`) compiles its program
+  once per shape and config: a second identical call compiles nothing (each
+  impl's op once re-traced and compiled its kernels or block scan on every
+  call)."""
+  q, k, v, _ = make_inputs(3, q_len=40, num_q_heads=2, num_kv_heads=1, head_dim=32,
+                           dtype=WIDEST.get(impl, jnp.float32))
+  def call():
+    return sliding_window_attention(q, k, v, window=9, impl=impl,
+                                    block_sizes=BLOCK_SIZES.get(impl))
+  first = call()
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    second = call()
+  compiles = [r.getMessage() for r in caplog.records if "ompil" in r.getMessage()]
+  assert not compiles, compiles
+  chex.assert_trees_all_equal(first, second)
